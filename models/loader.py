@@ -1,0 +1,237 @@
+"""Build a model from a local checkpoint: HF safetensors folder, GGUF file, Orbax checkpoint
+saved by `save_orbax`, or random weights of the real shape (`load_format="dummy"`).
+
+Tensors stream one at a time from the reader, are converted and placed on the device, and the
+host copy is dropped: peak host memory is about one tensor, not the model.
+"""
+
+from __future__ import annotations
+
+import functools
+import json
+import logging
+import shutil
+from collections.abc import Iterable, Iterator
+from pathlib import Path
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from flax import nnx
+from tqdm import tqdm
+
+from models.config import ModelConfig
+from models.registry import get_model_class
+from models.safetensors_reader import CheckpointError, iter_safetensors
+from pallas_kernels.attention import AttentionBackend
+
+logger = logging.getLogger(__name__)
+
+LOAD_FORMATS = ("auto", "safetensors", "gguf", "orbax", "dummy")
+_ORBAX_DIR = "pagejax_params"
+# Tensors some checkpoints carry that the model recomputes.
+_IGNORED_SUFFIXES = ("rotary_emb.inv_freq",)
+
+
+def resolve_dtype(dtype: str | jnp.dtype) -> jnp.dtype:
+    aliases = {"auto": "bfloat16", "bf16": "bfloat16", "half": "float16", "float": "float32",
+               "fp32": "float32", "fp16": "float16"}
+    name = aliases.get(dtype, dtype) if isinstance(dtype, str) else dtype
+    dt = jnp.dtype(name)
+    if dt not in (jnp.dtype(jnp.float32), jnp.dtype(jnp.bfloat16), jnp.dtype(jnp.float16)):
+        raise ValueError(f"unsupported dtype {dtype!r}: use bfloat16, float16 or float32")
+    return dt
+
+
+def detect_format(path: Path) -> str:
+    if path.suffix == ".gguf":
+        return "gguf"
+    if (path / _ORBAX_DIR).is_dir():
+        return "orbax"
+    return "safetensors"
+
+
+def read_hf_config(path: Path, load_format: str) -> dict[str, Any]:
+    """The checkpoint's HF config dict (from config.json, or from GGUF metadata)."""
+    if not path.exists():
+        raise FileNotFoundError(f"model path {path} does not exist")
+    if load_format == "gguf":
+        from models.gguf import read_gguf_config
+
+        return read_gguf_config(path)
+    cfg_file = path / "config.json"
+    if not cfg_file.is_file():
+        raise FileNotFoundError(f"{cfg_file}: no config.json in the model folder")
+    return json.loads(cfg_file.read_text())
+
+
+def hf_name_to_path(name: str) -> tuple[tuple[str | int, ...], bool] | None:
+    """`model.layers.3.mlp.up_proj.weight` -> (("model", "layers", 3, "mlp", "up_proj",
+    "kernel"), transpose=True). None when the name cannot belong to this model family."""
+    parts = name.split(".")
+    if len(parts) < 2:
+        return None
+    leaf, parent = parts[-1], parts[-2]
+    path = tuple(int(p) if p.isdigit() else p for p in parts[:-1])
+    if leaf == "bias":
+        return path + ("bias",), False
+    if leaf != "weight":
+        return None
+    if parent == "embed_tokens":
+        return path + ("embedding",), False
+    if parent.endswith("norm"):
+        return path + ("scale",), False
+    return path + ("kernel",), True
+
+
+def _flatten(tree: dict, prefix: tuple = ()) -> Iterator[tuple[tuple, Any]]:
+    for key, value in tree.items():
+        if isinstance(value, dict):
+            yield from _flatten(value, prefix + (key,))
+        else:
+            yield prefix + (key,), value
+
+
+def _set(tree: dict, path: tuple, value: Any) -> None:
+    for key in path[:-1]:
+        tree = tree[key]
+    tree[path[-1]] = value
+
+
+def _path_name(path: tuple) -> str:
+    return ".".join(str(p) for p in path)
+
+
+def fill_params(pure: dict, tensors: Iterable[tuple[str, np.ndarray]], *, source: Path,
+                dtype: jnp.dtype, tied: bool) -> dict:
+    """Put every checkpoint tensor at its parameter path; all errors name `source` and tensor."""
+    expected = dict(_flatten(pure))
+    loaded: set[tuple] = set()
+    np_dtype = np.dtype(dtype)
+    for name, array in tqdm(tensors, desc="loading weights", total=len(expected), leave=False):
+        if name.endswith(_IGNORED_SUFFIXES) or (tied and name == "lm_head.weight"):
+            continue
+        mapped = hf_name_to_path(name)
+        if mapped is None or mapped[0] not in expected:
+            raise CheckpointError(f"{source}: unexpected tensor {name!r} for this architecture")
+        path, transpose = mapped
+        if array.dtype.kind != "f":
+            raise CheckpointError(f"{source}: tensor {name!r} has unsupported dtype {array.dtype}")
+        want = tuple(expected[path].shape)
+        got = tuple(array.shape[::-1]) if transpose else tuple(array.shape)
+        if got != want:
+            shown = tuple(array.shape)
+            raise CheckpointError(
+                f"{source}: tensor {name!r} has shape {shown}, the config implies "
+                f"{want[::-1] if transpose else want}"
+            )
+        host = np.asarray(array.T if transpose else array).astype(np_dtype)
+        _set(pure, path, jax.device_put(host))
+        loaded.add(path)
+    missing = sorted(_path_name(p) for p in expected.keys() - loaded)
+    if missing:
+        raise CheckpointError(f"{source}: missing tensors {missing[:8]}{'...' if len(missing) > 8 else ''}")
+    return pure
+
+
+def dummy_params(pure: dict, *, dtype: jnp.dtype, seed: int) -> dict:
+    """Random weights of the real shapes (benchmarks): N(0, 0.02), norm scales 1."""
+    key = jax.random.PRNGKey(seed)
+
+    @functools.partial(jax.jit, static_argnames=("shape",))
+    def normal(k, shape):
+        return (jax.random.normal(k, shape, jnp.float32) * 0.02).astype(dtype)
+
+    for i, (path, leaf) in enumerate(_flatten(pure)):
+        shape = tuple(leaf.shape)
+        if path[-1] == "scale":
+            value = jnp.ones(shape, dtype)
+        elif path[-1] == "bias":
+            value = jnp.zeros(shape, dtype)
+        else:
+            value = normal(jax.random.fold_in(key, i), shape)
+        _set(pure, path, value)
+    return pure
+
+
+def abstract_model(config: ModelConfig, dtype: jnp.dtype, backend: AttentionBackend):
+    """The model with ShapeDtypeStruct leaves: no memory allocated."""
+    cls = get_model_class(config.architecture)
+    backend = AttentionBackend(backend)
+    return nnx.eval_shape(
+        lambda: cls(config, dtype=dtype, attention_backend=backend, rngs=nnx.Rngs(0))
+    )
+
+
+def load_model(path: str | Path | None, *, dtype: str | jnp.dtype = "bfloat16",
+               load_format: str = "auto", attention_backend: AttentionBackend | str = "reference",
+               hf_config: dict[str, Any] | None = None, seed: int = 0):
+    """Build the model for `path` (folder or .gguf; `None` = the embedded default model).
+
+    `load_format="dummy"` needs only the config (from `path` or `hf_config`).
+    Returns the NNX model; its `config` attribute is the `ModelConfig`.
+    """
+    if load_format not in LOAD_FORMATS:
+        raise ValueError(f"load_format {load_format!r} not in {LOAD_FORMATS}")
+    if path is None and hf_config is None:
+        from models.default_model import default_model_path
+
+        path = default_model_path()
+    path = Path(path) if path is not None else None
+    fmt = detect_format(path) if load_format in ("auto", "dummy") and path else load_format
+    if hf_config is None:
+        hf_config = read_hf_config(path, fmt)
+    config = ModelConfig.from_hf_dict(hf_config)
+    dt = resolve_dtype(dtype)
+    backend = AttentionBackend(attention_backend)
+    graphdef, state = nnx.split(abstract_model(config, dt, backend))
+    pure = nnx.to_pure_dict(state)
+    if load_format == "dummy":
+        pure = dummy_params(pure, dtype=dt, seed=seed)
+    elif fmt == "orbax":
+        pure = restore_orbax(path, pure)
+    else:
+        pure = fill_params(pure, _tensors(path, fmt), source=path, dtype=dt,
+                           tied=config.tie_word_embeddings)
+    nnx.replace_by_pure_dict(state, pure)
+    logger.info("loaded %s (%s, %s) from %s", config.architecture, fmt, dt.name, path)
+    return nnx.merge(graphdef, state)
+
+
+def _tensors(path: Path, fmt: str) -> Iterator[tuple[str, np.ndarray]]:
+    if fmt == "gguf":
+        from models.gguf import iter_gguf_tensors
+
+        return iter_gguf_tensors(path)
+    return iter_safetensors(path)
+
+
+def save_orbax(model, source: str | Path, dest: str | Path) -> Path:
+    """Save converted parameters as an Orbax checkpoint in `dest`, with the source's config and
+    tokenizer files, so `load_model(dest)` restarts without converting again."""
+    import orbax.checkpoint as ocp
+
+    source, dest = Path(source), Path(dest).absolute()
+    dest.mkdir(parents=True, exist_ok=True)
+    fmt = detect_format(source)
+    (dest / "config.json").write_text(json.dumps(read_hf_config(source, fmt)))
+    if source.is_dir():
+        for f in source.iterdir():
+            if f.name.startswith("tokenizer") or f.name in ("special_tokens_map.json",
+                                                            "chat_template.jinja",
+                                                            "generation_config.json"):
+                shutil.copy(f, dest / f.name)
+    else:
+        (dest / "source_gguf.txt").write_text(str(source.absolute()))
+    pure = nnx.to_pure_dict(nnx.state(model))
+    with ocp.StandardCheckpointer() as ckptr:
+        ckptr.save(dest / _ORBAX_DIR, pure, force=True)
+    return dest
+
+
+def restore_orbax(path: Path, abstract_pure: dict) -> dict:
+    import orbax.checkpoint as ocp
+
+    with ocp.StandardCheckpointer() as ckptr:
+        return ckptr.restore(path.absolute() / _ORBAX_DIR, abstract_pure)

@@ -1,0 +1,73 @@
+"""The one attention entry point the models call, and the metadata it reads.
+
+Backends: `reference` (plain jnp, any platform), `pallas` (GPU Triton / TPU Mosaic kernels, when
+their modules are present), `auto` (pallas on GPU/TPU, reference on CPU).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import enum
+
+import jax
+
+from pallas_kernels.reference import ragged_paged_attention_reference, write_kv_reference
+
+
+@jax.tree_util.register_dataclass
+@dataclasses.dataclass(frozen=True)
+class AttentionMetadata:
+    """Where a ragged token batch reads and writes the paged KV cache (see reference.py)."""
+
+    slot_ids: jax.Array  # [T] int32: cache slot each new token's K/V is written to
+    page_table: jax.Array  # [R, P] int32: page ids of each request, 0-padded
+    kv_lens: jax.Array  # [R] int32: context length including this step's tokens
+    query_start: jax.Array  # [R + 1] int32: cumulative query lengths
+    num_seqs: jax.Array  # [1] int32: real requests (the rest is padding)
+
+
+class AttentionBackend(enum.Enum):
+    AUTO = "auto"
+    PALLAS = "pallas"
+    REFERENCE = "reference"
+
+
+def resolve_backend(backend: AttentionBackend | str, platform: str | None = None) -> AttentionBackend:
+    """`auto` -> pallas on gpu/tpu, reference elsewhere."""
+    backend = AttentionBackend(backend)
+    if backend is not AttentionBackend.AUTO:
+        return backend
+    platform = platform or jax.default_backend()
+    return AttentionBackend.PALLAS if platform in ("gpu", "cuda", "tpu") else AttentionBackend.REFERENCE
+
+
+def paged_attention(
+    q: jax.Array,
+    k: jax.Array,
+    v: jax.Array,
+    kv_cache: jax.Array,
+    meta: AttentionMetadata,
+    *,
+    sm_scale: float,
+    sliding_window: int | None = None,
+    soft_cap: float | None = None,
+    backend: AttentionBackend = AttentionBackend.REFERENCE,
+) -> tuple[jax.Array, jax.Array]:
+    """Write this step's K/V into the cache, then attend.
+
+    q: [T, N, H]; k, v: [T, K, H]; kv_cache: [2, K, num_pages, S, H].
+    Returns (out [T, N, H], updated kv_cache).
+    """
+    if backend is AttentionBackend.PALLAS:
+        from pallas_kernels import dispatch  # kernels import lazily: CPU never needs them
+
+        return dispatch.paged_attention(
+            q, k, v, kv_cache, meta, sm_scale=sm_scale, sliding_window=sliding_window,
+            soft_cap=soft_cap,
+        )
+    kv_cache = write_kv_reference(kv_cache, k, v, meta.slot_ids)
+    out = ragged_paged_attention_reference(
+        q, kv_cache, meta.kv_lens, meta.page_table, meta.query_start, meta.num_seqs,
+        sm_scale=sm_scale, sliding_window=sliding_window, soft_cap=soft_cap,
+    )
+    return out, kv_cache

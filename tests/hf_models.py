@@ -1,0 +1,92 @@
+"""Tiny random Hugging Face checkpoints of each supported family, written by transformers' own
+classes, and a plain paged-cache forward used to compare pagejax with transformers."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import jax.numpy as jnp
+import numpy as np
+
+from pallas_kernels.attention import AttentionMetadata
+from pallas_kernels.reference import kv_cache_shape
+
+_COMMON = dict(
+    vocab_size=320, hidden_size=64, intermediate_size=112, num_hidden_layers=2,
+    num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=512,
+    rms_norm_eps=1e-5, bos_token_id=1, eos_token_id=2,
+)
+
+FAMILIES: dict[str, tuple[str, dict]] = {
+    "llama3": ("LlamaConfig", dict(
+        _COMMON, rope_theta=500000.0, tie_word_embeddings=False,
+        rope_scaling=dict(rope_type="llama3", factor=8.0, low_freq_factor=1.0,
+                          high_freq_factor=4.0, original_max_position_embeddings=64),
+    )),
+    "llama2_tied": ("LlamaConfig", dict(_COMMON, tie_word_embeddings=True, num_key_value_heads=4)),
+    "mistral": ("MistralConfig", dict(_COMMON, sliding_window=16, tie_word_embeddings=False)),
+    "qwen2": ("Qwen2Config", dict(_COMMON, tie_word_embeddings=True, use_sliding_window=False)),
+    "qwen3": ("Qwen3Config", dict(_COMMON, head_dim=32, tie_word_embeddings=False,
+                                  use_sliding_window=False)),
+}
+
+
+def write_checkpoint(family: str, folder: Path, *, seed: int = 0, **overrides) -> Path:
+    """Save a random model of `family` with `save_pretrained` (safetensors) into `folder`."""
+    import torch
+    import transformers
+
+    config_cls, kwargs = FAMILIES[family]
+    config = getattr(transformers, config_cls)(**{**kwargs, **overrides})
+    torch.manual_seed(seed)
+    model = transformers.AutoModelForCausalLM.from_config(config, torch_dtype=torch.float32)
+    with torch.no_grad():  # larger than the default init, so layers matter to the output
+        for p in model.parameters():
+            if p.ndim == 2:
+                p.normal_(0.0, 0.08)
+            elif p.ndim == 1:
+                p.normal_(1.0 if p.shape[0] else 0.0, 0.1)
+    model.save_pretrained(folder)
+    return folder
+
+
+def hf_logits(folder: Path, token_ids: list[int]) -> np.ndarray:
+    """transformers' float32 logits [L, V] for one sequence."""
+    import torch
+    import transformers
+
+    model = transformers.AutoModelForCausalLM.from_pretrained(folder, torch_dtype=torch.float32)
+    with torch.no_grad():
+        return model(torch.tensor([token_ids])).logits[0].numpy()
+
+
+def hf_greedy(folder: Path, token_ids: list[int], num_tokens: int) -> list[int]:
+    import torch
+    import transformers
+
+    model = transformers.AutoModelForCausalLM.from_pretrained(folder, torch_dtype=torch.float32)
+    with torch.no_grad():
+        out = model.generate(torch.tensor([token_ids]), max_new_tokens=num_tokens,
+                             min_new_tokens=num_tokens, do_sample=False, pad_token_id=0)
+    return out[0, len(token_ids):].tolist()
+
+
+def single_request_metadata(start: int, num_new: int, page_ids: list[int],
+                            page_size: int) -> AttentionMetadata:
+    """Metadata for one request computing tokens [start, start + num_new)."""
+    positions = np.arange(start, start + num_new)
+    slots = np.array(page_ids)[positions // page_size] * page_size + positions % page_size
+    return AttentionMetadata(
+        slot_ids=jnp.asarray(slots, jnp.int32),
+        page_table=jnp.asarray([page_ids], jnp.int32),
+        kv_lens=jnp.asarray([start + num_new], jnp.int32),
+        query_start=jnp.asarray([0, num_new], jnp.int32),
+        num_seqs=jnp.asarray([1], jnp.int32),
+    )
+
+
+def empty_caches(model, num_pages: int, page_size: int) -> list:
+    cfg = model.config
+    dtype = model.model.embed_tokens.embedding[...].dtype
+    shape = kv_cache_shape(num_pages, page_size, cfg.num_kv_heads, cfg.head_dim)
+    return [jnp.zeros(shape, dtype) for _ in range(cfg.num_layers)]
