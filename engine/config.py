@@ -1,0 +1,71 @@
+"""Engine configuration: one frozen dataclass per concern, composed into `EngineConfig`."""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+from pathlib import Path
+
+from engine.scheduler import SchedulerConfig
+
+
+@dataclasses.dataclass(frozen=True)
+class LoadConfig:
+    """Which checkpoint, in which dtype, with which attention backend."""
+
+    model: str | None = None  # folder or .gguf file; None = the embedded default model
+    dtype: str = "auto"  # auto = bfloat16 on accelerators, float32 on the CPU
+    load_format: str = "auto"  # auto | safetensors | gguf | orbax | dummy
+    attention_backend: str = "auto"  # auto | pallas | reference
+    seed: int = 0
+    skip_tokenizer_init: bool = False
+
+
+@dataclasses.dataclass(frozen=True)
+class CacheConfig:
+    """KV cache size: `num_pages` if given, else `kv_cache_memory_bytes`, else a fraction of the
+    device's memory left after the weights (`gpu_memory_utilization` of the total)."""
+
+    page_size: int = 16
+    num_pages: int | None = None
+    kv_cache_memory_bytes: int | None = None
+    gpu_memory_utilization: float = 0.9
+    enable_prefix_caching: bool = True
+
+    def __post_init__(self) -> None:
+        if self.page_size < 1 or self.page_size & (self.page_size - 1):
+            raise ValueError(f"page_size must be a power of two, got {self.page_size}")
+        if not 0.0 < self.gpu_memory_utilization <= 1.0:
+            raise ValueError("gpu_memory_utilization must be in (0, 1]")
+        if self.num_pages is not None and self.num_pages < 2:
+            raise ValueError("num_pages must be at least 2 (page 0 is the padding page)")
+
+
+@dataclasses.dataclass(frozen=True)
+class CompileConfig:
+    """Shapes compiled at start-up. Empty ladders mean "platform default" (`bucket_ladder`)."""
+
+    token_buckets: tuple[int, ...] = ()
+    request_buckets: tuple[int, ...] = ()
+    compilation_cache_dir: str | None = dataclasses.field(
+        default_factory=lambda: os.environ.get(
+            "PAGEJAX_COMPILATION_CACHE", str(Path.home() / ".cache" / "pagejax" / "xla")
+        )
+    )
+
+
+@dataclasses.dataclass(frozen=True)
+class EngineConfig:
+    load: LoadConfig = LoadConfig()
+    cache: CacheConfig = CacheConfig()
+    scheduler: SchedulerConfig = SchedulerConfig()
+    compile: CompileConfig = CompileConfig()
+
+
+def bucket_ladder(smallest: int, largest: int) -> tuple[int, ...]:
+    """Powers of two from `smallest` up to `largest`, which is always the last rung."""
+    ladder, size = [], smallest
+    while size < largest:
+        ladder.append(size)
+        size *= 2
+    return (*ladder, largest)

@@ -1,0 +1,146 @@
+"""The offline API, as vLLM's: `LLM(model=...).generate(prompts, sampling_params)`."""
+
+from __future__ import annotations
+
+import itertools
+from collections.abc import Sequence
+from typing import Any
+
+from tqdm import tqdm
+
+from engine.config import CacheConfig, CompileConfig, EngineConfig, LoadConfig
+from engine.llm_engine import LLMEngine, PromptType
+from engine.outputs import RequestOutput
+from engine.sampling_params import SamplingParams
+from engine.scheduler import SchedulerConfig
+
+
+def platform_defaults(platform: str) -> dict[str, int]:
+    """Scheduler sizes that keep a CPU start-up short and fill an accelerator."""
+    if platform == "cpu":
+        return dict(max_num_seqs=16, max_num_batched_tokens=256, max_model_len=2048)
+    return dict(max_num_seqs=256, max_num_batched_tokens=8192, max_model_len=8192)
+
+
+def build_engine_config(
+    model: str | None = None, *, dtype: str = "auto", load_format: str = "auto",
+    attention_backend: str = "auto", seed: int = 0, skip_tokenizer_init: bool = False,
+    max_model_len: int | None = None, page_size: int | None = None, block_size: int | None = None,
+    num_pages: int | None = None, kv_cache_memory_bytes: int | None = None,
+    gpu_memory_utilization: float = 0.9, enable_prefix_caching: bool = True,
+    max_num_seqs: int | None = None, max_num_batched_tokens: int | None = None,
+    scheduling_policy: str = "fcfs", max_waiting_requests: int | None = None,
+    token_buckets: Sequence[int] = (), request_buckets: Sequence[int] = (),
+    compilation_cache_dir: str | None | bool = True, model_max_len: int | None = None,
+) -> EngineConfig:
+    """vLLM-style keyword arguments -> `EngineConfig`, with platform defaults filled in."""
+    import jax
+
+    defaults = platform_defaults(jax.default_backend())
+    if max_model_len is None:
+        max_model_len = defaults["max_model_len"]
+        if model_max_len is not None:
+            max_model_len = min(max_model_len, model_max_len)
+    max_num_seqs = max_num_seqs or defaults["max_num_seqs"]
+    batched = max_num_batched_tokens or max(defaults["max_num_batched_tokens"], max_num_seqs)
+    compile_kwargs = {} if compilation_cache_dir is True else {
+        "compilation_cache_dir": compilation_cache_dir or None}
+    return EngineConfig(
+        load=LoadConfig(model, dtype, load_format, attention_backend, seed, skip_tokenizer_init),
+        cache=CacheConfig(page_size=page_size or block_size or 16, num_pages=num_pages,
+                          kv_cache_memory_bytes=kv_cache_memory_bytes,
+                          gpu_memory_utilization=gpu_memory_utilization,
+                          enable_prefix_caching=enable_prefix_caching),
+        scheduler=SchedulerConfig(max_num_seqs=max_num_seqs, max_num_batched_tokens=batched,
+                                  max_model_len=max_model_len, policy=scheduling_policy,
+                                  max_waiting_requests=max_waiting_requests),
+        compile=CompileConfig(tuple(token_buckets), tuple(request_buckets), **compile_kwargs),
+    )
+
+
+def model_max_len(model: str | None, load_format: str = "auto") -> int | None:
+    """The checkpoint's `max_position_embeddings` (None when it cannot be read cheaply)."""
+    from pathlib import Path
+
+    from models.config import ModelConfig
+    from models.default_model import default_model_path
+    from models.loader import detect_format, read_hf_config
+
+    path = Path(model) if model is not None else default_model_path()
+    fmt = detect_format(path) if load_format in ("auto", "dummy") else load_format
+    return ModelConfig.from_hf_dict(read_hf_config(path, fmt)).max_position_embeddings
+
+
+class LLM:
+    """An engine for offline batched generation.
+
+    Keyword arguments follow vLLM's `LLM(...)`: model, dtype, max_model_len, page_size (alias
+    block_size), num_pages, max_num_seqs, max_num_batched_tokens, enable_prefix_caching, seed,
+    skip_tokenizer_init, load_format, gpu_memory_utilization, kv_cache_memory_bytes, ...
+    """
+
+    def __init__(self, model: str | None = None, **kwargs: Any):
+        if "max_model_len" not in kwargs:
+            kwargs["model_max_len"] = model_max_len(model, kwargs.get("load_format", "auto"))
+        self.engine = LLMEngine(build_engine_config(model, **kwargs))
+        self._ids = itertools.count()
+
+    def get_tokenizer(self):
+        return self.engine.tokenizer
+
+    def generate(
+        self, prompts: PromptType | Sequence[PromptType],
+        sampling_params: SamplingParams | Sequence[SamplingParams] | None = None,
+        *, use_tqdm: bool = False, priority: Sequence[int] | None = None,
+    ) -> list[RequestOutput]:
+        """Generate for every prompt; returns `RequestOutput`s in input order."""
+        if isinstance(prompts, (str, dict)) or (
+            isinstance(prompts, Sequence) and prompts and isinstance(prompts[0], int)
+        ):
+            prompts = [prompts]
+        if sampling_params is None:
+            sampling_params = SamplingParams()
+        params = ([sampling_params] * len(prompts) if isinstance(sampling_params, SamplingParams)
+                  else list(sampling_params))
+        if len(params) != len(prompts):
+            raise ValueError("give one SamplingParams, or one per prompt")
+        ids = [f"llm-{next(self._ids)}" for _ in prompts]
+        # Validate everything first, so a bad prompt schedules nothing.
+        for prompt, p in zip(prompts, params, strict=True):
+            self.engine.validate(self.engine.tokenize(prompt)[1], p)
+        for i, (rid, prompt, p) in enumerate(zip(ids, prompts, params, strict=True)):
+            self.engine.add_request(rid, prompt, p, priority=priority[i] if priority else 0)
+        return self._run(ids, use_tqdm)
+
+    def chat(self, messages: list[dict] | Sequence[list[dict]],
+             sampling_params: SamplingParams | Sequence[SamplingParams] | None = None, *,
+             chat_template: str | None = None, add_generation_prompt: bool = True,
+             use_tqdm: bool = False) -> list[RequestOutput]:
+        """Apply the tokenizer's chat template to each conversation, then `generate`."""
+        conversations = [messages] if messages and isinstance(messages[0], dict) else messages
+        tok = self.engine.tokenizer
+        prompts = [
+            {"prompt_token_ids": _as_ids(tok.apply_chat_template(
+                conv, chat_template=chat_template, add_generation_prompt=add_generation_prompt,
+                tokenize=True))}
+            for conv in conversations
+        ]
+        return self.generate(prompts, sampling_params, use_tqdm=use_tqdm)
+
+    def _run(self, ids: list[str], use_tqdm: bool) -> list[RequestOutput]:
+        done: dict[str, RequestOutput] = {}
+        bar = tqdm(total=len(ids), desc="generating", disable=not use_tqdm)
+        while self.engine.has_unfinished_requests():
+            for out in self.engine.step():
+                if out.finished:
+                    done[out.request_id] = out
+                    bar.update(1)
+        bar.close()
+        return [done[i] for i in ids]
+
+
+def _as_ids(x) -> list[int]:
+    """apply_chat_template returns a list, or a BatchEncoding in newer transformers."""
+    if isinstance(x, dict) or hasattr(x, "input_ids"):
+        x = x["input_ids"]
+    return list(x)

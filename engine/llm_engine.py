@@ -1,0 +1,199 @@
+"""The synchronous engine: load, size the KV cache, compile, then `step()` =
+`schedule() -> execute() -> update()` plus output processing."""
+
+from __future__ import annotations
+
+import dataclasses
+import logging
+import time
+from collections.abc import Sequence
+from typing import Any
+
+import jax
+
+from engine.config import EngineConfig
+from engine.output_processor import OutputProcessor
+from engine.outputs import RequestOutput
+from engine.page_allocator import PageAllocator
+from engine.runner import ModelRunner
+from engine.sampling_params import SamplingParams
+from engine.scheduler import Scheduler
+from engine.types import Request
+
+logger = logging.getLogger(__name__)
+
+PromptType = str | Sequence[int] | dict
+
+
+def _platform_dtype(dtype: str) -> str:
+    if dtype != "auto":
+        return dtype
+    return "float32" if jax.default_backend() == "cpu" else "bfloat16"
+
+
+def kv_bytes_per_page(model_config, page_size: int, itemsize: int) -> int:
+    c = model_config
+    return 2 * c.num_layers * c.num_kv_heads * c.head_dim * page_size * itemsize
+
+
+def num_kv_pages(config: EngineConfig, model_config, itemsize: int) -> int:
+    """Pages that fit the memory budget (see `CacheConfig`)."""
+    cache, sched = config.cache, config.scheduler
+    per_page = kv_bytes_per_page(model_config, cache.page_size, itemsize)
+    if cache.num_pages is not None:
+        return cache.num_pages
+    if cache.kv_cache_memory_bytes is not None:
+        return max(cache.kv_cache_memory_bytes // per_page, 2)
+    stats = jax.devices()[0].memory_stats() or {}
+    if "bytes_limit" not in stats:  # CPU: enough for every sequence at full length, <= 1 GiB
+        want = sched.max_num_seqs * -(-sched.max_model_len // cache.page_size) + 1
+        return int(min(want, max((1 << 30) // per_page, 2)))
+    c = model_config
+    # Activations of the largest bucket and the sampler's [R, V] temporaries, with margin.
+    act = 4 * sched.max_num_batched_tokens * (
+        c.hidden_size + 2 * c.intermediate_size + (c.num_heads + 2 * c.num_kv_heads) * c.head_dim
+    ) * 4
+    act += 16 * sched.max_num_seqs * c.vocab_size * 4 + (512 << 20)
+    budget = stats["bytes_limit"] * cache.gpu_memory_utilization - stats["bytes_in_use"] - act
+    if budget < per_page * 2:
+        raise ValueError("no memory left for the KV cache: lower max_num_batched_tokens or use "
+                         "a smaller model / higher gpu_memory_utilization")
+    return int(budget // per_page)
+
+
+class LLMEngine:
+    def __init__(self, config: EngineConfig, *, model=None, tokenizer=None):
+        from models.loader import load_model
+
+        load = config.load
+        if config.compile.compilation_cache_dir:
+            jax.config.update("jax_compilation_cache_dir", config.compile.compilation_cache_dir)
+            jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.5)
+        if model is None:
+            model = load_model(load.model, dtype=_platform_dtype(load.dtype),
+                               load_format=load.load_format,
+                               attention_backend=_resolve_backend(load.attention_backend),
+                               seed=load.seed)
+        if tokenizer is None and not load.skip_tokenizer_init:
+            from models.tokenizer import load_tokenizer
+
+            tokenizer = load_tokenizer(load.model)
+        mc = model.config
+        max_len = config.scheduler.max_model_len
+        if max_len > mc.max_position_embeddings:
+            logger.warning("max_model_len %d exceeds the model's max_position_embeddings %d",
+                           max_len, mc.max_position_embeddings)
+        self.config = config
+        self.model_config = mc
+        self.tokenizer = tokenizer
+        itemsize = model.model.embed_tokens.embedding[...].dtype.itemsize
+        num_pages = num_kv_pages(config, mc, itemsize)
+        self.allocator = PageAllocator(num_pages, config.cache.page_size,
+                                       config.cache.enable_prefix_caching)
+        self.scheduler = Scheduler(config.scheduler, self.allocator)
+        self.eos_token_ids = _eos_ids(mc, tokenizer)
+        self.runner = ModelRunner(model, config, num_pages=num_pages,
+                                  eos_token_ids=self.eos_token_ids)
+        t0 = time.perf_counter()
+        self.runner.compile()
+        logger.info("KV cache: %d pages of %d tokens; compiled %d buckets in %.1f s", num_pages,
+                    config.cache.page_size, len(self.runner.layouts()), time.perf_counter() - t0)
+        self.outputs = OutputProcessor(tokenizer)
+        self._num_cached: dict[str, int] = {}
+
+    # -- requests ---------------------------------------------------------------------------
+    def tokenize(self, prompt: PromptType) -> tuple[str | None, list[int]]:
+        if isinstance(prompt, dict):
+            if "prompt_token_ids" in prompt:
+                return prompt.get("prompt"), list(prompt["prompt_token_ids"])
+            prompt = prompt["prompt"]
+        if isinstance(prompt, str):
+            if self.tokenizer is None:
+                raise ValueError("a text prompt needs a tokenizer (skip_tokenizer_init is set)")
+            return prompt, self.tokenizer.encode(prompt)
+        return None, [int(t) for t in prompt]
+
+    def validate(self, token_ids: list[int], params: SamplingParams) -> None:
+        """Reject what can never run, before anything is scheduled."""
+        limit = self.config.scheduler.max_model_len
+        vocab = self.model_config.vocab_size
+        if not token_ids:
+            raise ValueError("the prompt is empty")
+        if len(token_ids) >= limit:
+            raise ValueError(f"the prompt has {len(token_ids)} tokens, but max_model_len is "
+                             f"{limit} (the prompt must leave room for at least one new token)")
+        bad = [t for t in token_ids if not 0 <= t < vocab]
+        if bad:
+            raise ValueError(f"token id {bad[0]} is outside the vocabulary [0, {vocab})")
+        if params.logit_bias and any(not 0 <= int(t) < vocab for t in params.logit_bias):
+            raise ValueError(f"logit_bias has a token id outside the vocabulary [0, {vocab})")
+        if any(not 0 <= t < vocab for t in params.stop_token_ids):
+            raise ValueError(f"stop_token_ids has an id outside the vocabulary [0, {vocab})")
+
+    def add_request(self, request_id: str, prompt: PromptType, params: SamplingParams,
+                    *, priority: int = 0, arrival_time: float | None = None) -> None:
+        text, token_ids = self.tokenize(prompt)
+        self.validate(token_ids, params)
+        if self.outputs.has(request_id):
+            raise ValueError(f"request id {request_id!r} is already in use")
+        extra_eos = [t for t in self.eos_token_ids[1:] if t not in params.stop_token_ids]
+        child_params = params
+        if extra_eos and not params.ignore_eos:  # e.g. Llama 3's <|eot_id|> besides <|end_of_text|>
+            child_params = dataclasses.replace(
+                params, stop_token_ids=[*params.stop_token_ids, *extra_eos])
+        ids = self.outputs.add_request(request_id, text, token_ids, params)
+        now = time.monotonic() if arrival_time is None else arrival_time
+        try:
+            for i, cid in enumerate(ids):
+                p = child_params
+                if params.n > 1 and params.seed is not None:  # distinct, reproducible streams
+                    p = dataclasses.replace(child_params, seed=params.seed + i)
+                self.scheduler.add_request(Request(
+                    cid, token_ids, p, now, priority,
+                    self.eos_token_ids[0] if self.eos_token_ids else None))
+        except Exception:
+            self.scheduler.abort_request(ids)
+            self.outputs.abort(request_id)
+            raise
+
+    def abort_request(self, request_ids: str | Sequence[str]) -> list[RequestOutput]:
+        ids = [request_ids] if isinstance(request_ids, str) else list(request_ids)
+        outs = []
+        for rid in ids:
+            self.scheduler.abort_request(self.outputs.child_ids(rid))
+            out = self.outputs.abort(rid)
+            if out is not None:
+                outs.append(out)
+        return outs
+
+    def has_unfinished_requests(self) -> bool:
+        return self.scheduler.has_unfinished_requests()
+
+    # -- the step ---------------------------------------------------------------------------
+    def step(self, *, delta: bool = False) -> list[RequestOutput]:
+        sched = self.scheduler.schedule()
+        step_out = self.runner.execute(sched)
+        if sched.is_empty:
+            return []
+        updates = self.scheduler.update(sched, step_out)
+        cached = {r.request_id: self.scheduler.requests[r.request_id].num_cached_tokens
+                  for r in sched.requests if r.request_id in self.scheduler.requests}
+        outputs, stopped = self.outputs.process(updates, delta=delta, num_cached=cached)
+        for cid, stop_str in stopped:
+            self.scheduler.finish_requests(cid, "stop", stop_str)
+        return outputs
+
+
+def _resolve_backend(name: str) -> str:
+    from pallas_kernels.attention import resolve_backend
+
+    return resolve_backend(name).value
+
+
+def _eos_ids(model_config, tokenizer: Any) -> tuple[int, ...]:
+    ids = list(model_config.eos_token_ids)
+    if tokenizer is not None and tokenizer.eos_token_id is not None:
+        if tokenizer.eos_token_id not in ids:
+            ids.insert(0, tokenizer.eos_token_id)
+    return tuple(int(i) for i in ids)
+

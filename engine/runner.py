@@ -1,0 +1,266 @@
+"""The model runner: the one place device state lives (weights, KV cache, per-request rows).
+
+Each step is one call of an ahead-of-time compiled executable chosen by bucket,
+`kv_caches, rows, result = step(params, kv_caches, rows, packed_input)`, with the KV cache and row
+state donated (updated in place) and the weights passed as arguments. Every bucket is compiled at
+start-up; calling a compiled executable never traces or compiles again.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import logging
+import math
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from flax import nnx
+from tqdm import tqdm
+
+from engine.config import EngineConfig, bucket_ladder
+from engine.row_state import RowState, set_row_fn, update_rows
+from engine.sampler import SamplingTensors, compute_logprobs, request_keys, sample
+from engine.sampling_params import MAX_LOGPROBS
+from engine.step_input import StepLayout, build_step_input, pick_bucket, unpack
+from engine.types import SchedulerOutput, StepOutput, TokenLogprobs
+from pallas_kernels.attention import AttentionMetadata
+from pallas_kernels.reference import kv_cache_shape
+
+logger = logging.getLogger(__name__)
+
+MAX_LOGIT_BIAS = 1024  # entries of logit_bias one request may set
+MAX_STOP_IDS = 64  # EOS + stop_token_ids banned until min_tokens
+
+
+@jax.tree_util.register_dataclass
+@dataclasses.dataclass(frozen=True)
+class StepResult:
+    """A step's outputs; they stay on the device until the host asks for them."""
+
+    sampled_ids: jax.Array  # [R] int32
+    logprobs: jax.Array  # [R] float32, of the sampled token (raw logits)
+    ranks: jax.Array  # [R] int32
+    top_ids: jax.Array  # [R, K] int32
+    top_logprobs: jax.Array  # [R, K] float32
+    prompt_logprobs: jax.Array  # [T] float32, of prompt token p + 1 at position p
+    prompt_ranks: jax.Array  # [T] int32
+    prompt_top_ids: jax.Array  # [T, K] int32
+    prompt_top_logprobs: jax.Array  # [T, K] float32
+
+
+def _logprob_stats(logits: jax.Array, token_ids: jax.Array, k: int):
+    out = compute_logprobs(logits, token_ids, k)
+    return out.sampled_logprobs, out.sampled_ranks, out.top_ids, out.top_logprobs
+
+
+def _prompt_logprobs(model, hidden: jax.Array, next_ids: jax.Array, k: int):
+    """Logprob stats of the next prompt token at every position, in chunks of <= 128 tokens
+    so the [chunk, V] logits stay small."""
+    t = hidden.shape[0]
+    chunk = math.gcd(t, 128)
+    h = hidden.reshape(t // chunk, chunk, -1)
+    ids = next_ids.reshape(t // chunk, chunk)
+    stats = jax.lax.map(lambda a: _logprob_stats(model.logits(a[0]), a[1], k), (h, ids))
+    return jax.tree.map(lambda x: x.reshape(t, *x.shape[2:]), stats)
+
+
+def _zeros_stats(n: int, k: int):
+    return (jnp.zeros(n, jnp.float32), jnp.zeros(n, jnp.int32),
+            jnp.zeros((n, k), jnp.int32), jnp.zeros((n, k), jnp.float32))
+
+
+def step_fn(graphdef, params, kv_caches, rows_state: RowState, buffer, *, layout: StepLayout):
+    """One engine step: forward the ragged batch, then sample one token per request."""
+    x = unpack(buffer, layout)
+    model = nnx.merge(graphdef, params)
+    meta = AttentionMetadata(x["slot_ids"], x["page_table"], x["kv_lens"], x["query_start"],
+                             x["num_seqs"])
+    hidden, kv_caches = model(x["token_ids"], x["positions"], kv_caches, meta)
+    rows_state = update_rows(rows_state, x)
+    rows = x["rows"]
+    raw = model.logits(hidden[x["logits_index"]])  # [R, V]
+    logits = raw + rows_state.logit_bias[rows]
+    banned = rows_state.stop_mask[rows] & (x["output_lens"] < x["min_tokens"])[:, None]
+    logits = jnp.where(banned, -jnp.inf, logits)
+    r = layout.num_requests
+    tensors = SamplingTensors(
+        temperature=x["temperature"], top_k=x["top_k"], top_p=x["top_p"], min_p=x["min_p"],
+        presence_penalty=x["presence_penalty"], frequency_penalty=x["frequency_penalty"],
+        repetition_penalty=x["repetition_penalty"],
+        logit_bias_ids=jnp.full((r, 1), -1, jnp.int32), logit_bias_values=jnp.zeros((r, 1)),
+        banned_ids=jnp.full((r, 1), -1, jnp.int32),
+        output_token_counts=rows_state.output_counts[rows],
+        prompt_token_mask=rows_state.prompt_mask[rows],
+        keys=request_keys(x["seeds"], x["output_lens"]),
+    )
+    ids = sample(logits, tensors).sampled_ids
+    k = MAX_LOGPROBS
+    want = x["logprobs_flags"]
+    stats = jax.lax.cond(jnp.any(want & 1), lambda: _logprob_stats(raw, ids, k),
+                         lambda: _zeros_stats(r, k))
+    t = layout.num_tokens
+    prompt = jax.lax.cond(
+        jnp.any(want & 2), lambda: _prompt_logprobs(model, hidden, x["next_token_ids"], k),
+        lambda: _zeros_stats(t, k),
+    )
+    return kv_caches, rows_state, StepResult(ids, *stats, *prompt)
+
+
+class ModelRunner:
+    """Owns device state; turns a `SchedulerOutput` into a `StepOutput`."""
+
+    def __init__(self, model, config: EngineConfig, *, num_pages: int, eos_token_ids=()):
+        cfg = model.config
+        self.config = config
+        self.model_config = cfg
+        self.page_size = config.cache.page_size
+        self.max_num_seqs = config.scheduler.max_num_seqs
+        self.pages_per_request = -(-config.scheduler.max_model_len // self.page_size)
+        self.eos_token_ids = tuple(eos_token_ids)
+        self.graphdef, self.params = nnx.split(model)
+        dtype = model.model.embed_tokens.embedding[...].dtype
+        shape = kv_cache_shape(num_pages, self.page_size, cfg.num_kv_heads, cfg.head_dim)
+        self.kv_caches = [jnp.zeros(shape, dtype) for _ in range(cfg.num_layers)]
+        self.rows_state = RowState.zeros(self.max_num_seqs + 1, cfg.vocab_size)
+        self.scratch_row = self.max_num_seqs
+        self._free_rows = list(range(self.max_num_seqs - 1, -1, -1))
+        self._rows: dict[str, int] = {}
+        self._seeds: dict[str, int] = {}
+        self._dirty_rows: set[int] = set()  # rows whose bias/stop mask is not all-zero
+        self._rng = np.random.default_rng(config.load.seed)
+        self.token_buckets, self.request_buckets = self._ladders()
+        self._compiled: dict[StepLayout, object] = {}
+        self._set_row = None
+
+    def _ladders(self) -> tuple[tuple[int, ...], tuple[int, ...]]:
+        c, s = self.config.compile, self.config.scheduler
+        tokens = c.token_buckets or bucket_ladder(16, s.max_num_batched_tokens)
+        if c.request_buckets:
+            requests = c.request_buckets
+        elif jax.default_backend() == "cpu":
+            requests = (s.max_num_seqs,)  # one shape per token bucket: fast CPU start-up
+        else:
+            requests = bucket_ladder(8, s.max_num_seqs)
+        assert tokens[-1] >= s.max_num_batched_tokens and requests[-1] >= s.max_num_seqs
+        return tokens, requests
+
+    def layouts(self) -> list[StepLayout]:
+        """Every (T, R) bucket pair the engine can meet (R <= T: a request has >= 1 token)."""
+        out = []
+        for t in self.token_buckets:
+            rs = [r for r in self.request_buckets if r <= t] or [self.request_buckets[0]]
+            rs = rs + [r for r in self.request_buckets if r > t][:1]
+            out += [StepLayout(t, r, self.pages_per_request) for r in sorted(set(rs))]
+        return out
+
+    def compile(self) -> None:
+        """Compile every bucket ahead of time (with a progress bar)."""
+        abstract = lambda tree: jax.tree.map(
+            lambda a: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=a.sharding), tree)
+        args = (abstract(self.params), abstract(self.kv_caches), abstract(self.rows_state))
+        for layout in tqdm(self.layouts(), desc="compiling buckets", leave=False):
+            fn = jax.jit(step_fn, static_argnames=("graphdef", "layout"),
+                         donate_argnames=("kv_caches", "rows_state"))
+            buf = jax.ShapeDtypeStruct((layout.size,), jnp.int32)
+            self._compiled[layout] = fn.lower(self.graphdef, *args, buf, layout=layout).compile()
+        self._set_row = jax.jit(set_row_fn, donate_argnames=("rows_state",)).lower(
+            args[2], jnp.int32(0), jnp.zeros(MAX_LOGIT_BIAS, jnp.int32),
+            jnp.zeros(MAX_LOGIT_BIAS, jnp.float32), jnp.zeros(MAX_STOP_IDS, jnp.int32),
+        ).compile()
+
+    # -- per-request rows -------------------------------------------------------------------
+    def _release(self, request_ids) -> None:
+        for rid in request_ids:
+            row = self._rows.pop(rid, None)
+            if row is not None:
+                self._free_rows.append(row)
+            self._seeds.pop(rid, None)
+
+    def _row_for(self, req) -> int:
+        row = self._rows.get(req.request_id)
+        if row is not None:
+            return row
+        row = self._free_rows.pop()
+        self._rows[req.request_id] = row
+        sp = req.sampling_params
+        self._seeds[req.request_id] = (
+            sp.seed if sp.seed is not None else int(self._rng.integers(0, 2**32))
+        )
+        stop_ids = [] if sp.min_tokens == 0 else list(sp.stop_token_ids) + (
+            [] if sp.ignore_eos else list(self.eos_token_ids))
+        if sp.logit_bias or stop_ids or row in self._dirty_rows:
+            self._write_row(row, sp.logit_bias or {}, stop_ids)
+        return row
+
+    def _write_row(self, row: int, bias: dict[int, float], stop_ids: list[int]) -> None:
+        assert len(bias) <= MAX_LOGIT_BIAS and len(stop_ids) <= MAX_STOP_IDS
+        ids = np.full(MAX_LOGIT_BIAS, -1, np.int32)
+        vals = np.zeros(MAX_LOGIT_BIAS, np.float32)
+        ids[: len(bias)] = list(bias.keys())
+        vals[: len(bias)] = list(bias.values())
+        stops = np.full(MAX_STOP_IDS, -1, np.int32)
+        stops[: len(stop_ids)] = stop_ids
+        self.rows_state = self._set_row(self.rows_state, np.int32(row), ids, vals, stops)
+        if bias or stop_ids:
+            self._dirty_rows.add(row)
+        else:
+            self._dirty_rows.discard(row)
+
+    # -- the step ---------------------------------------------------------------------------
+    def execute(self, sched: SchedulerOutput) -> StepOutput:
+        self._release(sched.finished_request_ids | sched.preempted_request_ids)
+        if sched.is_empty:
+            return StepOutput(sampled_token_ids=[])
+        for req in sched.requests:
+            if req.start_position == 0:  # (re)admitted: its row state starts afresh
+                self._release([req.request_id])
+        rows = [self._row_for(req) for req in sched.requests]
+        seeds = [self._seeds[req.request_id] for req in sched.requests]
+        t = pick_bucket(self.token_buckets, sched.num_batched_tokens)
+        r = pick_bucket(self.request_buckets, len(sched.requests))
+        layout = StepLayout(t, r, self.pages_per_request)
+        buffer = build_step_input(sched, layout, page_size=self.page_size, rows=rows, seeds=seeds,
+                                  scratch_row=self.scratch_row)
+        self.kv_caches, self.rows_state, result = self._compiled[layout](
+            self.params, self.kv_caches, self.rows_state, buffer)
+        return self._step_output(sched, result)
+
+    def _step_output(self, sched: SchedulerOutput, result: StepResult) -> StepOutput:
+        n = len(sched.requests)
+        sampled = np.asarray(result.sampled_ids)[:n]
+        want = [req.sampling_params.logprobs is not None for req in sched.requests]
+        logprobs = None
+        if any(want):
+            lp, rk, ti, tl = (np.asarray(a) for a in (result.logprobs, result.ranks,
+                                                       result.top_ids, result.top_logprobs))
+            logprobs = [
+                _entry(sampled[i], lp[i], rk[i], ti[i], tl[i], req.sampling_params.logprobs)
+                if want[i] else None
+                for i, req in enumerate(sched.requests)
+            ]
+        prompt = {}
+        if any(req.sampling_params.prompt_logprobs is not None for req in sched.requests):
+            lp, rk, ti, tl = (np.asarray(a) for a in (
+                result.prompt_logprobs, result.prompt_ranks, result.prompt_top_ids,
+                result.prompt_top_logprobs))
+            start = 0
+            for req in sched.requests:
+                k = req.sampling_params.prompt_logprobs
+                end = start + req.num_tokens
+                if k is not None:
+                    last = min(req.start_position + req.num_tokens, req.num_prompt_tokens - 1)
+                    count = max(last - req.start_position, 0)
+                    nxt = (*req.token_ids[1:], req.next_prompt_token_id)
+                    prompt[req.request_id] = [
+                        _entry(nxt[j], lp[start + j], rk[start + j], ti[start + j],
+                               tl[start + j], k)
+                        for j in range(count)
+                    ]
+                start = end
+        return StepOutput(sampled.tolist(), logprobs, prompt)
+
+
+def _entry(token_id, lp, rank, top_ids, top_lps, k: int) -> TokenLogprobs:
+    return TokenLogprobs(int(token_id), float(lp), int(rank), tuple(int(i) for i in top_ids[:k]),
+                         tuple(float(v) for v in top_lps[:k]))
