@@ -23,15 +23,28 @@ def platform_defaults(platform: str) -> dict[str, int]:
 
 
 def build_engine_config(
-    model: str | None = None, *, dtype: str = "auto", load_format: str = "auto",
-    attention_backend: str = "auto", seed: int = 0, skip_tokenizer_init: bool = False,
-    max_model_len: int | None = None, page_size: int | None = None, block_size: int | None = None,
-    num_pages: int | None = None, kv_cache_memory_bytes: int | None = None,
-    gpu_memory_utilization: float = 0.9, enable_prefix_caching: bool = True,
-    max_num_seqs: int | None = None, max_num_batched_tokens: int | None = None,
-    scheduling_policy: str = "fcfs", max_waiting_requests: int | None = None,
-    token_buckets: Sequence[int] = (), request_buckets: Sequence[int] = (),
-    compilation_cache_dir: str | None | bool = True, model_max_len: int | None = None,
+    model: str | None = None,
+    *,
+    dtype: str = "auto",
+    load_format: str = "auto",
+    attention_backend: str = "auto",
+    seed: int = 0,
+    skip_tokenizer_init: bool = False,
+    max_model_len: int | None = None,
+    page_size: int | None = None,
+    block_size: int | None = None,
+    num_pages: int | None = None,
+    kv_cache_memory_bytes: int | None = None,
+    gpu_memory_utilization: float = 0.9,
+    enable_prefix_caching: bool = True,
+    max_num_seqs: int | None = None,
+    max_num_batched_tokens: int | None = None,
+    scheduling_policy: str = "fcfs",
+    max_waiting_requests: int | None = None,
+    token_buckets: Sequence[int] = (),
+    request_buckets: Sequence[int] = (),
+    compilation_cache_dir: str | None | bool = True,
+    model_max_len: int | None = None,
 ) -> EngineConfig:
     """vLLM-style keyword arguments -> `EngineConfig`, with platform defaults filled in."""
     import jax
@@ -43,17 +56,27 @@ def build_engine_config(
             max_model_len = min(max_model_len, model_max_len)
     max_num_seqs = max_num_seqs or defaults["max_num_seqs"]
     batched = max_num_batched_tokens or max(defaults["max_num_batched_tokens"], max_num_seqs)
-    compile_kwargs = {} if compilation_cache_dir is True else {
-        "compilation_cache_dir": compilation_cache_dir or None}
+    compile_kwargs = (
+        {}
+        if compilation_cache_dir is True
+        else {"compilation_cache_dir": compilation_cache_dir or None}
+    )
     return EngineConfig(
         load=LoadConfig(model, dtype, load_format, attention_backend, seed, skip_tokenizer_init),
-        cache=CacheConfig(page_size=page_size or block_size or 16, num_pages=num_pages,
-                          kv_cache_memory_bytes=kv_cache_memory_bytes,
-                          gpu_memory_utilization=gpu_memory_utilization,
-                          enable_prefix_caching=enable_prefix_caching),
-        scheduler=SchedulerConfig(max_num_seqs=max_num_seqs, max_num_batched_tokens=batched,
-                                  max_model_len=max_model_len, policy=scheduling_policy,
-                                  max_waiting_requests=max_waiting_requests),
+        cache=CacheConfig(
+            page_size=page_size or block_size or 16,
+            num_pages=num_pages,
+            kv_cache_memory_bytes=kv_cache_memory_bytes,
+            gpu_memory_utilization=gpu_memory_utilization,
+            enable_prefix_caching=enable_prefix_caching,
+        ),
+        scheduler=SchedulerConfig(
+            max_num_seqs=max_num_seqs,
+            max_num_batched_tokens=batched,
+            max_model_len=max_model_len,
+            policy=scheduling_policy,
+            max_waiting_requests=max_waiting_requests,
+        ),
         compile=CompileConfig(tuple(token_buckets), tuple(request_buckets), **compile_kwargs),
     )
 
@@ -89,9 +112,12 @@ class LLM:
         return self.engine.tokenizer
 
     def generate(
-        self, prompts: PromptType | Sequence[PromptType],
+        self,
+        prompts: PromptType | Sequence[PromptType],
         sampling_params: SamplingParams | Sequence[SamplingParams] | None = None,
-        *, use_tqdm: bool = False, priority: Sequence[int] | None = None,
+        *,
+        use_tqdm: bool = False,
+        priority: Sequence[int] | None = None,
     ) -> list[RequestOutput]:
         """Generate for every prompt; returns `RequestOutput`s in input order."""
         if isinstance(prompts, (str, dict)) or (
@@ -100,8 +126,11 @@ class LLM:
             prompts = [prompts]
         if sampling_params is None:
             sampling_params = SamplingParams()
-        params = ([sampling_params] * len(prompts) if isinstance(sampling_params, SamplingParams)
-                  else list(sampling_params))
+        params = (
+            [sampling_params] * len(prompts)
+            if isinstance(sampling_params, SamplingParams)
+            else list(sampling_params)
+        )
         if len(params) != len(prompts):
             raise ValueError("give one SamplingParams, or one per prompt")
         ids = [f"llm-{next(self._ids)}" for _ in prompts]
@@ -112,17 +141,29 @@ class LLM:
             self.engine.add_request(rid, prompt, p, priority=priority[i] if priority else 0)
         return self._run(ids, use_tqdm)
 
-    def chat(self, messages: list[dict] | Sequence[list[dict]],
-             sampling_params: SamplingParams | Sequence[SamplingParams] | None = None, *,
-             chat_template: str | None = None, add_generation_prompt: bool = True,
-             use_tqdm: bool = False) -> list[RequestOutput]:
+    def chat(
+        self,
+        messages: list[dict] | Sequence[list[dict]],
+        sampling_params: SamplingParams | Sequence[SamplingParams] | None = None,
+        *,
+        chat_template: str | None = None,
+        add_generation_prompt: bool = True,
+        use_tqdm: bool = False,
+    ) -> list[RequestOutput]:
         """Apply the tokenizer's chat template to each conversation, then `generate`."""
         conversations = [messages] if messages and isinstance(messages[0], dict) else messages
         tok = self.engine.tokenizer
         prompts = [
-            {"prompt_token_ids": _as_ids(tok.apply_chat_template(
-                conv, chat_template=chat_template, add_generation_prompt=add_generation_prompt,
-                tokenize=True))}
+            {
+                "prompt_token_ids": _as_ids(
+                    tok.apply_chat_template(
+                        conv,
+                        chat_template=chat_template,
+                        add_generation_prompt=add_generation_prompt,
+                        tokenize=True,
+                    )
+                )
+            }
             for conv in conversations
         ]
         return self.generate(prompts, sampling_params, use_tqdm=use_tqdm)

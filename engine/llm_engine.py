@@ -50,14 +50,23 @@ def num_kv_pages(config: EngineConfig, model_config, itemsize: int) -> int:
         return int(min(want, max((1 << 30) // per_page, 2)))
     c = model_config
     # Activations of the largest bucket and the sampler's [R, V] temporaries, with margin.
-    act = 4 * sched.max_num_batched_tokens * (
-        c.hidden_size + 2 * c.intermediate_size + (c.num_heads + 2 * c.num_kv_heads) * c.head_dim
-    ) * 4
+    act = (
+        4
+        * sched.max_num_batched_tokens
+        * (
+            c.hidden_size
+            + 2 * c.intermediate_size
+            + (c.num_heads + 2 * c.num_kv_heads) * c.head_dim
+        )
+        * 4
+    )
     act += 16 * sched.max_num_seqs * c.vocab_size * 4 + (512 << 20)
     budget = stats["bytes_limit"] * cache.gpu_memory_utilization - stats["bytes_in_use"] - act
     if budget < per_page * 2:
-        raise ValueError("no memory left for the KV cache: lower max_num_batched_tokens or use "
-                         "a smaller model / higher gpu_memory_utilization")
+        raise ValueError(
+            "no memory left for the KV cache: lower max_num_batched_tokens or use "
+            "a smaller model / higher gpu_memory_utilization"
+        )
     return int(budget // per_page)
 
 
@@ -70,10 +79,13 @@ class LLMEngine:
             jax.config.update("jax_compilation_cache_dir", config.compile.compilation_cache_dir)
             jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.5)
         if model is None:
-            model = load_model(load.model, dtype=_platform_dtype(load.dtype),
-                               load_format=load.load_format,
-                               attention_backend=_resolve_backend(load.attention_backend),
-                               seed=load.seed)
+            model = load_model(
+                load.model,
+                dtype=_platform_dtype(load.dtype),
+                load_format=load.load_format,
+                attention_backend=_resolve_backend(load.attention_backend),
+                seed=load.seed,
+            )
         if tokenizer is None and not load.skip_tokenizer_init:
             from models.tokenizer import load_tokenizer
 
@@ -81,23 +93,33 @@ class LLMEngine:
         mc = model.config
         max_len = config.scheduler.max_model_len
         if max_len > mc.max_position_embeddings:
-            logger.warning("max_model_len %d exceeds the model's max_position_embeddings %d",
-                           max_len, mc.max_position_embeddings)
+            logger.warning(
+                "max_model_len %d exceeds the model's max_position_embeddings %d",
+                max_len,
+                mc.max_position_embeddings,
+            )
         self.config = config
         self.model_config = mc
         self.tokenizer = tokenizer
         itemsize = model.model.embed_tokens.embedding[...].dtype.itemsize
         num_pages = num_kv_pages(config, mc, itemsize)
-        self.allocator = PageAllocator(num_pages, config.cache.page_size,
-                                       config.cache.enable_prefix_caching)
+        self.allocator = PageAllocator(
+            num_pages, config.cache.page_size, config.cache.enable_prefix_caching
+        )
         self.scheduler = Scheduler(config.scheduler, self.allocator)
         self.eos_token_ids = _eos_ids(mc, tokenizer)
-        self.runner = ModelRunner(model, config, num_pages=num_pages,
-                                  eos_token_ids=self.eos_token_ids)
+        self.runner = ModelRunner(
+            model, config, num_pages=num_pages, eos_token_ids=self.eos_token_ids
+        )
         t0 = time.perf_counter()
         self.runner.compile()
-        logger.info("KV cache: %d pages of %d tokens; compiled %d buckets in %.1f s", num_pages,
-                    config.cache.page_size, len(self.runner.layouts()), time.perf_counter() - t0)
+        logger.info(
+            "KV cache: %d pages of %d tokens; compiled %d buckets in %.1f s",
+            num_pages,
+            config.cache.page_size,
+            len(self.runner.layouts()),
+            time.perf_counter() - t0,
+        )
         self.outputs = OutputProcessor(tokenizer)
         self._num_cached: dict[str, int] = {}
 
@@ -120,8 +142,10 @@ class LLMEngine:
         if not token_ids:
             raise ValueError("the prompt is empty")
         if len(token_ids) >= limit:
-            raise ValueError(f"the prompt has {len(token_ids)} tokens, but max_model_len is "
-                             f"{limit} (the prompt must leave room for at least one new token)")
+            raise ValueError(
+                f"the prompt has {len(token_ids)} tokens, but max_model_len is "
+                f"{limit} (the prompt must leave room for at least one new token)"
+            )
         bad = [t for t in token_ids if not 0 <= t < vocab]
         if bad:
             raise ValueError(f"token id {bad[0]} is outside the vocabulary [0, {vocab})")
@@ -130,8 +154,15 @@ class LLMEngine:
         if any(not 0 <= t < vocab for t in params.stop_token_ids):
             raise ValueError(f"stop_token_ids has an id outside the vocabulary [0, {vocab})")
 
-    def add_request(self, request_id: str, prompt: PromptType, params: SamplingParams,
-                    *, priority: int = 0, arrival_time: float | None = None) -> None:
+    def add_request(
+        self,
+        request_id: str,
+        prompt: PromptType,
+        params: SamplingParams,
+        *,
+        priority: int = 0,
+        arrival_time: float | None = None,
+    ) -> None:
         text, token_ids = self.tokenize(prompt)
         self.validate(token_ids, params)
         if self.outputs.has(request_id):
@@ -140,7 +171,8 @@ class LLMEngine:
         child_params = params
         if extra_eos and not params.ignore_eos:  # e.g. Llama 3's <|eot_id|> besides <|end_of_text|>
             child_params = dataclasses.replace(
-                params, stop_token_ids=[*params.stop_token_ids, *extra_eos])
+                params, stop_token_ids=[*params.stop_token_ids, *extra_eos]
+            )
         ids = self.outputs.add_request(request_id, text, token_ids, params)
         now = time.monotonic() if arrival_time is None else arrival_time
         try:
@@ -148,9 +180,16 @@ class LLMEngine:
                 p = child_params
                 if params.n > 1 and params.seed is not None:  # distinct, reproducible streams
                     p = dataclasses.replace(child_params, seed=params.seed + i)
-                self.scheduler.add_request(Request(
-                    cid, token_ids, p, now, priority,
-                    self.eos_token_ids[0] if self.eos_token_ids else None))
+                self.scheduler.add_request(
+                    Request(
+                        cid,
+                        token_ids,
+                        p,
+                        now,
+                        priority,
+                        self.eos_token_ids[0] if self.eos_token_ids else None,
+                    )
+                )
         except Exception:
             self.scheduler.abort_request(ids)
             self.outputs.abort(request_id)
@@ -176,8 +215,11 @@ class LLMEngine:
         if sched.is_empty:
             return []
         updates = self.scheduler.update(sched, step_out)
-        cached = {r.request_id: self.scheduler.requests[r.request_id].num_cached_tokens
-                  for r in sched.requests if r.request_id in self.scheduler.requests}
+        cached = {
+            r.request_id: self.scheduler.requests[r.request_id].num_cached_tokens
+            for r in sched.requests
+            if r.request_id in self.scheduler.requests
+        }
         outputs, stopped = self.outputs.process(updates, delta=delta, num_cached=cached)
         for cid, stop_str in stopped:
             self.scheduler.finish_requests(cid, "stop", stop_str)
@@ -192,8 +234,7 @@ def _resolve_backend(name: str) -> str:
 
 def _eos_ids(model_config, tokenizer: Any) -> tuple[int, ...]:
     ids = list(model_config.eos_token_ids)
-    if tokenizer is not None and tokenizer.eos_token_id is not None:
-        if tokenizer.eos_token_id not in ids:
-            ids.insert(0, tokenizer.eos_token_id)
+    tok_eos = None if tokenizer is None else tokenizer.eos_token_id
+    if tok_eos is not None and tok_eos not in ids:
+        ids.insert(0, tok_eos)
     return tuple(int(i) for i in ids)
-

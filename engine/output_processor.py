@@ -57,18 +57,37 @@ class OutputProcessor:
             (lambda t: tokenizer.decode([t])) if tokenizer is not None else (lambda t: None)
         )
 
-    def add_request(self, request_id: str, prompt: str | None, prompt_token_ids: list[int],
-                    params: SamplingParams) -> list[str]:
+    def add_request(
+        self,
+        request_id: str,
+        prompt: str | None,
+        prompt_token_ids: list[int],
+        params: SamplingParams,
+    ) -> list[str]:
         """Register a request; returns the engine-level ids of its `n` completions."""
         completions = []
         for i in range(params.n):
-            detok = (IncrementalDetokenizer(self.tokenizer, prompt_token_ids, params)
-                     if self.tokenizer is not None else None)
-            completions.append(_Completion(
-                i, detok, logprobs=[] if params.logprobs is not None else None,
-                cumulative_logprob=0.0 if params.logprobs is not None else None))
-        parent = _Parent(request_id, prompt, prompt_token_ids, params, completions,
-                         prompt_logprobs=[None] if params.prompt_logprobs is not None else None)
+            detok = (
+                IncrementalDetokenizer(self.tokenizer, prompt_token_ids, params)
+                if self.tokenizer is not None
+                else None
+            )
+            completions.append(
+                _Completion(
+                    i,
+                    detok,
+                    logprobs=[] if params.logprobs is not None else None,
+                    cumulative_logprob=0.0 if params.logprobs is not None else None,
+                )
+            )
+        parent = _Parent(
+            request_id,
+            prompt,
+            prompt_token_ids,
+            params,
+            completions,
+            prompt_logprobs=[None] if params.prompt_logprobs is not None else None,
+        )
         self._parents[request_id] = parent
         ids = [child_id(request_id, i, params.n) for i in range(params.n)]
         for cid, comp in zip(ids, completions, strict=True):
@@ -80,11 +99,15 @@ class OutputProcessor:
 
     def child_ids(self, request_id: str) -> list[str]:
         parent = self._parents.get(request_id)
-        return [] if parent is None else [
-            child_id(request_id, c.index, parent.params.n) for c in parent.completions]
+        return (
+            []
+            if parent is None
+            else [child_id(request_id, c.index, parent.params.n) for c in parent.completions]
+        )
 
-    def process(self, updates: list[RequestUpdate], *, delta: bool,
-                num_cached: dict[str, int] | None = None) -> tuple[list[RequestOutput], list]:
+    def process(
+        self, updates: list[RequestUpdate], *, delta: bool, num_cached: dict[str, int] | None = None
+    ) -> tuple[list[RequestOutput], list]:
         """Apply updates. Returns (outputs of changed requests, [(child id, stop string)] of
         completions a stop string finished, which the scheduler must finish too)."""
         changed: dict[str, _Parent] = {}
@@ -95,8 +118,9 @@ class OutputProcessor:
                 continue
             parent, comp = entry
             if up.new_prompt_logprobs and parent.prompt_logprobs is not None and comp.index == 0:
-                parent.prompt_logprobs += [to_logprob_dict(e, self._decode_one)
-                                           for e in up.new_prompt_logprobs]
+                parent.prompt_logprobs += [
+                    to_logprob_dict(e, self._decode_one) for e in up.new_prompt_logprobs
+                ]
             if num_cached and up.request_id in num_cached:
                 parent.num_cached_tokens = num_cached[up.request_id]
             self._apply(comp, up, stopped, up.request_id)
@@ -140,22 +164,40 @@ class OutputProcessor:
         outs = []
         for comp in parent.completions:
             finished = comp.finish_reason is not None
-            text = (comp.detokenizer.get_output_text(finished, delta)
-                    if comp.detokenizer is not None else "")
+            text = (
+                comp.detokenizer.get_output_text(finished, delta)
+                if comp.detokenizer is not None
+                else ""
+            )
             tokens, logprobs = comp.token_ids, comp.logprobs
             if delta:
-                tokens = tokens[comp.num_sent_tokens:]
-                logprobs = None if logprobs is None else logprobs[comp.num_sent_logprobs:]
+                tokens = tokens[comp.num_sent_tokens :]
+                logprobs = None if logprobs is None else logprobs[comp.num_sent_logprobs :]
                 if (not tokens and not text and not finished) or comp.final_sent:
                     continue
                 comp.final_sent = finished
                 comp.num_sent_tokens = len(comp.token_ids)
                 comp.num_sent_logprobs = len(comp.logprobs or [])
-            outs.append(CompletionOutput(comp.index, text, list(tokens), comp.cumulative_logprob,
-                                         logprobs, comp.finish_reason, comp.stop_reason))
-        return RequestOutput(parent.request_id, parent.prompt, parent.prompt_token_ids,
-                             parent.prompt_logprobs, outs, parent.finished,
-                             parent.num_cached_tokens)
+            outs.append(
+                CompletionOutput(
+                    comp.index,
+                    text,
+                    list(tokens),
+                    comp.cumulative_logprob,
+                    logprobs,
+                    comp.finish_reason,
+                    comp.stop_reason,
+                )
+            )
+        return RequestOutput(
+            parent.request_id,
+            parent.prompt,
+            parent.prompt_token_ids,
+            parent.prompt_logprobs,
+            outs,
+            parent.finished,
+            parent.num_cached_tokens,
+        )
 
     def _forget(self, parent: _Parent) -> None:
         self._parents.pop(parent.request_id, None)

@@ -26,8 +26,12 @@ class RowState:
     @classmethod
     def zeros(cls, num_rows: int, vocab_size: int) -> RowState:
         shape = (num_rows, vocab_size)
-        return cls(jnp.zeros(shape, jnp.int32), jnp.zeros(shape, bool),
-                   jnp.zeros(shape, jnp.float32), jnp.zeros(shape, bool))
+        return cls(
+            jnp.zeros(shape, jnp.int32),
+            jnp.zeros(shape, bool),
+            jnp.zeros(shape, jnp.float32),
+            jnp.zeros(shape, bool),
+        )
 
 
 def update_rows(state: RowState, x: dict[str, jax.Array]) -> RowState:
@@ -52,15 +56,24 @@ def update_rows(state: RowState, x: dict[str, jax.Array]) -> RowState:
     )
 
 
-def set_row_fn(rows_state: RowState, row: jax.Array, bias_ids: jax.Array,
-               bias_values: jax.Array, stop_ids: jax.Array) -> RowState:
+def set_row_fn(
+    rows_state: RowState,
+    row: jax.Array,
+    bias_ids: jax.Array,
+    bias_values: jax.Array,
+    stop_ids: jax.Array,
+) -> RowState:
     """Write one row's logit bias and stop mask (ids padded with -1)."""
     vocab = rows_state.logit_bias.shape[1]
     valid = bias_ids >= 0
-    bias = jnp.zeros(vocab, jnp.float32).at[jnp.where(valid, bias_ids, vocab)].add(
-        jnp.where(valid, bias_values, 0.0), mode="drop")
-    stop = jnp.zeros(vocab, bool).at[jnp.where(stop_ids >= 0, stop_ids, vocab)].set(
-        True, mode="drop")
+    bias = (
+        jnp.zeros(vocab, jnp.float32)
+        .at[jnp.where(valid, bias_ids, vocab)]
+        .add(jnp.where(valid, bias_values, 0.0), mode="drop")
+    )
+    stop = (
+        jnp.zeros(vocab, bool).at[jnp.where(stop_ids >= 0, stop_ids, vocab)].set(True, mode="drop")
+    )
     return dataclasses.replace(
         rows_state,
         logit_bias=rows_state.logit_bias.at[row].set(bias),

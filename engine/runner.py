@@ -66,16 +66,21 @@ def _prompt_logprobs(model, hidden: jax.Array, next_ids: jax.Array, k: int):
 
 
 def _zeros_stats(n: int, k: int):
-    return (jnp.zeros(n, jnp.float32), jnp.zeros(n, jnp.int32),
-            jnp.zeros((n, k), jnp.int32), jnp.zeros((n, k), jnp.float32))
+    return (
+        jnp.zeros(n, jnp.float32),
+        jnp.zeros(n, jnp.int32),
+        jnp.zeros((n, k), jnp.int32),
+        jnp.zeros((n, k), jnp.float32),
+    )
 
 
 def step_fn(graphdef, params, kv_caches, rows_state: RowState, buffer, *, layout: StepLayout):
     """One engine step: forward the ragged batch, then sample one token per request."""
     x = unpack(buffer, layout)
     model = nnx.merge(graphdef, params)
-    meta = AttentionMetadata(x["slot_ids"], x["page_table"], x["kv_lens"], x["query_start"],
-                             x["num_seqs"])
+    meta = AttentionMetadata(
+        x["slot_ids"], x["page_table"], x["kv_lens"], x["query_start"], x["num_seqs"]
+    )
     hidden, kv_caches = model(x["token_ids"], x["positions"], kv_caches, meta)
     rows_state = update_rows(rows_state, x)
     rows = x["rows"]
@@ -85,10 +90,15 @@ def step_fn(graphdef, params, kv_caches, rows_state: RowState, buffer, *, layout
     logits = jnp.where(banned, -jnp.inf, logits)
     r = layout.num_requests
     tensors = SamplingTensors(
-        temperature=x["temperature"], top_k=x["top_k"], top_p=x["top_p"], min_p=x["min_p"],
-        presence_penalty=x["presence_penalty"], frequency_penalty=x["frequency_penalty"],
+        temperature=x["temperature"],
+        top_k=x["top_k"],
+        top_p=x["top_p"],
+        min_p=x["min_p"],
+        presence_penalty=x["presence_penalty"],
+        frequency_penalty=x["frequency_penalty"],
         repetition_penalty=x["repetition_penalty"],
-        logit_bias_ids=jnp.full((r, 1), -1, jnp.int32), logit_bias_values=jnp.zeros((r, 1)),
+        logit_bias_ids=jnp.full((r, 1), -1, jnp.int32),
+        logit_bias_values=jnp.zeros((r, 1)),
         banned_ids=jnp.full((r, 1), -1, jnp.int32),
         output_token_counts=rows_state.output_counts[rows],
         prompt_token_mask=rows_state.prompt_mask[rows],
@@ -97,11 +107,13 @@ def step_fn(graphdef, params, kv_caches, rows_state: RowState, buffer, *, layout
     ids = sample(logits, tensors).sampled_ids
     k = MAX_LOGPROBS
     want = x["logprobs_flags"]
-    stats = jax.lax.cond(jnp.any(want & 1), lambda: _logprob_stats(raw, ids, k),
-                         lambda: _zeros_stats(r, k))
+    stats = jax.lax.cond(
+        jnp.any(want & 1), lambda: _logprob_stats(raw, ids, k), lambda: _zeros_stats(r, k)
+    )
     t = layout.num_tokens
     prompt = jax.lax.cond(
-        jnp.any(want & 2), lambda: _prompt_logprobs(model, hidden, x["next_token_ids"], k),
+        jnp.any(want & 2),
+        lambda: _prompt_logprobs(model, hidden, x["next_token_ids"], k),
         lambda: _zeros_stats(t, k),
     )
     return kv_caches, rows_state, StepResult(ids, *stats, *prompt)
@@ -157,17 +169,28 @@ class ModelRunner:
     def compile(self) -> None:
         """Compile every bucket ahead of time (with a progress bar)."""
         abstract = lambda tree: jax.tree.map(
-            lambda a: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=a.sharding), tree)
+            lambda a: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=a.sharding), tree
+        )
         args = (abstract(self.params), abstract(self.kv_caches), abstract(self.rows_state))
         for layout in tqdm(self.layouts(), desc="compiling buckets", leave=False):
-            fn = jax.jit(step_fn, static_argnames=("graphdef", "layout"),
-                         donate_argnames=("kv_caches", "rows_state"))
+            fn = jax.jit(
+                step_fn,
+                static_argnames=("graphdef", "layout"),
+                donate_argnames=("kv_caches", "rows_state"),
+            )
             buf = jax.ShapeDtypeStruct((layout.size,), jnp.int32)
             self._compiled[layout] = fn.lower(self.graphdef, *args, buf, layout=layout).compile()
-        self._set_row = jax.jit(set_row_fn, donate_argnames=("rows_state",)).lower(
-            args[2], jnp.int32(0), jnp.zeros(MAX_LOGIT_BIAS, jnp.int32),
-            jnp.zeros(MAX_LOGIT_BIAS, jnp.float32), jnp.zeros(MAX_STOP_IDS, jnp.int32),
-        ).compile()
+        self._set_row = (
+            jax.jit(set_row_fn, donate_argnames=("rows_state",))
+            .lower(
+                args[2],
+                jnp.int32(0),
+                jnp.zeros(MAX_LOGIT_BIAS, jnp.int32),
+                jnp.zeros(MAX_LOGIT_BIAS, jnp.float32),
+                jnp.zeros(MAX_STOP_IDS, jnp.int32),
+            )
+            .compile()
+        )
 
     # -- per-request rows -------------------------------------------------------------------
     def _release(self, request_ids) -> None:
@@ -187,8 +210,11 @@ class ModelRunner:
         self._seeds[req.request_id] = (
             sp.seed if sp.seed is not None else int(self._rng.integers(0, 2**32))
         )
-        stop_ids = [] if sp.min_tokens == 0 else list(sp.stop_token_ids) + (
-            [] if sp.ignore_eos else list(self.eos_token_ids))
+        stop_ids = (
+            []
+            if sp.min_tokens == 0
+            else list(sp.stop_token_ids) + ([] if sp.ignore_eos else list(self.eos_token_ids))
+        )
         if sp.logit_bias or stop_ids or row in self._dirty_rows:
             self._write_row(row, sp.logit_bias or {}, stop_ids)
         return row
@@ -220,10 +246,17 @@ class ModelRunner:
         t = pick_bucket(self.token_buckets, sched.num_batched_tokens)
         r = pick_bucket(self.request_buckets, len(sched.requests))
         layout = StepLayout(t, r, self.pages_per_request)
-        buffer = build_step_input(sched, layout, page_size=self.page_size, rows=rows, seeds=seeds,
-                                  scratch_row=self.scratch_row)
+        buffer = build_step_input(
+            sched,
+            layout,
+            page_size=self.page_size,
+            rows=rows,
+            seeds=seeds,
+            scratch_row=self.scratch_row,
+        )
         self.kv_caches, self.rows_state, result = self._compiled[layout](
-            self.params, self.kv_caches, self.rows_state, buffer)
+            self.params, self.kv_caches, self.rows_state, buffer
+        )
         return self._step_output(sched, result)
 
     def _step_output(self, sched: SchedulerOutput, result: StepResult) -> StepOutput:
@@ -232,18 +265,27 @@ class ModelRunner:
         want = [req.sampling_params.logprobs is not None for req in sched.requests]
         logprobs = None
         if any(want):
-            lp, rk, ti, tl = (np.asarray(a) for a in (result.logprobs, result.ranks,
-                                                       result.top_ids, result.top_logprobs))
+            lp, rk, ti, tl = (
+                np.asarray(a)
+                for a in (result.logprobs, result.ranks, result.top_ids, result.top_logprobs)
+            )
             logprobs = [
                 _entry(sampled[i], lp[i], rk[i], ti[i], tl[i], req.sampling_params.logprobs)
-                if want[i] else None
+                if want[i]
+                else None
                 for i, req in enumerate(sched.requests)
             ]
         prompt = {}
         if any(req.sampling_params.prompt_logprobs is not None for req in sched.requests):
-            lp, rk, ti, tl = (np.asarray(a) for a in (
-                result.prompt_logprobs, result.prompt_ranks, result.prompt_top_ids,
-                result.prompt_top_logprobs))
+            lp, rk, ti, tl = (
+                np.asarray(a)
+                for a in (
+                    result.prompt_logprobs,
+                    result.prompt_ranks,
+                    result.prompt_top_ids,
+                    result.prompt_top_logprobs,
+                )
+            )
             start = 0
             for req in sched.requests:
                 k = req.sampling_params.prompt_logprobs
@@ -253,8 +295,9 @@ class ModelRunner:
                     count = max(last - req.start_position, 0)
                     nxt = (*req.token_ids[1:], req.next_prompt_token_id)
                     prompt[req.request_id] = [
-                        _entry(nxt[j], lp[start + j], rk[start + j], ti[start + j],
-                               tl[start + j], k)
+                        _entry(
+                            nxt[j], lp[start + j], rk[start + j], ti[start + j], tl[start + j], k
+                        )
                         for j in range(count)
                     ]
                 start = end
@@ -262,5 +305,10 @@ class ModelRunner:
 
 
 def _entry(token_id, lp, rank, top_ids, top_lps, k: int) -> TokenLogprobs:
-    return TokenLogprobs(int(token_id), float(lp), int(rank), tuple(int(i) for i in top_ids[:k]),
-                         tuple(float(v) for v in top_lps[:k]))
+    return TokenLogprobs(
+        int(token_id),
+        float(lp),
+        int(rank),
+        tuple(int(i) for i in top_ids[:k]),
+        tuple(float(v) for v in top_lps[:k]),
+    )

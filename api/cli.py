@@ -1,0 +1,130 @@
+"""`pagejax` command line: generate, serve, bench. Flags and environment are read here only."""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import sys
+
+
+def add_engine_args(p: argparse.ArgumentParser) -> None:
+    """vLLM's engine flag names."""
+    p.add_argument("--dtype", default="auto")
+    p.add_argument(
+        "--load-format", default="auto", choices=["auto", "safetensors", "gguf", "orbax", "dummy"]
+    )
+    p.add_argument("--attention-backend", default="auto", choices=["auto", "pallas", "reference"])
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--max-model-len", type=int)
+    p.add_argument("--max-num-seqs", type=int)
+    p.add_argument("--max-num-batched-tokens", type=int)
+    p.add_argument("--block-size", "--page-size", dest="page_size", type=int)
+    p.add_argument("--num-pages", type=int)
+    p.add_argument("--kv-cache-memory", dest="kv_cache_memory_bytes", type=int)
+    p.add_argument("--gpu-memory-utilization", type=float, default=0.9)
+    p.add_argument("--enable-prefix-caching", action=argparse.BooleanOptionalAction, default=True)
+    p.add_argument("--scheduling-policy", default="fcfs", choices=["fcfs", "priority"])
+    p.add_argument(
+        "--compilation-cache-dir",
+        default=None,
+        help="persistent XLA compilation cache (default ~/.cache/pagejax/xla)",
+    )
+
+
+def engine_kwargs(args: argparse.Namespace) -> dict:
+    kw = dict(
+        dtype=args.dtype,
+        load_format=args.load_format,
+        attention_backend=args.attention_backend,
+        seed=args.seed,
+        max_model_len=args.max_model_len,
+        max_num_seqs=args.max_num_seqs,
+        max_num_batched_tokens=args.max_num_batched_tokens,
+        page_size=args.page_size,
+        num_pages=args.num_pages,
+        kv_cache_memory_bytes=args.kv_cache_memory_bytes,
+        gpu_memory_utilization=args.gpu_memory_utilization,
+        enable_prefix_caching=args.enable_prefix_caching,
+        scheduling_policy=args.scheduling_policy,
+    )
+    if args.compilation_cache_dir is not None:
+        kw["compilation_cache_dir"] = args.compilation_cache_dir
+    return {k: v for k, v in kw.items() if v is not None}
+
+
+def _generate(args: argparse.Namespace) -> int:
+    from engine import LLM, SamplingParams
+
+    params = SamplingParams(
+        n=args.n,
+        temperature=args.temperature,
+        top_p=args.top_p,
+        top_k=args.top_k,
+        min_p=args.min_p,
+        seed=args.sampling_seed,
+        max_tokens=args.max_tokens,
+        stop=args.stop or None,
+        ignore_eos=args.ignore_eos,
+        repetition_penalty=args.repetition_penalty,
+    )
+    llm = LLM(args.model, **engine_kwargs(args))
+    if args.chat:
+        outs = llm.chat([{"role": "user", "content": args.prompt}], params)
+    else:
+        outs = llm.generate(args.prompt, params)
+    for completion in outs[0].outputs:
+        print(args.prompt + completion.text if not args.chat else completion.text)
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="pagejax", description="LLM serving on JAX")
+    parser.add_argument("--log-level", default="WARNING")
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    g = sub.add_parser("generate", help="complete one prompt offline")
+    g.add_argument("prompt")
+    g.add_argument("--model", default=None, help="HF folder or .gguf (default: SmolLM2-135M)")
+    g.add_argument("--chat", action="store_true", help="wrap the prompt in the chat template")
+    g.add_argument("--max-tokens", type=int, default=32)
+    g.add_argument("--temperature", type=float, default=0.0)
+    g.add_argument("--top-p", type=float, default=1.0)
+    g.add_argument("--top-k", type=int, default=0)
+    g.add_argument("--min-p", type=float, default=0.0)
+    g.add_argument("--repetition-penalty", type=float, default=1.0)
+    g.add_argument("--n", type=int, default=1)
+    g.add_argument("--sampling-seed", type=int, default=None)
+    g.add_argument("--stop", action="append")
+    g.add_argument("--ignore-eos", action="store_true")
+    add_engine_args(g)
+    g.set_defaults(func=_generate)
+
+    try:
+        from api import serve_cli
+
+        serve_cli.add_parser(sub)
+    except ImportError:
+        pass
+    try:
+        from api import bench_cli
+
+        bench_cli.add_parser(sub)
+    except ImportError:
+        pass
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    logging.basicConfig(
+        level=args.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s"
+    )
+    try:
+        return args.func(args)
+    except (ValueError, FileNotFoundError) as e:
+        print(f"pagejax: error: {e}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())

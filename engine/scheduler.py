@@ -1,0 +1,341 @@
+"""Phase-less scheduler (vLLM v1 style): a token budget per step, no prefill/decode phases.
+
+Each step running requests are served first (a decode is one token, a request partway through
+its prompt continues its chunk), then waiting requests are admitted with what is left of the
+budget (chunked prefill; prefix-cache hits count as computed). When pages run out the newest (or,
+under the priority policy, least important) running request is preempted by recompute. No JAX.
+"""
+
+from __future__ import annotations
+
+import bisect
+from collections import deque
+from collections.abc import Iterable
+from dataclasses import dataclass, field
+from typing import Literal
+
+from engine.page_allocator import PageAllocator
+from engine.types import (
+    Request,
+    RequestStatus,
+    RequestUpdate,
+    ScheduledRequest,
+    SchedulerOutput,
+    StepOutput,
+    TokenLogprobs,
+)
+
+
+class QueueFullError(RuntimeError):
+    """The waiting queue holds `max_waiting_requests` already (the API answers 503)."""
+
+
+@dataclass(frozen=True)
+class SchedulerConfig:
+    """Limits of one scheduling step and of the waiting queue."""
+
+    max_num_seqs: int = 256
+    max_num_batched_tokens: int = 8192
+    max_model_len: int = 8192
+    enable_chunked_prefill: bool = True
+    policy: Literal["fcfs", "priority"] = "fcfs"
+    max_waiting_requests: int | None = None
+
+    def __post_init__(self) -> None:
+        for name in ("max_num_seqs", "max_num_batched_tokens", "max_model_len"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"{name} must be at least 1, got {getattr(self, name)}.")
+        if self.policy not in ("fcfs", "priority"):
+            raise ValueError(f"policy must be 'fcfs' or 'priority', got {self.policy!r}.")
+        if not self.enable_chunked_prefill and self.max_num_batched_tokens < self.max_model_len:
+            # Without chunking a whole prompt must fit in one step's budget.
+            raise ValueError(
+                f"max_num_batched_tokens ({self.max_num_batched_tokens}) must be at least "
+                f"max_model_len ({self.max_model_len}) when chunked prefill is off."
+            )
+
+
+@dataclass(frozen=True)
+class SchedulerStats:
+    """Counts for metrics, taken at one moment."""
+
+    num_running: int
+    num_waiting: int
+    num_preemptions: int  # since start
+    num_cached_tokens: int  # prefix-cache hit tokens since start
+    page_usage: float
+
+
+@dataclass
+class _StepPlan:
+    """Scratch state while building one step: tokens per request in batch order, budget left."""
+
+    budget: int
+    num_tokens: dict[str, int] = field(default_factory=dict)
+    preempted_ids: list[str] = field(default_factory=list)
+
+
+class Scheduler:
+    """Decides each step which requests compute which tokens; applies the runner's results."""
+
+    def __init__(self, scheduler_config: SchedulerConfig, allocator: PageAllocator) -> None:
+        self.config = scheduler_config
+        self.allocator = allocator
+        self.requests: dict[str, Request] = {}  # unfinished ones
+        self.waiting: deque[Request] = deque()
+        self.running: list[Request] = []
+        self._finished_ids: set[str] = set()  # since the last schedule()
+        self.num_preemptions = 0
+        self.num_cached_tokens = 0
+
+    def add_request(self, request: Request) -> None:
+        """Queue a new request. Raises ValueError if it can never run, QueueFullError if full."""
+        cfg = self.config
+        if request.request_id in self.requests:
+            raise ValueError(f"request id {request.request_id!r} is already in use.")
+        if not request.prompt_token_ids:
+            raise ValueError("the prompt must contain at least one token.")
+        if request.num_prompt_tokens > cfg.max_model_len:
+            raise ValueError(
+                f"the prompt has {request.num_prompt_tokens} tokens, more than the maximum "
+                f"context length of {cfg.max_model_len}."
+            )
+        max_len = min(self.max_total_tokens(request) - 1, cfg.max_model_len)
+        if -(-max_len // self.allocator.page_size) > self.allocator.num_usable_pages:
+            raise ValueError(f"a request of {max_len} tokens does not fit in the KV cache.")
+        if cfg.max_waiting_requests is not None and len(self.waiting) >= cfg.max_waiting_requests:
+            raise QueueFullError(f"the waiting queue is full ({cfg.max_waiting_requests}).")
+        request.status = RequestStatus.WAITING
+        self.requests[request.request_id] = request
+        self._enqueue(request)
+
+    def max_total_tokens(self, request: Request) -> int:
+        """Prompt plus the most output tokens the request may get."""
+        max_tokens = request.sampling_params.max_tokens
+        if max_tokens is None:
+            return self.config.max_model_len
+        return min(request.num_prompt_tokens + max_tokens, self.config.max_model_len)
+
+    def abort_request(self, request_ids: str | Iterable[str]) -> None:
+        """Finish these requests with reason "abort"; unknown or finished ids are ignored."""
+        self.finish_requests(request_ids, "abort")
+
+    def finish_requests(
+        self, request_ids: str | Iterable[str], reason: str, stop_reason: int | str | None = None
+    ) -> None:
+        """Finish requests from outside (a stop string seen by the detokenizer, a disconnect).
+
+        reason: "stop", "length" or "abort". Their pages are released and the next
+        `SchedulerOutput` lists them in `finished_request_ids`.
+        """
+        status = RequestStatus.from_finish_reason(reason)
+        for request_id in [request_ids] if isinstance(request_ids, str) else request_ids:
+            request = self.requests.get(request_id)
+            if request is None:
+                continue
+            if request.status == RequestStatus.RUNNING:
+                self.running.remove(request)
+            else:
+                self.waiting.remove(request)
+            request.stop_reason = stop_reason
+            self._finish(request, status)
+
+    def has_unfinished_requests(self) -> bool:
+        return bool(self.requests)
+
+    def stats(self) -> SchedulerStats:
+        return SchedulerStats(
+            num_running=len(self.running),
+            num_waiting=len(self.waiting),
+            num_preemptions=self.num_preemptions,
+            num_cached_tokens=self.num_cached_tokens,
+            page_usage=self.allocator.usage,
+        )
+
+    def check_invariants(self) -> None:
+        """Allocator invariants against the requests that hold pages (tests, debugging)."""
+        assert all(not r.page_ids for r in self.waiting), "a waiting request holds pages"
+        assert len(self.running) <= self.config.max_num_seqs, "too many running requests"
+        self.allocator.check_invariants(self.running)
+
+    def schedule(self) -> SchedulerOutput:
+        """Pick this step's work: running requests first, then admit waiting ones."""
+        plan = _StepPlan(budget=self.config.max_num_batched_tokens)
+        self._schedule_running(plan)
+        # After a preemption pages are short: admitting more would only preempt again.
+        if not plan.preempted_ids:
+            self._schedule_waiting(plan)
+        requests = tuple(
+            self._scheduled_request(self.requests[rid], n) for rid, n in plan.num_tokens.items()
+        )
+        finished, self._finished_ids = self._finished_ids, set()
+        return SchedulerOutput(
+            requests=requests,
+            num_batched_tokens=self.config.max_num_batched_tokens - plan.budget,
+            finished_request_ids=frozenset(finished),
+            preempted_request_ids=frozenset(plan.preempted_ids),
+        )
+
+    def _schedule_running(self, plan: _StepPlan) -> None:
+        for request in list(self.running):
+            if plan.budget == 0:
+                break
+            if request.status != RequestStatus.RUNNING:
+                continue  # preempted earlier in this loop
+            num_new = min(request.num_tokens - request.num_computed_tokens, plan.budget)
+            if num_new <= 0:
+                continue  # nothing known to compute (its next token is not back yet)
+            while not self.allocator.allocate_slots(request, num_new):
+                victim = max(self.running, key=self._preemption_key)
+                self._preempt(victim, plan)
+                if victim is request:
+                    break
+            else:
+                plan.num_tokens[request.request_id] = num_new
+                plan.budget -= num_new
+
+    def _schedule_waiting(self, plan: _StepPlan) -> None:
+        cfg = self.config
+        while self.waiting and plan.budget > 0 and len(self.running) < cfg.max_num_seqs:
+            request = self.waiting[0]
+            page_ids, num_hit = [], 0
+            # Cached prefixes have no prompt logprobs to report, so such requests compute all.
+            if request.sampling_params.prompt_logprobs is None:
+                page_ids, num_hit = self.allocator.get_computed_pages(request)
+            num_new = request.num_tokens - num_hit
+            if not cfg.enable_chunked_prefill and num_new > plan.budget:
+                break
+            num_new = min(num_new, plan.budget)
+            if not self.allocator.allocate_slots(request, num_new, page_ids):
+                break
+            self.waiting.popleft()
+            if request.status == RequestStatus.WAITING:
+                request.num_cached_tokens = num_hit
+            request.status = RequestStatus.RUNNING
+            request.num_computed_tokens = num_hit
+            self.num_cached_tokens += num_hit
+            self.running.append(request)
+            plan.num_tokens[request.request_id] = num_new
+            plan.budget -= num_new
+
+    def _preemption_key(self, request: Request) -> tuple[int, float]:
+        """Larger = preempted first: newest (fcfs), or largest priority value, then newest."""
+        if self.config.policy == "priority":
+            return request.priority, request.arrival_time
+        return 0, request.arrival_time
+
+    def _preempt(self, request: Request, plan: _StepPlan) -> None:
+        """Free the request's pages and queue it for recompute (outputs kept as tokens to redo)."""
+        self.running.remove(request)
+        self.allocator.free(request)
+        request.num_computed_tokens = 0
+        request.status = RequestStatus.PREEMPTED
+        plan.budget += plan.num_tokens.pop(request.request_id, 0)
+        plan.preempted_ids.append(request.request_id)
+        self.num_preemptions += 1
+        self._enqueue(request, front=True)
+
+    def _enqueue(self, request: Request, front: bool = False) -> None:
+        """fcfs: arrival order, preempted ones at the front. priority: by (priority, arrival)."""
+        if self.config.policy == "priority":
+            key = lambda r: (r.priority, r.arrival_time)
+            insort = bisect.insort_left if front else bisect.insort_right
+            insort(self.waiting, request, key=key)
+        elif front:
+            self.waiting.appendleft(request)
+        else:
+            self.waiting.append(request)
+
+    def _scheduled_request(self, request: Request, num_new: int) -> ScheduledRequest:
+        start = request.num_computed_tokens
+        return ScheduledRequest(
+            request_id=request.request_id,
+            token_ids=tuple(request.token_ids_slice(start, start + num_new)),
+            start_position=start,
+            page_ids=tuple(request.page_ids),
+            sample=start + num_new == request.num_tokens,
+            num_prompt_tokens=request.num_prompt_tokens,
+            sampling_params=request.sampling_params,
+            next_prompt_token_id=(
+                request.prompt_token_ids[start + num_new]
+                if start + num_new < request.num_prompt_tokens
+                else -1
+            ),
+        )
+
+    def update(
+        self, scheduler_output: SchedulerOutput, step_output: StepOutput
+    ) -> list[RequestUpdate]:
+        """Apply a step's results: advance computed tokens, cache full pages, append sampled
+        tokens and check stop conditions. Requests finished since scheduling are skipped.
+
+        Returns one update per request that got a token, prompt logprobs, or finished.
+        """
+        updates = []
+        logprobs = step_output.logprobs
+        for i, scheduled in enumerate(scheduler_output.requests):
+            request = self.requests.get(scheduled.request_id)
+            if request is None or request.status != RequestStatus.RUNNING:
+                continue
+            request.num_computed_tokens += scheduled.num_tokens
+            self.allocator.cache_full_pages(request)
+            prompt_lps = self._new_prompt_logprobs(request, scheduled, step_output)
+            if not scheduled.sample:
+                if prompt_lps:
+                    updates.append(
+                        RequestUpdate(request.request_id, (), new_prompt_logprobs=prompt_lps)
+                    )
+                continue
+            token_id = int(step_output.sampled_token_ids[i])
+            request.output_token_ids.append(token_id)
+            status = self._check_stop(request)
+            if status is not None:
+                self.running.remove(request)
+                self._finish(request, status)
+            entry = logprobs[i] if logprobs is not None else None
+            updates.append(
+                RequestUpdate(
+                    request_id=request.request_id,
+                    new_token_ids=(token_id,),
+                    finished=status is not None,
+                    finish_reason=request.finish_reason,
+                    stop_reason=request.stop_reason,
+                    new_logprobs=(entry,) if entry is not None else (),
+                    new_prompt_logprobs=prompt_lps,
+                )
+            )
+        return updates
+
+    def _new_prompt_logprobs(
+        self, request: Request, scheduled: ScheduledRequest, step_output: StepOutput
+    ) -> tuple[TokenLogprobs, ...]:
+        """This chunk's prompt logprobs not reported before (recompute repeats positions)."""
+        entries = step_output.prompt_logprobs.get(request.request_id)
+        if not entries:
+            return ()
+        skip = max(request.num_prompt_logprobs_sent - scheduled.start_position, 0)
+        new = tuple(entries[skip:])
+        request.num_prompt_logprobs_sent += len(new)
+        return new
+
+    def _check_stop(self, request: Request) -> RequestStatus | None:
+        """Stop conditions after a token was appended (stop strings are the detokenizer's)."""
+        params = request.sampling_params
+        if request.num_tokens >= self.max_total_tokens(request):
+            return RequestStatus.FINISHED_LENGTH_CAPPED
+        if request.num_output_tokens < params.min_tokens:
+            return None
+        token_id = request.output_token_ids[-1]
+        if not params.ignore_eos and token_id == request.eos_token_id:
+            return RequestStatus.FINISHED_STOPPED
+        if token_id in params.stop_token_ids:
+            request.stop_reason = token_id
+            return RequestStatus.FINISHED_STOPPED
+        return None
+
+    def _finish(self, request: Request, status: RequestStatus) -> None:
+        """Mark finished, release pages, forget it; the runner hears of it next step."""
+        request.status = status
+        self.allocator.free(request)
+        del self.requests[request.request_id]
+        self._finished_ids.add(request.request_id)

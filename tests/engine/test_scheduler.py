@@ -1,0 +1,271 @@
+"""Scheduler behaviour, each against a hand-computed value or `reference_generate`."""
+
+from __future__ import annotations
+
+import itertools
+
+import pytest
+
+from engine.page_allocator import PageAllocator
+from engine.sampling_params import SamplingParams
+from engine.scheduler import QueueFullError, Scheduler, SchedulerConfig
+from engine.types import (
+    Request,
+    RequestUpdate,
+    SchedulerOutput,
+    StepOutput,
+    TokenLogprobs,
+)
+from tests.engine.fake_runner import EOS_TOKEN_ID, FakeRunner, reference_generate
+
+PAGE_SIZE = 4
+
+
+def make_scheduler(
+    num_pages: int = 64, prefix_caching: bool = True, **config: object
+) -> tuple[Scheduler, FakeRunner]:
+    cfg = SchedulerConfig(**{"max_model_len": 64, "max_num_batched_tokens": 64, **config})
+    allocator = PageAllocator(num_pages, PAGE_SIZE, enable_prefix_caching=prefix_caching)
+    return Scheduler(cfg, allocator), FakeRunner(num_pages, PAGE_SIZE)
+
+
+_clock = itertools.count()
+
+
+def make_request(
+    request_id: str, prompt: list[int], priority: int = 0, **params: object
+) -> Request:
+    return Request(
+        request_id,
+        list(prompt),
+        SamplingParams(**params),
+        arrival_time=float(next(_clock)),
+        priority=priority,
+        eos_token_id=EOS_TOKEN_ID,
+    )
+
+
+def step(scheduler: Scheduler, runner: FakeRunner) -> tuple[SchedulerOutput, list[RequestUpdate]]:
+    out = scheduler.schedule()
+    updates = scheduler.update(out, runner.execute(out))
+    scheduler.check_invariants()
+    return out, updates
+
+
+def run_all(scheduler: Scheduler, runner: FakeRunner) -> tuple[dict[str, list[int]], dict]:
+    """Step until done; returns output ids and finish reasons per request."""
+    tokens: dict[str, list[int]] = {}
+    reasons: dict[str, str | None] = {}
+    for _ in range(10_000):
+        if not scheduler.has_unfinished_requests():
+            return tokens, reasons
+        _, updates = step(scheduler, runner)
+        for update in updates:
+            tokens.setdefault(update.request_id, []).extend(update.new_token_ids)
+            if update.finished:
+                reasons[update.request_id] = update.finish_reason
+    raise AssertionError("scheduler did not finish")
+
+
+def test_decode_is_one_token_and_samples_only_at_prompt_end() -> None:
+    scheduler, runner = make_scheduler(max_num_batched_tokens=8)
+    scheduler.add_request(make_request("a", list(range(2, 22)), max_tokens=3, ignore_eos=True))
+    outs = [step(scheduler, runner)[0] for _ in range(5)]
+    chunks = [(o.requests[0].start_position, o.requests[0].num_tokens) for o in outs]
+    assert chunks == [(0, 8), (8, 8), (16, 4), (20, 1), (21, 1)]
+    assert [o.requests[0].sample for o in outs] == [False, False, True, True, True]
+    assert not scheduler.has_unfinished_requests()
+    assert outs[-1].requests[0].token_ids == (runner.kv[outs[-1].requests[0].page_ids[-1]][1],)
+
+
+def test_chunked_prefill_shares_the_budget() -> None:
+    scheduler, runner = make_scheduler(max_num_batched_tokens=16)
+    scheduler.add_request(make_request("a", [5] * 20, max_tokens=2))
+    scheduler.add_request(make_request("b", [6] * 20, max_tokens=2))
+    first = step(scheduler, runner)[0]
+    assert [(r.request_id, r.num_tokens) for r in first.requests] == [("a", 16)]
+    second = step(scheduler, runner)[0]
+    assert [(r.request_id, r.num_tokens) for r in second.requests] == [("a", 4), ("b", 12)]
+    assert second.num_batched_tokens == 16
+
+
+def test_no_chunking_admits_whole_prompts_only() -> None:
+    scheduler, runner = make_scheduler(
+        max_num_batched_tokens=64, max_model_len=64, enable_chunked_prefill=False
+    )
+    scheduler.add_request(make_request("a", [5] * 40, max_tokens=2))
+    scheduler.add_request(make_request("b", [6] * 40, max_tokens=2))
+    first = step(scheduler, runner)[0]
+    assert [(r.request_id, r.num_tokens) for r in first.requests] == [("a", 40)]
+
+
+def test_max_num_seqs_respected() -> None:
+    scheduler, runner = make_scheduler(max_num_seqs=2)
+    for i in range(5):
+        scheduler.add_request(make_request(str(i), [i + 2] * 3, max_tokens=4, ignore_eos=True))
+    while scheduler.has_unfinished_requests():
+        out, _ = step(scheduler, runner)
+        assert len(out.requests) <= 2 and len(scheduler.running) <= 2
+
+
+def test_outputs_match_reference() -> None:
+    scheduler, runner = make_scheduler(max_num_batched_tokens=8)
+    prompts = {str(i): [i + 2] * (3 + 5 * i) for i in range(4)}
+    params = {"max_tokens": 20, "min_tokens": 2}
+    for rid, prompt in prompts.items():
+        scheduler.add_request(make_request(rid, prompt, **params))
+    tokens, reasons = run_all(scheduler, runner)
+    for rid, prompt in prompts.items():
+        want = reference_generate(prompt, SamplingParams(**params), max_model_len=64)
+        assert (tokens[rid], reasons[rid]) == want
+
+
+def test_prefix_caching_reduces_computed_tokens() -> None:
+    prefix = list(range(2, 30))
+    params = SamplingParams(max_tokens=2, ignore_eos=True)
+    computed = {}
+    for caching in (False, True):
+        scheduler, runner = make_scheduler(prefix_caching=caching)
+        scheduler.add_request(make_request("a", prefix + [3], max_tokens=2))
+        run_all(scheduler, runner)
+        scheduler.add_request(make_request("b", prefix + [4, 5], max_tokens=2, ignore_eos=True))
+        out, updates = step(scheduler, runner)
+        computed[caching] = out.requests[0].start_position, out.num_batched_tokens
+        tokens, _ = run_all(scheduler, runner)
+        # The fake model reads the hit pages back, so equal outputs mean the right pages.
+        got = list(updates[0].new_token_ids) + tokens["b"]
+        assert got == reference_generate(prefix + [4, 5], params, max_model_len=64)[0]
+    assert computed[False] == (0, 30)
+    assert computed[True] == (28, 2)  # 7 full pages of the 28-token prefix hit
+
+
+def test_preemption_recomputes_and_finishes_with_right_outputs() -> None:
+    # 6 usable pages; 3 requests that each grow to 3 pages cannot all stay resident.
+    scheduler, runner = make_scheduler(num_pages=7, max_num_batched_tokens=32)
+    prompts = {str(i): [i + 2] * 4 for i in range(3)}
+    for rid, prompt in prompts.items():
+        scheduler.add_request(make_request(rid, prompt, max_tokens=8, ignore_eos=True))
+    tokens, reasons = run_all(scheduler, runner)
+    assert scheduler.num_preemptions > 0
+    for rid, prompt in prompts.items():
+        want = reference_generate(prompt, SamplingParams(max_tokens=8, ignore_eos=True), 64)
+        assert (tokens[rid], reasons[rid]) == want and len(tokens[rid]) == 8
+    assert scheduler.allocator.num_free_pages == 6
+
+
+def test_fcfs_preempts_newest_and_reports_it() -> None:
+    scheduler, runner = make_scheduler(num_pages=5, max_num_batched_tokens=32)
+    scheduler.add_request(make_request("old", [2] * 7, max_tokens=8, ignore_eos=True))
+    scheduler.add_request(make_request("new", [3] * 7, max_tokens=8, ignore_eos=True))
+    step(scheduler, runner)  # both prefilled: 2 pages each, all 4 used
+    step(scheduler, runner)  # position 7 still fits in 2 pages
+    out, _ = step(scheduler, runner)  # position 8 needs a third page
+    assert out.preempted_request_ids == {"new"}
+    assert [r.request_id for r in out.requests] == ["old"]
+    assert [r.request_id for r in scheduler.waiting] == ["new"]
+    assert scheduler.waiting[0].num_computed_tokens == 0
+    assert scheduler.waiting[0].num_output_tokens == 2  # kept, to be recomputed
+
+
+def test_priority_preempts_least_important_even_if_already_scheduled() -> None:
+    scheduler, runner = make_scheduler(num_pages=5, max_num_batched_tokens=32, policy="priority")
+    scheduler.add_request(make_request("low", [2] * 5, priority=5, max_tokens=8, ignore_eos=True))
+    step(scheduler, runner)
+    scheduler.add_request(make_request("high", [3] * 7, priority=0, max_tokens=8, ignore_eos=True))
+    step(scheduler, runner)  # 4 pages used: "low" at 7 tokens, "high" at 8
+    step(scheduler, runner)  # both still fit
+    # "low" (first in the batch) fits again, "high" needs a third page: "low" gives way.
+    out, _ = step(scheduler, runner)
+    assert out.preempted_request_ids == {"low"}
+    assert [r.request_id for r in out.requests] == ["high"]
+    assert out.num_batched_tokens == 1  # the budget "low" had taken was given back
+
+
+def test_priority_orders_admission() -> None:
+    scheduler, runner = make_scheduler(max_num_seqs=1, policy="priority")
+    for rid, priority in [("c", 2), ("a", 0), ("b", 1), ("a2", 0)]:
+        scheduler.add_request(make_request(rid, [4, 5], priority=priority, max_tokens=1))
+    order = [step(scheduler, runner)[0].requests[0].request_id for _ in range(4)]
+    assert order == ["a", "a2", "b", "c"]
+
+
+def test_stop_conditions() -> None:
+    scheduler, runner = make_scheduler()
+    prompt = [7, 8, 9]
+    first = reference_generate(prompt, SamplingParams(max_tokens=1), 64)[0][0]
+    cases = {
+        "eos": ({"max_tokens": 5}, prompt, 5),
+        "stop_id": ({"max_tokens": 5, "stop_token_ids": [first]}, prompt, 5),
+        "min": ({"max_tokens": 3, "min_tokens": 3, "stop_token_ids": [first]}, prompt, 5),
+        "model_len": ({"max_tokens": None, "ignore_eos": True}, [2] * 60, 64),
+        "min_eos": ({"max_tokens": 6, "min_tokens": 2}, prompt, 5),
+    }
+    for rid, (params, p, _) in cases.items():
+        request = make_request(rid, p, **params)
+        request.eos_token_id = first if rid in ("eos", "min_eos") else EOS_TOKEN_ID
+        scheduler.add_request(request)
+    tokens, reasons = run_all(scheduler, runner)
+    assert (tokens["eos"], reasons["eos"]) == ([first], "stop")
+    assert (tokens["stop_id"], reasons["stop_id"]) == ([first], "stop")
+    assert (len(tokens["min"]), reasons["min"]) == (3, "length")
+    assert (len(tokens["model_len"]), reasons["model_len"]) == (4, "length")
+    # EOS as the first token does not stop before min_tokens.
+    want = reference_generate(prompt, SamplingParams(max_tokens=6, min_tokens=2), 64, eos=first)
+    assert (tokens["min_eos"], reasons["min_eos"]) == want and len(want[0]) >= 2
+
+
+def test_stop_token_sets_stop_reason() -> None:
+    scheduler, runner = make_scheduler()
+    first = reference_generate([7, 8], SamplingParams(max_tokens=1), 64)[0][0]
+    scheduler.add_request(make_request("a", [7, 8], stop_token_ids=[first]))
+    _, updates = step(scheduler, runner)
+    assert updates == [RequestUpdate("a", (first,), True, "stop", first)]
+
+
+def test_abort_and_finish_requests() -> None:
+    scheduler, runner = make_scheduler(max_num_seqs=1)
+    scheduler.add_request(make_request("run", [2, 3], max_tokens=10, ignore_eos=True))
+    scheduler.add_request(make_request("wait", [2, 3], max_tokens=10))
+    scheduler.add_request(make_request("stop", [4, 5], max_tokens=10))
+    out = scheduler.schedule()
+    scheduler.abort_request(["run", "wait", "unknown"])
+    assert scheduler.update(out, runner.execute(out)) == []  # "run" finished in between
+    scheduler.check_invariants()
+    out, _ = step(scheduler, runner)
+    assert out.finished_request_ids == {"run", "wait"}
+    scheduler.finish_requests("stop", "stop", stop_reason="</s>")
+    assert scheduler.schedule().finished_request_ids == {"stop"}
+    assert not scheduler.has_unfinished_requests()
+    assert scheduler.allocator.usage == 0.0
+
+
+def test_add_request_validation() -> None:
+    scheduler, _ = make_scheduler(max_waiting_requests=1)
+    with pytest.raises(ValueError, match="maximum context length"):
+        scheduler.add_request(make_request("long", [2] * 65))
+    with pytest.raises(ValueError, match="at least one token"):
+        scheduler.add_request(make_request("empty", []))
+    scheduler.add_request(make_request("a", [2]))
+    with pytest.raises(ValueError, match="already in use"):
+        scheduler.add_request(make_request("a", [2]))
+    with pytest.raises(QueueFullError):
+        scheduler.add_request(make_request("b", [2]))
+    small, _ = make_scheduler(num_pages=3)
+    with pytest.raises(ValueError, match="does not fit"):
+        small.add_request(make_request("big", [2] * 10, max_tokens=5))
+
+
+def test_prompt_logprobs_forwarded_once_per_position() -> None:
+    scheduler, _ = make_scheduler(max_num_batched_tokens=4, prefix_caching=True)
+    scheduler.add_request(make_request("a", list(range(2, 12)), prompt_logprobs=1, max_tokens=1))
+    got = []
+    while scheduler.has_unfinished_requests():
+        out = scheduler.schedule()
+        req = out.requests[0]
+        # Positions p of this chunk with p + 1 < 10 predict prompt token p + 1.
+        end = min(req.start_position + req.num_tokens, 9)
+        entries = {"a": [TokenLogprobs(p + 1, -0.5, 1) for p in range(req.start_position, end)]}
+        updates = scheduler.update(out, StepOutput([3], prompt_logprobs=entries))
+        got += [e.token_id for u in updates for e in u.new_prompt_logprobs]
+    assert got == list(range(1, 10))
+    assert scheduler.stats().num_cached_tokens == 0  # prompt logprobs disable prefix hits
