@@ -62,7 +62,9 @@ class ModelConfig:
         rope_theta = d.get("rope_theta", rope.get("rope_theta", 10000.0))
         rope_type = rope.get("rope_type", rope.get("type", "default"))
         if rope_type not in ("default", "linear", "llama3"):
-            raise ValueError(f"unsupported rope scaling type {rope_type!r} (default, linear, llama3)")
+            raise ValueError(
+                f"unsupported rope scaling type {rope_type!r} (default, linear, llama3)"
+            )
         scaling = RopeScaling(
             rope_type=rope_type,
             factor=float(rope.get("factor", 1.0)),

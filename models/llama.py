@@ -81,8 +81,9 @@ def apply_rope(x: jax.Array, positions: jax.Array, inv_freq: jax.Array) -> jax.A
 
 
 class Attention(nnx.Module):
-    def __init__(self, cfg: ModelConfig, *, dtype: jnp.dtype, backend: AttentionBackend,
-                 rngs: nnx.Rngs):
+    def __init__(
+        self, cfg: ModelConfig, *, dtype: jnp.dtype, backend: AttentionBackend, rngs: nnx.Rngs
+    ):
         d, n, k, h = cfg.hidden_size, cfg.num_heads, cfg.num_kv_heads, cfg.head_dim
         bias = cfg.attention_bias
         self.q_proj = Linear(d, n * h, bias=bias, dtype=dtype, rngs=rngs)
@@ -98,8 +99,14 @@ class Attention(nnx.Module):
         self.sliding_window = cfg.sliding_window
         self.backend = backend
 
-    def __call__(self, x: jax.Array, positions: jax.Array, inv_freq: jax.Array,
-                 kv_cache: jax.Array, meta: AttentionMetadata) -> tuple[jax.Array, jax.Array]:
+    def __call__(
+        self,
+        x: jax.Array,
+        positions: jax.Array,
+        inv_freq: jax.Array,
+        kv_cache: jax.Array,
+        meta: AttentionMetadata,
+    ) -> tuple[jax.Array, jax.Array]:
         """x: [T, D] -> ([T, D], updated kv_cache)."""
         t = x.shape[0]
         q = self.q_proj(x).reshape(t, self.num_heads, self.head_dim)
@@ -110,8 +117,14 @@ class Attention(nnx.Module):
         q = apply_rope(q, positions, inv_freq)
         k = apply_rope(k, positions, inv_freq)
         out, kv_cache = paged_attention(
-            q, k, v, kv_cache, meta, sm_scale=self.head_dim**-0.5,
-            sliding_window=self.sliding_window, backend=self.backend,
+            q,
+            k,
+            v,
+            kv_cache,
+            meta,
+            sm_scale=self.head_dim**-0.5,
+            sliding_window=self.sliding_window,
+            backend=self.backend,
         )
         return self.o_proj(out.reshape(t, -1)), kv_cache
 
@@ -128,8 +141,9 @@ class MLP(nnx.Module):
 
 
 class DecoderLayer(nnx.Module):
-    def __init__(self, cfg: ModelConfig, *, dtype: jnp.dtype, backend: AttentionBackend,
-                 rngs: nnx.Rngs):
+    def __init__(
+        self, cfg: ModelConfig, *, dtype: jnp.dtype, backend: AttentionBackend, rngs: nnx.Rngs
+    ):
         self.input_layernorm = RMSNorm(cfg.hidden_size, eps=cfg.rms_norm_eps, dtype=dtype)
         self.self_attn = Attention(cfg, dtype=dtype, backend=backend, rngs=rngs)
         self.post_attention_layernorm = RMSNorm(cfg.hidden_size, eps=cfg.rms_norm_eps, dtype=dtype)
@@ -150,12 +164,15 @@ class Embed(nnx.Module):
 
 
 class LlamaModel(nnx.Module):
-    def __init__(self, cfg: ModelConfig, *, dtype: jnp.dtype, backend: AttentionBackend,
-                 rngs: nnx.Rngs):
+    def __init__(
+        self, cfg: ModelConfig, *, dtype: jnp.dtype, backend: AttentionBackend, rngs: nnx.Rngs
+    ):
         self.embed_tokens = Embed(cfg.vocab_size, cfg.hidden_size, dtype=dtype, rngs=rngs)
         self.layers = nnx.List(
-            [DecoderLayer(cfg, dtype=dtype, backend=backend, rngs=rngs)
-             for _ in range(cfg.num_layers)]
+            [
+                DecoderLayer(cfg, dtype=dtype, backend=backend, rngs=rngs)
+                for _ in range(cfg.num_layers)
+            ]
         )
         self.norm = RMSNorm(cfg.hidden_size, eps=cfg.rms_norm_eps, dtype=dtype)
 
@@ -164,18 +181,29 @@ class LlamaForCausalLM(nnx.Module):
     """The decoder plus LM head. Forward: tokens -> final hidden states; `logits` separately,
     so only the rows that are sampled pay for the [D, V] head."""
 
-    def __init__(self, cfg: ModelConfig, *, dtype: jnp.dtype = jnp.float32,
-                 attention_backend: AttentionBackend = AttentionBackend.REFERENCE,
-                 rngs: nnx.Rngs):
+    def __init__(
+        self,
+        cfg: ModelConfig,
+        *,
+        dtype: jnp.dtype = jnp.float32,
+        attention_backend: AttentionBackend = AttentionBackend.REFERENCE,
+        rngs: nnx.Rngs,
+    ):
         self.config = cfg
         self.model = LlamaModel(cfg, dtype=dtype, backend=attention_backend, rngs=rngs)
         self.lm_head = (
-            None if cfg.tie_word_embeddings
+            None
+            if cfg.tie_word_embeddings
             else Linear(cfg.hidden_size, cfg.vocab_size, bias=False, dtype=dtype, rngs=rngs)
         )
 
-    def __call__(self, token_ids: jax.Array, positions: jax.Array, kv_caches: list[jax.Array],
-                 meta: AttentionMetadata) -> tuple[jax.Array, list[jax.Array]]:
+    def __call__(
+        self,
+        token_ids: jax.Array,
+        positions: jax.Array,
+        kv_caches: list[jax.Array],
+        meta: AttentionMetadata,
+    ) -> tuple[jax.Array, list[jax.Array]]:
         """token_ids, positions: [T] -> (hidden [T, D], updated per-layer kv caches)."""
         x = self.model.embed_tokens(token_ids)
         cfg = self.config

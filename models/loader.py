@@ -35,8 +35,14 @@ _IGNORED_SUFFIXES = ("rotary_emb.inv_freq",)
 
 
 def resolve_dtype(dtype: str | jnp.dtype) -> jnp.dtype:
-    aliases = {"auto": "bfloat16", "bf16": "bfloat16", "half": "float16", "float": "float32",
-               "fp32": "float32", "fp16": "float16"}
+    aliases = {
+        "auto": "bfloat16",
+        "bf16": "bfloat16",
+        "half": "float16",
+        "float": "float32",
+        "fp32": "float32",
+        "fp16": "float16",
+    }
     name = aliases.get(dtype, dtype) if isinstance(dtype, str) else dtype
     dt = jnp.dtype(name)
     if dt not in (jnp.dtype(jnp.float32), jnp.dtype(jnp.bfloat16), jnp.dtype(jnp.float16)):
@@ -103,8 +109,14 @@ def _path_name(path: tuple) -> str:
     return ".".join(str(p) for p in path)
 
 
-def fill_params(pure: dict, tensors: Iterable[tuple[str, np.ndarray]], *, source: Path,
-                dtype: jnp.dtype, tied: bool) -> dict:
+def fill_params(
+    pure: dict,
+    tensors: Iterable[tuple[str, np.ndarray]],
+    *,
+    source: Path,
+    dtype: jnp.dtype,
+    tied: bool,
+) -> dict:
     """Put every checkpoint tensor at its parameter path; all errors name `source` and tensor."""
     expected = dict(_flatten(pure))
     loaded: set[tuple] = set()
@@ -131,7 +143,9 @@ def fill_params(pure: dict, tensors: Iterable[tuple[str, np.ndarray]], *, source
         loaded.add(path)
     missing = sorted(_path_name(p) for p in expected.keys() - loaded)
     if missing:
-        raise CheckpointError(f"{source}: missing tensors {missing[:8]}{'...' if len(missing) > 8 else ''}")
+        raise CheckpointError(
+            f"{source}: missing tensors {missing[:8]}{'...' if len(missing) > 8 else ''}"
+        )
     return pure
 
 
@@ -164,9 +178,15 @@ def abstract_model(config: ModelConfig, dtype: jnp.dtype, backend: AttentionBack
     )
 
 
-def load_model(path: str | Path | None, *, dtype: str | jnp.dtype = "bfloat16",
-               load_format: str = "auto", attention_backend: AttentionBackend | str = "reference",
-               hf_config: dict[str, Any] | None = None, seed: int = 0):
+def load_model(
+    path: str | Path | None,
+    *,
+    dtype: str | jnp.dtype = "bfloat16",
+    load_format: str = "auto",
+    attention_backend: AttentionBackend | str = "reference",
+    hf_config: dict[str, Any] | None = None,
+    seed: int = 0,
+):
     """Build the model for `path` (folder or .gguf; `None` = the embedded default model).
 
     `load_format="dummy"` needs only the config (from `path` or `hf_config`).
@@ -192,8 +212,9 @@ def load_model(path: str | Path | None, *, dtype: str | jnp.dtype = "bfloat16",
     elif fmt == "orbax":
         pure = restore_orbax(path, pure)
     else:
-        pure = fill_params(pure, _tensors(path, fmt), source=path, dtype=dt,
-                           tied=config.tie_word_embeddings)
+        pure = fill_params(
+            pure, _tensors(path, fmt), source=path, dtype=dt, tied=config.tie_word_embeddings
+        )
     nnx.replace_by_pure_dict(state, pure)
     logger.info("loaded %s (%s, %s) from %s", config.architecture, fmt, dt.name, path)
     return nnx.merge(graphdef, state)
@@ -218,9 +239,11 @@ def save_orbax(model, source: str | Path, dest: str | Path) -> Path:
     (dest / "config.json").write_text(json.dumps(read_hf_config(source, fmt)))
     if source.is_dir():
         for f in source.iterdir():
-            if f.name.startswith("tokenizer") or f.name in ("special_tokens_map.json",
-                                                            "chat_template.jinja",
-                                                            "generation_config.json"):
+            if f.name.startswith("tokenizer") or f.name in (
+                "special_tokens_map.json",
+                "chat_template.jinja",
+                "generation_config.json",
+            ):
                 shutil.copy(f, dest / f.name)
     else:
         (dest / "source_gguf.txt").write_text(str(source.absolute()))

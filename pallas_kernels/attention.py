@@ -32,13 +32,19 @@ class AttentionBackend(enum.Enum):
     REFERENCE = "reference"
 
 
-def resolve_backend(backend: AttentionBackend | str, platform: str | None = None) -> AttentionBackend:
+def resolve_backend(
+    backend: AttentionBackend | str, platform: str | None = None
+) -> AttentionBackend:
     """`auto` -> pallas on gpu/tpu, reference elsewhere."""
     backend = AttentionBackend(backend)
     if backend is not AttentionBackend.AUTO:
         return backend
     platform = platform or jax.default_backend()
-    return AttentionBackend.PALLAS if platform in ("gpu", "cuda", "tpu") else AttentionBackend.REFERENCE
+    return (
+        AttentionBackend.PALLAS
+        if platform in ("gpu", "cuda", "tpu")
+        else AttentionBackend.REFERENCE
+    )
 
 
 def paged_attention(
@@ -62,12 +68,25 @@ def paged_attention(
         from pallas_kernels import dispatch  # kernels import lazily: CPU never needs them
 
         return dispatch.paged_attention(
-            q, k, v, kv_cache, meta, sm_scale=sm_scale, sliding_window=sliding_window,
+            q,
+            k,
+            v,
+            kv_cache,
+            meta,
+            sm_scale=sm_scale,
+            sliding_window=sliding_window,
             soft_cap=soft_cap,
         )
     kv_cache = write_kv_reference(kv_cache, k, v, meta.slot_ids)
     out = ragged_paged_attention_reference(
-        q, kv_cache, meta.kv_lens, meta.page_table, meta.query_start, meta.num_seqs,
-        sm_scale=sm_scale, sliding_window=sliding_window, soft_cap=soft_cap,
+        q,
+        kv_cache,
+        meta.kv_lens,
+        meta.page_table,
+        meta.query_start,
+        meta.num_seqs,
+        sm_scale=sm_scale,
+        sliding_window=sliding_window,
+        soft_cap=soft_cap,
     )
     return out, kv_cache

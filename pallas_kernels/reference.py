@@ -44,9 +44,7 @@ def write_kv_reference(
 
 def token_request_ids(query_start: jax.Array, num_tokens: int) -> jax.Array:
     """Request index of each token: [T] int32 (padding tokens get an index >= num_seqs)."""
-    return jnp.searchsorted(query_start[1:], jnp.arange(num_tokens), side="right").astype(
-        jnp.int32
-    )
+    return jnp.searchsorted(query_start[1:], jnp.arange(num_tokens), side="right").astype(jnp.int32)
 
 
 def ragged_paged_attention_reference(

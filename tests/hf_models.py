@@ -12,22 +12,41 @@ from pallas_kernels.attention import AttentionMetadata
 from pallas_kernels.reference import kv_cache_shape
 
 _COMMON = dict(
-    vocab_size=320, hidden_size=64, intermediate_size=112, num_hidden_layers=2,
-    num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=512,
-    rms_norm_eps=1e-5, bos_token_id=1, eos_token_id=2,
+    vocab_size=320,
+    hidden_size=64,
+    intermediate_size=112,
+    num_hidden_layers=2,
+    num_attention_heads=4,
+    num_key_value_heads=2,
+    max_position_embeddings=512,
+    rms_norm_eps=1e-5,
+    bos_token_id=1,
+    eos_token_id=2,
 )
 
 FAMILIES: dict[str, tuple[str, dict]] = {
-    "llama3": ("LlamaConfig", dict(
-        _COMMON, rope_theta=500000.0, tie_word_embeddings=False,
-        rope_scaling=dict(rope_type="llama3", factor=8.0, low_freq_factor=1.0,
-                          high_freq_factor=4.0, original_max_position_embeddings=64),
-    )),
+    "llama3": (
+        "LlamaConfig",
+        dict(
+            _COMMON,
+            rope_theta=500000.0,
+            tie_word_embeddings=False,
+            rope_scaling=dict(
+                rope_type="llama3",
+                factor=8.0,
+                low_freq_factor=1.0,
+                high_freq_factor=4.0,
+                original_max_position_embeddings=64,
+            ),
+        ),
+    ),
     "llama2_tied": ("LlamaConfig", dict(_COMMON, tie_word_embeddings=True, num_key_value_heads=4)),
     "mistral": ("MistralConfig", dict(_COMMON, sliding_window=16, tie_word_embeddings=False)),
     "qwen2": ("Qwen2Config", dict(_COMMON, tie_word_embeddings=True, use_sliding_window=False)),
-    "qwen3": ("Qwen3Config", dict(_COMMON, head_dim=32, tie_word_embeddings=False,
-                                  use_sliding_window=False)),
+    "qwen3": (
+        "Qwen3Config",
+        dict(_COMMON, head_dim=32, tie_word_embeddings=False, use_sliding_window=False),
+    ),
 }
 
 
@@ -66,13 +85,19 @@ def hf_greedy(folder: Path, token_ids: list[int], num_tokens: int) -> list[int]:
 
     model = transformers.AutoModelForCausalLM.from_pretrained(folder, torch_dtype=torch.float32)
     with torch.no_grad():
-        out = model.generate(torch.tensor([token_ids]), max_new_tokens=num_tokens,
-                             min_new_tokens=num_tokens, do_sample=False, pad_token_id=0)
-    return out[0, len(token_ids):].tolist()
+        out = model.generate(
+            torch.tensor([token_ids]),
+            max_new_tokens=num_tokens,
+            min_new_tokens=num_tokens,
+            do_sample=False,
+            pad_token_id=0,
+        )
+    return out[0, len(token_ids) :].tolist()
 
 
-def single_request_metadata(start: int, num_new: int, page_ids: list[int],
-                            page_size: int) -> AttentionMetadata:
+def single_request_metadata(
+    start: int, num_new: int, page_ids: list[int], page_size: int
+) -> AttentionMetadata:
     """Metadata for one request computing tokens [start, start + num_new)."""
     positions = np.arange(start, start + num_new)
     slots = np.array(page_ids)[positions // page_size] * page_size + positions % page_size

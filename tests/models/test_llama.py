@@ -72,14 +72,36 @@ def test_greedy_continuation_matches_transformers(checkpoint):
 @pytest.mark.parametrize(
     "name, hf_config, expected",
     [
-        ("llama-3-8b", dict(architectures=["LlamaForCausalLM"], vocab_size=128256,
-                             hidden_size=4096, intermediate_size=14336, num_hidden_layers=32,
-                             num_attention_heads=32, num_key_value_heads=8, rope_theta=500000.0,
-                             tie_word_embeddings=False), 8_030_261_248),
-        ("qwen3-8b", dict(architectures=["Qwen3ForCausalLM"], vocab_size=151936,
-                           hidden_size=4096, intermediate_size=12288, num_hidden_layers=36,
-                           num_attention_heads=32, num_key_value_heads=8, head_dim=128,
-                           tie_word_embeddings=False), 8_190_735_360),
+        (
+            "llama-3-8b",
+            dict(
+                architectures=["LlamaForCausalLM"],
+                vocab_size=128256,
+                hidden_size=4096,
+                intermediate_size=14336,
+                num_hidden_layers=32,
+                num_attention_heads=32,
+                num_key_value_heads=8,
+                rope_theta=500000.0,
+                tie_word_embeddings=False,
+            ),
+            8_030_261_248,
+        ),
+        (
+            "qwen3-8b",
+            dict(
+                architectures=["Qwen3ForCausalLM"],
+                vocab_size=151936,
+                hidden_size=4096,
+                intermediate_size=12288,
+                num_hidden_layers=36,
+                num_attention_heads=32,
+                num_key_value_heads=8,
+                head_dim=128,
+                tie_word_embeddings=False,
+            ),
+            8_190_735_360,
+        ),
     ],
 )
 def test_full_size_parameter_count_without_allocating(name, hf_config, expected):
