@@ -62,10 +62,10 @@ class EngineConfig:
     compile: CompileConfig = CompileConfig()
 
 
-def bucket_ladder(smallest: int, largest: int) -> tuple[int, ...]:
-    """Powers of two from `smallest` up to `largest`, which is always the last rung."""
+def bucket_ladder(smallest: int, largest: int, factor: int = 2) -> tuple[int, ...]:
+    """`smallest * factor**i` up to `largest`, which is always the last rung."""
     ladder, size = [], smallest
     while size < largest:
         ladder.append(size)
-        size *= 2
+        size *= factor
     return (*ladder, largest)

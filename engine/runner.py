@@ -147,11 +147,13 @@ class ModelRunner:
 
     def _ladders(self) -> tuple[tuple[int, ...], tuple[int, ...]]:
         c, s = self.config.compile, self.config.scheduler
-        tokens = c.token_buckets or bucket_ladder(16, s.max_num_batched_tokens)
+        cpu = jax.default_backend() == "cpu"
+        # On the CPU every bucket costs seconds of compile time: fewer, coarser rungs.
+        tokens = c.token_buckets or bucket_ladder(16, s.max_num_batched_tokens, 4 if cpu else 2)
         if c.request_buckets:
             requests = c.request_buckets
-        elif jax.default_backend() == "cpu":
-            requests = (s.max_num_seqs,)  # one shape per token bucket: fast CPU start-up
+        elif cpu:
+            requests = (s.max_num_seqs,)  # one shape per token bucket
         else:
             requests = bucket_ladder(8, s.max_num_seqs)
         assert tokens[-1] >= s.max_num_batched_tokens and requests[-1] >= s.max_num_seqs

@@ -1,0 +1,236 @@
+"""The whole engine on a tiny random Llama, against transformers (torch, CPU) as the truth."""
+
+from __future__ import annotations
+
+import jax
+import numpy as np
+import pytest
+
+from engine import LLM, SamplingParams
+from tests.hf_models import hf_greedy, write_checkpoint
+
+ENGINE_ARGS = dict(
+    skip_tokenizer_init=True,
+    page_size=8,
+    max_num_seqs=8,
+    max_num_batched_tokens=64,
+    max_model_len=512,
+    token_buckets=(16, 64),
+    dtype="float32",
+)
+GREEDY = SamplingParams(temperature=0.0, max_tokens=10, ignore_eos=True)
+
+
+@pytest.fixture(scope="module")
+def folder(tmp_path_factory):
+    return write_checkpoint("llama3", tmp_path_factory.mktemp("llama3"))
+
+
+@pytest.fixture(scope="module")
+def cache_dir(tmp_path_factory):
+    return str(tmp_path_factory.mktemp("xla_cache"))
+
+
+@pytest.fixture(scope="module")
+def llm(folder, cache_dir):
+    return LLM(str(folder), num_pages=128, compilation_cache_dir=cache_dir, **ENGINE_ARGS)
+
+
+@pytest.fixture(scope="module")
+def prompts():
+    """16 prompts of lengths 1..300; the last six share prefixes with earlier ones."""
+    rng = np.random.default_rng(0)
+    lengths = [1, 2, 7, 8, 9, 31, 64, 100, 150, 300]
+    out = [rng.integers(3, 320, size=n).tolist() for n in lengths]
+    out += [out[7][:80] + rng.integers(3, 320, size=n).tolist() for n in (5, 40, 90)]
+    out += [out[9][:200] + rng.integers(3, 320, size=n).tolist() for n in (1, 17, 64)]
+    return out
+
+
+@pytest.fixture(scope="module")
+def expected(folder, prompts):
+    return [hf_greedy(folder, p, GREEDY.max_tokens) for p in prompts]
+
+
+@pytest.mark.parametrize("prefix_caching", [True, False])
+def test_greedy_matches_transformers_under_preemption(
+    folder, cache_dir, prompts, expected, prefix_caching
+):
+    """All 16 prompts at once in a KV cache of 48 pages (384 tokens): the scheduler must chunk
+    prefills and preempt, and every output must still equal transformers' greedy."""
+    llm = LLM(
+        str(folder),
+        num_pages=48,
+        enable_prefix_caching=prefix_caching,
+        compilation_cache_dir=cache_dir,
+        **ENGINE_ARGS,
+    )
+    outs = llm.generate([{"prompt_token_ids": p} for p in prompts], GREEDY)
+    assert llm.engine.scheduler.num_preemptions > 0, "the KV budget should force preemption"
+    for out, want in zip(outs, expected, strict=True):
+        assert out.outputs[0].token_ids == want
+        assert out.outputs[0].finish_reason == "length"
+    assert llm.engine.allocator.num_free_pages == llm.engine.allocator.num_usable_pages
+
+
+def test_staggered_arrivals_and_prefix_cache(folder, cache_dir, prompts, expected):
+    """Requests join while others decode; shared prefixes are computed once."""
+    llm = LLM(
+        str(folder),
+        num_pages=256,
+        enable_prefix_caching=True,
+        compilation_cache_dir=cache_dir,
+        **ENGINE_ARGS,
+    )
+    eng = llm.engine
+    pending = list(enumerate(prompts))
+    done = {}
+    while pending or eng.has_unfinished_requests():
+        for _ in range(2):  # two new requests per step
+            if pending:
+                i, p = pending.pop(0)
+                eng.add_request(str(i), {"prompt_token_ids": p}, GREEDY)
+        for out in eng.step():
+            if out.finished:
+                done[int(out.request_id)] = out
+    for i, want in enumerate(expected):
+        assert done[i].outputs[0].token_ids == want, i
+    # Prompts 10-15 share 80 or 200 tokens with earlier ones: whole pages come from the cache.
+    assert sum(done[i].num_cached_tokens for i in range(10, 16)) >= 3 * 80 + 3 * 200 - 6 * 8
+    assert eng.scheduler.num_cached_tokens > 0
+
+
+def test_no_compilation_after_startup(llm, folder, prompts):
+    events = []
+    jax.monitoring.register_event_duration_secs_listener(
+        lambda name, *a, **k: events.append(name) if "compile" in name else None
+    )
+    params = [
+        SamplingParams(temperature=0.0, max_tokens=5),
+        SamplingParams(temperature=0.8, top_p=0.9, top_k=20, seed=1, max_tokens=7, logprobs=3),
+        SamplingParams(
+            temperature=1.0,
+            min_p=0.1,
+            presence_penalty=0.5,
+            repetition_penalty=1.2,
+            logit_bias={5: 3.0},
+            min_tokens=2,
+            max_tokens=4,
+            prompt_logprobs=2,
+        ),
+    ]
+    llm.generate([{"prompt_token_ids": p} for p in prompts[:9]], [params[i % 3] for i in range(9)])
+    assert events == []
+
+
+def test_seeded_sampling_reproduces_regardless_of_batch(llm, folder, prompts):
+    seeded = SamplingParams(temperature=1.0, top_p=0.95, seed=1234, max_tokens=12, ignore_eos=True)
+    alone = llm.generate({"prompt_token_ids": prompts[5]}, seeded)[0].outputs[0].token_ids
+    others = SamplingParams(temperature=1.0, max_tokens=12, ignore_eos=True)
+    batch = [{"prompt_token_ids": p} for p in prompts[:8]]
+    outs = llm.generate(batch, [seeded if i == 5 else others for i in range(8)])
+    assert outs[5].outputs[0].token_ids == alone
+    n3 = llm.generate(
+        {"prompt_token_ids": prompts[5]},
+        SamplingParams(n=3, temperature=1.0, seed=7, max_tokens=12, ignore_eos=True),
+    )[0]
+    assert [c.index for c in n3.outputs] == [0, 1, 2]
+    assert len({tuple(c.token_ids) for c in n3.outputs}) == 3, "n=3 should differ"
+
+
+def test_min_tokens_and_eos(llm, folder, prompts):
+    """A +100 logit bias makes EOS (id 2) certain; min_tokens holds it off, ignore_eos too."""
+    p = {"prompt_token_ids": prompts[4]}
+    eos = dict(temperature=0.0, logit_bias={2: 100.0}, max_tokens=20)
+    assert llm.generate(p, SamplingParams(**eos))[0].outputs[0].token_ids == [2]
+    out = llm.generate(p, SamplingParams(**eos, min_tokens=5))[0].outputs[0]
+    assert len(out.token_ids) == 6 and out.token_ids[-1] == 2 and 2 not in out.token_ids[:5]
+    assert out.finish_reason == "stop"
+    out = llm.generate(p, SamplingParams(**eos, ignore_eos=True))[0].outputs[0]
+    assert out.token_ids == [2] * 20 and out.finish_reason == "length"
+
+
+def test_logprobs_match_transformers(llm, folder, prompts):
+    import torch
+
+    from tests.hf_models import hf_logits
+
+    prompt = prompts[7]  # 100 tokens: its prompt logprobs span two chunks of the 64 budget
+    out = llm.generate(
+        {"prompt_token_ids": prompt},
+        SamplingParams(
+            temperature=0.0, max_tokens=4, logprobs=5, prompt_logprobs=3, ignore_eos=True
+        ),
+    )[0]
+    seq = prompt + out.outputs[0].token_ids
+    ref = torch.log_softmax(torch.tensor(hf_logits(folder, seq)), -1).numpy()
+    for i, (tok, entry) in enumerate(
+        zip(out.outputs[0].token_ids, out.outputs[0].logprobs, strict=True)
+    ):
+        row = ref[len(prompt) - 1 + i]
+        assert entry[tok].logprob == pytest.approx(row[tok], abs=1e-4)
+        top = np.argsort(-row)[:5]
+        assert set(top.tolist()) <= set(entry), "the 5 most likely ids are reported"
+    assert out.prompt_logprobs[0] is None and len(out.prompt_logprobs) == len(prompt)
+    for p in range(1, len(prompt)):
+        entry = out.prompt_logprobs[p]
+        assert entry[prompt[p]].logprob == pytest.approx(ref[p - 1][prompt[p]], abs=1e-4)
+
+
+def test_penalties_match_numpy_reference(llm, folder, prompts):
+    """Greedy with repetition/presence/frequency penalties, step by step against transformers'
+    logits with the penalties applied in numpy (vLLM's definitions)."""
+    prompt = prompts[3]
+    sp = SamplingParams(
+        temperature=0.0,
+        repetition_penalty=1.5,
+        presence_penalty=0.7,
+        frequency_penalty=0.4,
+        max_tokens=10,
+        ignore_eos=True,
+    )
+    got = llm.generate({"prompt_token_ids": prompt}, sp)[0].outputs[0].token_ids
+    from tests.hf_models import hf_logits
+
+    out: list[int] = []
+    for _ in range(10):
+        logits = hf_logits(folder, prompt + out)[-1].astype(np.float64)
+        seen = np.zeros_like(logits, bool)
+        seen[prompt + out] = True
+        logits = np.where(seen & (logits > 0), logits / 1.5, np.where(seen, logits * 1.5, logits))
+        counts = np.bincount(out, minlength=logits.size)
+        logits -= 0.4 * counts + 0.7 * (counts > 0)
+        out.append(int(np.argmax(logits)))
+    assert got == out
+
+
+@pytest.mark.parametrize(
+    "prompt, params, match",
+    [
+        (list(range(3, 600)), GREEDY, "max_model_len"),
+        ([5, 6, 320], GREEDY, "outside the vocabulary"),
+        ([5, 6, -1], GREEDY, "outside the vocabulary"),
+        ([], GREEDY, "empty"),
+        ([5, 6], SamplingParams(logit_bias={999: 1.0}), "logit_bias"),
+    ],
+)
+def test_bad_input_rejected_before_scheduling(llm, prompt, params, match):
+    with pytest.raises(ValueError, match=match):
+        llm.generate([{"prompt_token_ids": [5, 6, 7]}, {"prompt_token_ids": prompt}], params)
+    assert not llm.engine.has_unfinished_requests(), "nothing may be scheduled"
+    assert llm.engine.allocator.num_free_pages == llm.engine.allocator.num_usable_pages
+
+
+@pytest.mark.parametrize(
+    "kwargs, match",
+    [
+        (dict(max_tokens=0), "max_tokens"),
+        (dict(temperature=-1.0), "temperature"),
+        (dict(top_p=0.0), "top_p"),
+        (dict(n=0), "n"),
+        (dict(logprobs=21), "logprobs"),
+    ],
+)
+def test_bad_sampling_params(kwargs, match):
+    with pytest.raises(ValueError, match=match):
+        SamplingParams(**kwargs)
