@@ -58,7 +58,7 @@ def write_checkpoint(family: str, folder: Path, *, seed: int = 0, **overrides) -
     config_cls, kwargs = FAMILIES[family]
     config = getattr(transformers, config_cls)(**{**kwargs, **overrides})
     torch.manual_seed(seed)
-    model = transformers.AutoModelForCausalLM.from_config(config, torch_dtype=torch.float32)
+    model = transformers.AutoModelForCausalLM.from_config(config, dtype=torch.float32)
     with torch.no_grad():  # larger than the default init, so layers matter to the output
         for p in model.parameters():
             if p.ndim == 2:
@@ -74,7 +74,7 @@ def hf_logits(folder: Path, token_ids: list[int]) -> np.ndarray:
     import torch
     import transformers
 
-    model = transformers.AutoModelForCausalLM.from_pretrained(folder, torch_dtype=torch.float32)
+    model = transformers.AutoModelForCausalLM.from_pretrained(folder, dtype=torch.float32)
     with torch.no_grad():
         return model(torch.tensor([token_ids])).logits[0].numpy()
 
@@ -83,7 +83,7 @@ def hf_greedy(folder: Path, token_ids: list[int], num_tokens: int) -> list[int]:
     import torch
     import transformers
 
-    model = transformers.AutoModelForCausalLM.from_pretrained(folder, torch_dtype=torch.float32)
+    model = transformers.AutoModelForCausalLM.from_pretrained(folder, dtype=torch.float32)
     with torch.no_grad():
         out = model.generate(
             torch.tensor([token_ids]),

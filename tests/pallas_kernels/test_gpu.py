@@ -1,0 +1,119 @@
+"""The Triton kernels compiled and run on a real NVIDIA GPU, against the reference.
+
+Run: `pytest -m gpu tests/pallas_kernels/test_gpu.py` on a machine with a GPU.
+"""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from pallas_kernels import dispatch
+from pallas_kernels import gpu_ragged_paged_attention as gpu
+from pallas_kernels.reference import ragged_paged_attention_reference, write_kv_reference
+from tests.pallas_kernels.ragged_batches import make_batch
+
+pytestmark = pytest.mark.gpu
+
+# (name, q_lens, kv_lens, num_tokens, num_requests, page_size, pages_per_request)
+SCENARIOS = [
+    ("decode", [1] * 30, [1 + 67 * i for i in range(30)], 32, 32, 16, 128),
+    ("decode1", [1], [2000], 8, 8, 16, 128),  # one request: split-K carries it
+    ("prefill", [300, 77], [300, 77], 384, 8, 16, 32),
+    ("mixed", [1, 1, 100, 1, 37], [900, 5, 400, 64, 37], 160, 8, 32, 32),
+]
+HEADS = [(32, 8, 128), (8, 1, 64), (16, 16, 128), (28, 4, 128)]  # G = 4, 8, 1, 7
+
+
+def _run(scenario, heads, dtype, window, cap, config=None):
+    _, q_lens, kv_lens, t, r, s, p = scenario
+    n, k, h = heads
+    b = make_batch(
+        0,
+        q_lens,
+        kv_lens,
+        num_tokens=t,
+        num_requests=r,
+        num_heads=n,
+        num_kv_heads=k,
+        head_dim=h,
+        page_size=s,
+        pages_per_request=p,
+        dtype=dtype,
+    )
+    m = b.meta
+    kv = write_kv_reference(b.kv_cache, b.k, b.v, m.slot_ids)
+    args = (b.q, kv, m.kv_lens, m.page_table, m.query_start, m.num_seqs)
+    kw = dict(sm_scale=h**-0.5, sliding_window=window, soft_cap=cap)
+    out = gpu.ragged_paged_attention(*args, **kw, config=config)
+    with jax.default_matmul_precision("float32"):  # not TF32: the reference is the truth
+        ref = ragged_paged_attention_reference(*args, **kw)
+    tol = 2e-2 if dtype == jnp.bfloat16 else 2e-5
+    np.testing.assert_allclose(
+        np.asarray(out, np.float32), np.asarray(ref, np.float32), atol=tol, rtol=tol
+    )
+
+
+@pytest.fixture(autouse=True)
+def _needs_gpu():
+    if jax.default_backend() != "gpu":
+        pytest.skip("needs an NVIDIA GPU")
+
+
+@pytest.mark.parametrize("scenario", SCENARIOS, ids=lambda s: s[0])
+@pytest.mark.parametrize("heads", HEADS, ids=lambda x: f"n{x[0]}k{x[1]}h{x[2]}")
+@pytest.mark.parametrize("dtype", [jnp.bfloat16, jnp.float32], ids=["bf16", "f32"])
+def test_gpu_kernel(scenario, heads, dtype):
+    _run(scenario, heads, dtype, None, None)
+
+
+@pytest.mark.parametrize("scenario", SCENARIOS, ids=lambda s: s[0])
+def test_gpu_kernel_window_and_cap(scenario):
+    _run(scenario, (32, 8, 128), jnp.bfloat16, 100, 30.0)
+
+
+@pytest.mark.parametrize(
+    "config",
+    [
+        gpu.GpuBlockConfig(block_q=4, block_kv=64, num_splits=8, num_warps=4, num_stages=2),
+        gpu.GpuBlockConfig(block_q=4, block_kv=256, num_splits=1, num_warps=8, num_stages=3),
+        gpu.GpuBlockConfig(block_q=32, block_kv=64, num_splits=1, num_warps=4, num_stages=3),
+    ],
+)
+def test_gpu_kernel_configs(config):
+    _run(SCENARIOS[3], (32, 8, 128), jnp.bfloat16, None, None, config)
+
+
+def test_dispatch_on_gpu():
+    _, q_lens, kv_lens, t, r, s, p = SCENARIOS[3]
+    b = make_batch(
+        1,
+        q_lens,
+        kv_lens,
+        num_tokens=t,
+        num_requests=r,
+        num_heads=32,
+        num_kv_heads=8,
+        head_dim=128,
+        page_size=s,
+        pages_per_request=p,
+        dtype=jnp.bfloat16,
+    )
+    out, kv = jax.jit(dispatch.paged_attention, static_argnames=("sm_scale",))(
+        b.q, b.k, b.v, b.kv_cache, b.meta, sm_scale=0.1
+    )
+    m = b.meta
+    ref = ragged_paged_attention_reference(
+        b.q,
+        write_kv_reference(b.kv_cache, b.k, b.v, m.slot_ids),
+        m.kv_lens,
+        m.page_table,
+        m.query_start,
+        m.num_seqs,
+        sm_scale=0.1,
+    )
+    np.testing.assert_allclose(
+        np.asarray(out, np.float32), np.asarray(ref, np.float32), atol=2e-2, rtol=2e-2
+    )

@@ -1,0 +1,214 @@
+"""GPU (Triton) and TPU (Mosaic) kernels in interpret mode on the CPU, against the reference.
+
+Shapes are tiny on purpose: interpret mode runs every grid step in Python.
+"""
+
+from __future__ import annotations
+
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from jax.experimental.pallas import tpu as pltpu
+
+from pallas_kernels import dispatch
+from pallas_kernels import gpu_ragged_paged_attention as gpu
+from pallas_kernels import tpu_ragged_paged_attention as tpu
+from pallas_kernels.reference import ragged_paged_attention_reference, write_kv_reference
+from tests.pallas_kernels.ragged_batches import make_batch
+
+# name: (q_lens, kv_lens, num_tokens, num_requests, page_size, pages_per_request)
+SCENARIOS = {
+    # decode only; 2 padding requests, 4 padding tokens
+    "decode": ([1, 1, 1, 1], [5, 17, 33, 2], 8, 6, 8, 5),
+    # whole prompts, one ending mid-page
+    "prefill": ([9, 16], [9, 16], 32, 4, 8, 2),
+    # decodes beside a chunked prefill (7 new tokens on 23 cached) and a fresh prompt
+    "mixed": ([1, 7, 1, 12], [20, 30, 3, 12], 24, 6, 8, 4),
+    # a single long chunk, most of the batch padding
+    "padding": ([3], [40], 16, 4, 8, 6),
+}
+
+# (scenario, num_heads, num_kv_heads, head_dim, dtype, sliding_window, soft_cap): GQA 1/4/8,
+# head_dim 64/128, fp32/bf16, window and cap each covered at least twice.
+CASES = [
+    ("decode", 2, 2, 64, jnp.float32, None, None),
+    ("decode", 8, 2, 128, jnp.bfloat16, 6, None),
+    ("prefill", 8, 1, 64, jnp.float32, 5, None),
+    ("mixed", 8, 2, 64, jnp.float32, None, 4.0),
+    ("mixed", 2, 2, 128, jnp.bfloat16, 9, 3.0),
+    ("padding", 8, 1, 128, jnp.float32, None, None),
+]
+SM_SCALE = 0.2
+
+
+def _case_id(case) -> str:
+    name, n, k, h, dtype, window, cap = case
+    return f"{name}-n{n}k{k}-h{h}-{jnp.dtype(dtype).name}-w{window}-c{cap}"
+
+
+def _batch(case, seed=0):
+    name, n, k, h, dtype, _, _ = case
+    q_lens, kv_lens, t, r, s, p = SCENARIOS[name]
+    return make_batch(
+        seed,
+        q_lens,
+        kv_lens,
+        num_tokens=t,
+        num_requests=r,
+        num_heads=n,
+        num_kv_heads=k,
+        head_dim=h,
+        page_size=s,
+        pages_per_request=p,
+        dtype=dtype,
+    )
+
+
+def _check(out, batch, kv_cache, window, cap):
+    m = batch.meta
+    ref = ragged_paged_attention_reference(
+        batch.q,
+        kv_cache,
+        m.kv_lens,
+        m.page_table,
+        m.query_start,
+        m.num_seqs,
+        sm_scale=SM_SCALE,
+        sliding_window=window,
+        soft_cap=cap,
+    )
+    assert out.shape == ref.shape and out.dtype == ref.dtype
+    tol = 2e-2 if out.dtype == jnp.bfloat16 else 1e-5
+    np.testing.assert_allclose(
+        np.asarray(out, np.float32), np.asarray(ref, np.float32), atol=tol, rtol=tol
+    )
+    num_real = int(m.query_start[int(m.num_seqs[0])])
+    assert not np.asarray(out[num_real:], np.float32).any(), "padding tokens must be zero"
+
+
+def _args(batch, kv_cache):
+    m = batch.meta
+    return (batch.q, kv_cache, m.kv_lens, m.page_table, m.query_start, m.num_seqs)
+
+
+@pytest.mark.parametrize("case", CASES, ids=_case_id)
+def test_gpu_kernel_interpret(case):
+    batch = _batch(case)
+    *_, window, cap = case
+    kv_cache = write_kv_reference(batch.kv_cache, batch.k, batch.v, batch.meta.slot_ids)
+    # Small explicit tiles: the default decode config's 16-way split-K is slow to interpret.
+    group = case[1] // case[2]
+    config = gpu.GpuBlockConfig(block_q=max(1, 8 // group), block_kv=16)
+    out = gpu.ragged_paged_attention(
+        *_args(batch, kv_cache),
+        sm_scale=SM_SCALE,
+        sliding_window=window,
+        soft_cap=cap,
+        config=config,
+        interpret=True,
+    )
+    _check(out, batch, kv_cache, window, cap)
+
+
+@pytest.mark.parametrize(
+    "config",
+    [
+        gpu.GpuBlockConfig(block_q=2, block_kv=8, num_splits=3),
+        gpu.GpuBlockConfig(block_q=8, block_kv=16, num_splits=2),
+    ],
+    ids=["split3", "split2"],
+)
+def test_gpu_kernel_split_k(config):
+    """Split-K: splits that get no KV block, or only masked keys, must not disturb the merge."""
+    case = ("mixed", 8, 2, 64, jnp.float32, 5, None)
+    batch = _batch(case, seed=1)
+    kv_cache = write_kv_reference(batch.kv_cache, batch.k, batch.v, batch.meta.slot_ids)
+    out = gpu.ragged_paged_attention(
+        *_args(batch, kv_cache),
+        sm_scale=SM_SCALE,
+        sliding_window=5,
+        config=config,
+        interpret=True,
+    )
+    _check(out, batch, kv_cache, 5, None)
+
+
+@pytest.mark.parametrize("case", CASES[1:5], ids=_case_id)
+def test_tpu_kernel_interpret(case):
+    batch = _batch(case)
+    *_, window, cap = case
+    kv_cache = write_kv_reference(batch.kv_cache, batch.k, batch.v, batch.meta.slot_ids)
+    with pltpu.force_tpu_interpret_mode():
+        out = tpu.ragged_paged_attention(
+            *_args(batch, kv_cache),
+            sm_scale=SM_SCALE,
+            sliding_window=window,
+            soft_cap=cap,
+            config=tpu.TpuBlockConfig(block_q=4, block_kv=16),
+        )
+    _check(out, batch, kv_cache, window, cap)
+
+
+def test_tpu_kernel_default_config_gqa1():
+    """Default tiles (16 rows) and a KV block of one page."""
+    case = ("decode", 2, 2, 64, jnp.float32, None, 2.0)
+    batch = _batch(case)
+    kv_cache = write_kv_reference(batch.kv_cache, batch.k, batch.v, batch.meta.slot_ids)
+    cfg = tpu.default_config(8, 6, group=1, page_size=8)
+    assert cfg.block_q == 16
+    with pltpu.force_tpu_interpret_mode():
+        out = tpu.ragged_paged_attention(
+            *_args(batch, kv_cache),
+            sm_scale=SM_SCALE,
+            soft_cap=2.0,
+            config=tpu.TpuBlockConfig(block_q=cfg.block_q, block_kv=8),
+        )
+    _check(out, batch, kv_cache, None, 2.0)
+
+
+@pytest.mark.parametrize("platform", ["gpu", "tpu"])
+def test_dispatch_writes_kv_exactly(platform):
+    """The cache holds each real token's new K/V at its slot, and nothing else changed."""
+    case = ("mixed", 8, 2, 64, jnp.float32, None, None)
+    batch = _batch(case, seed=2)
+    m = batch.meta
+    out, kv_cache = dispatch.paged_attention(
+        batch.q,
+        batch.k,
+        batch.v,
+        batch.kv_cache,
+        m,
+        sm_scale=SM_SCALE,
+        platform=platform,
+        interpret=True,
+    )
+    page_size = kv_cache.shape[3]
+    num_real = int(m.query_start[int(m.num_seqs[0])])
+    slots = np.asarray(m.slot_ids[:num_real])
+    new = np.asarray(kv_cache)[:, :, slots // page_size, slots % page_size]  # [2, K, t, H]
+    np.testing.assert_array_equal(new[0], np.asarray(batch.k[:num_real]).transpose(1, 0, 2))
+    np.testing.assert_array_equal(new[1], np.asarray(batch.v[:num_real]).transpose(1, 0, 2))
+    touched = np.zeros(kv_cache.shape[2:4], bool)
+    touched[slots // page_size, slots % page_size] = True
+    touched[0] = True  # padding tokens write the padding page
+    np.testing.assert_array_equal(
+        np.asarray(kv_cache)[:, :, ~touched], np.asarray(batch.kv_cache)[:, :, ~touched]
+    )
+    _check(out, batch, kv_cache, None, None)
+
+
+def test_dispatch_rejects_cpu():
+    batch = _batch(CASES[0])
+    with pytest.raises(ValueError, match="no Pallas kernel"):
+        dispatch.paged_attention(
+            batch.q, batch.k, batch.v, batch.kv_cache, batch.meta, sm_scale=1.0, platform="cpu"
+        )
+
+
+def test_gpu_default_config():
+    """Decode-like batches: 16-row tiles, split-K shrinking with the batch; prefill: 64 rows."""
+    splits = [gpu.default_config(b, b, 32, 8, 16).num_splits for b in (1, 32, 256)]
+    assert splits == [16, 2, 1]
+    assert gpu.default_config(32, 32, 32, 8, 16).block_q * 4 == 16
+    prefill = gpu.default_config(2048, 32, 32, 8, 16)
+    assert prefill.block_q * 4 == 64 and prefill.num_splits == 1
