@@ -121,7 +121,7 @@ class LLMEngine:
             time.perf_counter() - t0,
         )
         self.outputs = OutputProcessor(tokenizer)
-        self._num_cached: dict[str, int] = {}
+        self._pending: tuple | None = None  # the last step's updates, not yet turned into outputs
 
     # -- requests ---------------------------------------------------------------------------
     def tokenize(self, prompt: PromptType) -> tuple[str | None, list[int]]:
@@ -206,20 +206,35 @@ class LLMEngine:
         return outs
 
     def has_unfinished_requests(self) -> bool:
-        return self.scheduler.has_unfinished_requests()
+        return self.scheduler.has_unfinished_requests() or self._pending is not None
 
     # -- the step ---------------------------------------------------------------------------
     def step(self, *, delta: bool = False) -> list[RequestOutput]:
+        """Schedule and start a step; while the device runs it, turn the previous step's
+        tokens into outputs (detokenization, stop strings); then collect this step's tokens.
+
+        Outputs therefore lag one step behind the device. A stop string found in step N-1's
+        text finishes its request while step N (which includes it) runs: `update` skips
+        requests that are no longer running, so that step's token is dropped.
+        """
         sched = self.scheduler.schedule()
-        step_out = self.runner.execute(sched)
-        if sched.is_empty:
+        result = self.runner.dispatch(sched)
+        outputs = self._process_pending(delta)
+        if result is not None:
+            updates = self.scheduler.update(sched, self.runner.collect(sched, result))
+            cached = {
+                r.request_id: self.scheduler.requests[r.request_id].num_cached_tokens
+                for r in sched.requests
+                if r.request_id in self.scheduler.requests
+            }
+            self._pending = (updates, cached)
+        return outputs
+
+    def _process_pending(self, delta: bool) -> list[RequestOutput]:
+        if self._pending is None:
             return []
-        updates = self.scheduler.update(sched, step_out)
-        cached = {
-            r.request_id: self.scheduler.requests[r.request_id].num_cached_tokens
-            for r in sched.requests
-            if r.request_id in self.scheduler.requests
-        }
+        updates, cached = self._pending
+        self._pending = None
         outputs, stopped = self.outputs.process(updates, delta=delta, num_cached=cached)
         for cid, stop_str in stopped:
             self.scheduler.finish_requests(cid, "stop", stop_str)

@@ -74,10 +74,16 @@ def _zeros_stats(n: int, k: int):
     )
 
 
-def step_fn(graphdef, params, kv_caches, rows_state: RowState, buffer, *, layout: StepLayout):
-    """One engine step: forward the ragged batch, then sample one token per request."""
+def step_fn(model_def, params, kv_caches, rows_state: RowState, buffer, *, layout: StepLayout):
+    """One engine step: forward the ragged batch, then sample one token per request.
+
+    model_def: (graphdef, treedef) (static); params: the flat list of weight arrays. A flat
+    list, not the NNX State, because flattening NNX's pytree nodes in Python on every call
+    costs more host time than the dispatch itself.
+    """
     x = unpack(buffer, layout)
-    model = nnx.merge(graphdef, params)
+    graphdef, treedef = model_def
+    model = nnx.merge(graphdef, jax.tree.unflatten(treedef, params))
     meta = AttentionMetadata(
         x["slot_ids"], x["page_table"], x["kv_lens"], x["query_start"], x["num_seqs"]
     )
@@ -130,7 +136,9 @@ class ModelRunner:
         self.max_num_seqs = config.scheduler.max_num_seqs
         self.pages_per_request = -(-config.scheduler.max_model_len // self.page_size)
         self.eos_token_ids = tuple(eos_token_ids)
-        self.graphdef, self.params = nnx.split(model)
+        self.graphdef, state = nnx.split(model)
+        self.params, treedef = jax.tree.flatten(state)
+        self.model_def = (self.graphdef, treedef)
         dtype = model.model.embed_tokens.embedding[...].dtype
         shape = kv_cache_shape(num_pages, self.page_size, cfg.num_kv_heads, cfg.head_dim)
         self.kv_caches = [jnp.zeros(shape, dtype) for _ in range(cfg.num_layers)]
@@ -177,11 +185,11 @@ class ModelRunner:
         for layout in tqdm(self.layouts(), desc="compiling buckets", leave=False):
             fn = jax.jit(
                 step_fn,
-                static_argnames=("graphdef", "layout"),
+                static_argnames=("model_def", "layout"),
                 donate_argnames=("kv_caches", "rows_state"),
             )
             buf = jax.ShapeDtypeStruct((layout.size,), jnp.int32)
-            self._compiled[layout] = fn.lower(self.graphdef, *args, buf, layout=layout).compile()
+            self._compiled[layout] = fn.lower(self.model_def, *args, buf, layout=layout).compile()
         self._set_row = (
             jax.jit(set_row_fn, donate_argnames=("rows_state",))
             .lower(
@@ -237,9 +245,15 @@ class ModelRunner:
 
     # -- the step ---------------------------------------------------------------------------
     def execute(self, sched: SchedulerOutput) -> StepOutput:
+        """Run one step and wait for its sampled tokens."""
+        result = self.dispatch(sched)
+        return StepOutput([]) if result is None else self.collect(sched, result)
+
+    def dispatch(self, sched: SchedulerOutput) -> StepResult | None:
+        """Start the step on the device and return at once (None for an empty step)."""
         self._release(sched.finished_request_ids | sched.preempted_request_ids)
         if sched.is_empty:
-            return StepOutput(sampled_token_ids=[])
+            return None
         for req in sched.requests:
             if req.start_position == 0:  # (re)admitted: its row state starts afresh
                 self._release([req.request_id])
@@ -259,9 +273,10 @@ class ModelRunner:
         self.kv_caches, self.rows_state, result = self._compiled[layout](
             self.params, self.kv_caches, self.rows_state, buffer
         )
-        return self._step_output(sched, result)
+        return result
 
-    def _step_output(self, sched: SchedulerOutput, result: StepResult) -> StepOutput:
+    def collect(self, sched: SchedulerOutput, result: StepResult) -> StepOutput:
+        """Wait for a dispatched step; only sampled ids (and asked-for logprobs) come back."""
         n = len(sched.requests)
         sampled = np.asarray(result.sampled_ids)[:n]
         want = [req.sampling_params.logprobs is not None for req in sched.requests]
