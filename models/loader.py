@@ -17,6 +17,7 @@ from typing import Any
 
 import jax
 import jax.numpy as jnp
+import ml_dtypes
 import numpy as np
 from flax import nnx
 from tqdm import tqdm
@@ -106,36 +107,40 @@ def _set(tree: dict, path: tuple, value: Any) -> None:
 
 
 def _path_name(path: tuple) -> str:
-    return ".".join(str(p) for p in path)
+    """The checkpoint (HF) name of a parameter path, for messages."""
+    leaf = "weight" if path[-1] in ("kernel", "scale", "embedding") else path[-1]
+    return ".".join(str(p) for p in (*path[:-1], leaf))
 
 
 def fill_params(
     pure: dict,
-    tensors: Iterable[tuple[str, np.ndarray]],
+    tensors: Iterable[tuple[str, np.ndarray, Path]],
     *,
     source: Path,
     dtype: jnp.dtype,
     tied: bool,
 ) -> dict:
-    """Put every checkpoint tensor at its parameter path; all errors name `source` and tensor."""
+    """Put every checkpoint tensor at its parameter path; errors name the file and tensor."""
     expected = dict(_flatten(pure))
     loaded: set[tuple] = set()
     np_dtype = np.dtype(dtype)
-    for name, array in tqdm(tensors, desc="loading weights", total=len(expected), leave=False):
+    for name, array, file in tqdm(
+        tensors, desc="loading weights", total=len(expected), leave=False
+    ):
         if name.endswith(_IGNORED_SUFFIXES) or (tied and name == "lm_head.weight"):
             continue
         mapped = hf_name_to_path(name)
         if mapped is None or mapped[0] not in expected:
-            raise CheckpointError(f"{source}: unexpected tensor {name!r} for this architecture")
+            raise CheckpointError(f"{file}: unexpected tensor {name!r} for this architecture")
         path, transpose = mapped
-        if array.dtype.kind != "f":
-            raise CheckpointError(f"{source}: tensor {name!r} has unsupported dtype {array.dtype}")
+        if not (np.issubdtype(array.dtype, np.floating) or array.dtype == ml_dtypes.bfloat16):
+            raise CheckpointError(f"{file}: tensor {name!r} has unsupported dtype {array.dtype}")
         want = tuple(expected[path].shape)
         got = tuple(array.shape[::-1]) if transpose else tuple(array.shape)
         if got != want:
             shown = tuple(array.shape)
             raise CheckpointError(
-                f"{source}: tensor {name!r} has shape {shown}, the config implies "
+                f"{file}: tensor {name!r} has shape {shown}, the config implies "
                 f"{want[::-1] if transpose else want}"
             )
         host = np.asarray(array.T if transpose else array).astype(np_dtype)
@@ -220,11 +225,12 @@ def load_model(
     return nnx.merge(graphdef, state)
 
 
-def _tensors(path: Path, fmt: str) -> Iterator[tuple[str, np.ndarray]]:
+def _tensors(path: Path, fmt: str) -> Iterator[tuple[str, np.ndarray, Path]]:
+    """(name, array, file it came from) for every tensor of the checkpoint."""
     if fmt == "gguf":
         from models.gguf import iter_gguf_tensors
 
-        return iter_gguf_tensors(path)
+        return ((name, array, path) for name, array in iter_gguf_tensors(path))
     return iter_safetensors(path)
 
 

@@ -52,8 +52,8 @@ def _read_header(path: Path) -> tuple[dict, int]:
     return header, 8 + size
 
 
-def iter_safetensors(folder: str | Path) -> Iterator[tuple[str, np.ndarray]]:
-    """Yield every tensor of the folder's checkpoint, one at a time, as a memory-mapped view."""
+def iter_safetensors(folder: str | Path) -> Iterator[tuple[str, np.ndarray, Path]]:
+    """Yield (name, memory-mapped view, file) for every tensor of the folder's checkpoint."""
     for path in safetensors_files(Path(folder)):
         header, data_start = _read_header(path)
         data = np.memmap(path, dtype=np.uint8, mode="r", offset=data_start)
@@ -65,4 +65,4 @@ def iter_safetensors(folder: str | Path) -> Iterator[tuple[str, np.ndarray]]:
                     f"(supported: {', '.join(_DTYPES)})"
                 )
             begin, end = info["data_offsets"]
-            yield name, data[begin:end].view(dtype).reshape(info["shape"])
+            yield name, data[begin:end].view(dtype).reshape(info["shape"]), path

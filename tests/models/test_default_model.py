@@ -29,8 +29,8 @@ def test_logits_match_transformers(hf_model):
     import torch
 
     from models.loader import load_model
-    from tests.models.test_llama import PAGE_SIZE, _run
     from tests.hf_models import empty_caches
+    from tests.models.test_llama import PAGE_SIZE, _run
 
     model, tok = hf_model
     ids = tok.encode(PROMPTS[2])
@@ -48,15 +48,25 @@ def test_greedy_continuations_match_transformers(hf_model, tmp_path):
     from engine import LLM, SamplingParams
 
     model, tok = hf_model
-    llm = LLM(dtype="float32", max_num_seqs=4, max_num_batched_tokens=64, token_buckets=(16, 64),
-              max_model_len=256, compilation_cache_dir=str(tmp_path))
+    llm = LLM(
+        dtype="float32",
+        max_num_seqs=4,
+        max_num_batched_tokens=64,
+        token_buckets=(16, 64),
+        max_model_len=256,
+        compilation_cache_dir=str(tmp_path),
+    )
     params = SamplingParams(temperature=0.0, max_tokens=32, ignore_eos=True)
     outs = llm.generate(PROMPTS, params)
     for prompt, out in zip(PROMPTS, outs, strict=True):
         ids = tok.encode(prompt)
         assert out.prompt_token_ids == ids
         with torch.no_grad():
-            ref = model.generate(torch.tensor([ids]), max_new_tokens=32, do_sample=False,
-                                 pad_token_id=tok.pad_token_id)
-        assert out.outputs[0].token_ids == ref[0, len(ids):].tolist(), prompt
-        assert out.outputs[0].text == tok.decode(ref[0, len(ids):], skip_special_tokens=True)
+            ref = model.generate(
+                torch.tensor([ids]),
+                max_new_tokens=32,
+                do_sample=False,
+                pad_token_id=tok.pad_token_id,
+            )
+        assert out.outputs[0].token_ids == ref[0, len(ids) :].tolist(), prompt
+        assert out.outputs[0].text == tok.decode(ref[0, len(ids) :], skip_special_tokens=True)

@@ -1,0 +1,117 @@
+"""Profile decode steps with the JAX profiler and summarise the trace without TensorBoard:
+device time per step by kernel, device idle gaps, and host time per step.
+
+    python scripts/trace_step.py --model scripts/configs/llama-3.1-8b --batch 64 --out /tmp/t
+
+Writes the Perfetto trace (`*.trace.json.gz`) under --out and prints a JSON summary.
+"""
+
+from __future__ import annotations
+
+import argparse
+import collections
+import glob
+import gzip
+import json
+import time
+
+import jax
+import numpy as np
+
+
+def _fill(llm, batch: int, input_len: int) -> None:
+    from engine import SamplingParams
+
+    eng = llm.engine
+    rng = np.random.default_rng(0)
+    params = SamplingParams(temperature=0.0, max_tokens=100_000, ignore_eos=True)
+    vocab = eng.model_config.vocab_size
+    for i in range(batch):
+        prompt = rng.integers(0, min(20000, vocab), input_len).tolist()
+        eng.add_request(f"t{i}", {"prompt_token_ids": prompt}, params)
+    while any(r.num_computed_tokens < r.num_prompt_tokens for r in eng.scheduler.requests.values()):
+        eng.step()
+    for _ in range(5):
+        eng.step()
+
+
+def summarize(trace_file: str, num_steps: int) -> dict:
+    with gzip.open(trace_file) as f:
+        events = json.load(f)["traceEvents"]
+    names = {}
+    for e in events:
+        if e.get("ph") == "M" and e.get("name") == "process_name":
+            names[e["pid"]] = e["args"]["name"]
+    gpu_pids = {p for p, n in names.items() if "gpu" in n.lower() or "/device:" in n.lower()}
+    kernels = [e for e in events if e.get("ph") == "X" and e.get("pid") in gpu_pids]
+    by_name = collections.Counter()
+    for e in kernels:
+        by_name[e["name"][:60]] += e["dur"]
+    spans = sorted((e["ts"], e["ts"] + e["dur"]) for e in kernels)
+    busy, end, gaps = 0.0, None, []
+    for start, stop in spans:
+        if end is None or start > end:
+            if end is not None:
+                gaps.append(start - end)
+            busy += stop - start
+            end = stop
+        elif stop > end:
+            busy += stop - end
+            end = stop
+    wall = (spans[-1][1] - spans[0][0]) if spans else 0.0
+    host = collections.Counter()
+    for e in events:
+        if e.get("ph") == "X" and e.get("pid") not in gpu_pids:
+            host[e["name"][:60]] += e["dur"]
+    return {
+        "steps": num_steps,
+        "device_busy_ms_per_step": round(busy / num_steps / 1e3, 3),
+        "device_span_ms_per_step": round(wall / num_steps / 1e3, 3),
+        "num_kernels_per_step": round(len(kernels) / num_steps, 1),
+        "gaps_over_50us_per_step": round(sum(g for g in gaps if g > 50) / num_steps / 1e3, 3),
+        "top_kernels_ms_per_step": {
+            k: round(v / num_steps / 1e3, 3) for k, v in by_name.most_common(15)
+        },
+        "top_host_events_ms_per_step": {
+            k: round(v / num_steps / 1e3, 3) for k, v in host.most_common(12)
+        },
+        "processes": sorted(names.values()),
+    }
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--model", required=True)
+    ap.add_argument("--batch", type=int, default=64)
+    ap.add_argument("--input-len", type=int, default=512)
+    ap.add_argument("--steps", type=int, default=10)
+    ap.add_argument("--out", required=True)
+    args = ap.parse_args()
+    from engine import LLM
+
+    b = args.batch
+    llm = LLM(
+        args.model,
+        load_format="dummy",
+        skip_tokenizer_init=True,
+        max_num_seqs=max(8, b),
+        max_num_batched_tokens=2048,
+        max_model_len=args.input_len + 512,
+        token_buckets=tuple(sorted({max(16, b), 2048})),
+        request_buckets=(max(8, b),),
+    )
+    _fill(llm, b, args.input_len)
+    jax.effects_barrier()
+    with jax.profiler.trace(args.out, create_perfetto_trace=True):
+        t = time.perf_counter()
+        for _ in range(args.steps):
+            llm.engine.step()
+        host_ms = (time.perf_counter() - t) * 1e3 / args.steps
+    files = glob.glob(f"{args.out}/**/*.trace.json.gz", recursive=True)
+    out = summarize(files[0], args.steps) if files else {"error": "no perfetto trace"}
+    out.update(batch=b, engine_step_ms_under_trace=round(host_ms, 3))
+    print(json.dumps(out), flush=True)
+
+
+if __name__ == "__main__":
+    main()
