@@ -1,0 +1,49 @@
+"""`pagejax generate` end to end in a subprocess, against transformers' greedy continuation."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+
+from tests.hf_models import hf_greedy
+
+
+def test_generate_prints_the_greedy_continuation(model_dir, tmp_path):
+    from transformers import AutoTokenizer
+
+    prompt = "The capital of France is"
+    tok = AutoTokenizer.from_pretrained(model_dir)
+    ids = tok.encode(prompt)
+    want = prompt + tok.decode(hf_greedy(model_dir, ids, 8), skip_special_tokens=True)
+    cmd = [
+        sys.executable,
+        "-m",
+        "api.cli",
+        "generate",
+        prompt,
+        "--model",
+        str(model_dir),
+        "--max-tokens",
+        "8",
+        "--ignore-eos",
+        "--max-model-len",
+        "128",
+        "--max-num-seqs",
+        "4",
+        "--max-num-batched-tokens",
+        "64",
+        "--num-pages",
+        "64",
+        "--compilation-cache-dir",
+        str(tmp_path),
+    ]
+    out = subprocess.run(cmd, capture_output=True, text=True, timeout=300)
+    assert out.returncode == 0, out.stderr[-2000:]
+    assert out.stdout.rstrip("\n") == want
+
+
+def test_generate_reports_a_bad_model_path(tmp_path):
+    cmd = [sys.executable, "-m", "api.cli", "generate", "hi", "--model", str(tmp_path / "nope")]
+    out = subprocess.run(cmd, capture_output=True, text=True, timeout=120)
+    assert out.returncode == 2
+    assert "does not exist" in out.stderr and "Traceback" not in out.stderr
