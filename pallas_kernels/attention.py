@@ -1,6 +1,7 @@
 """The one attention entry point the models call, and the metadata it reads.
 
-Backends: `reference` (plain jnp, any platform), `pallas` (GPU Triton / TPU Mosaic kernels, when
+Backends: `reference` (plain jnp, any platform: the blocked jnp attention of cpu_attention.py,
+tested against reference.py), `pallas` (GPU Triton / TPU Mosaic kernels, when
 their modules are present), `auto` (pallas on GPU/TPU, reference on CPU).
 """
 
@@ -11,7 +12,8 @@ import enum
 
 import jax
 
-from pallas_kernels.reference import ragged_paged_attention_reference, write_kv_reference
+from pallas_kernels.cpu_attention import ragged_paged_attention_blocked
+from pallas_kernels.reference import write_kv_reference
 
 
 @jax.tree_util.register_dataclass
@@ -78,7 +80,9 @@ def paged_attention(
             soft_cap=soft_cap,
         )
     kv_cache = write_kv_reference(kv_cache, k, v, meta.slot_ids)
-    out = ragged_paged_attention_reference(
+    # The jnp backend walks only the pages the batch needs (cpu_attention.py); it is tested
+    # against the readable reference, which gathers max_model_len keys for every token.
+    out = ragged_paged_attention_blocked(
         q,
         kv_cache,
         meta.kv_lens,
