@@ -4,7 +4,8 @@ Penalties need each request's output-token counts and prompt-token set over the 
 logit_bias and min_tokens need a bias row and a stop-token mask. Sending these [R, V] arrays every
 step would cost more than the step, so they live on the device and are updated inside the step
 from the tokens being computed: a token at a prompt position sets the prompt mask, any other
-token counts as output. Recompute after preemption therefore rebuilds the row by itself.
+token counts as output. A request restarted after preemption gets a fresh row, rebuilt the same
+way by its recompute.
 """
 
 from __future__ import annotations
@@ -35,19 +36,10 @@ class RowState:
 
 
 def update_rows(state: RowState, x: dict[str, jax.Array]) -> RowState:
-    """Inside the step: clear rows of requests starting at position 0, then add this step's
-    tokens (prompt positions -> prompt mask, the rest -> output counts)."""
-
-    def clear(s: RowState) -> RowState:
-        keep = (x["reset_rows"] == 0)[:, None]
-        rows = x["rows"]
-        return dataclasses.replace(
-            s,
-            output_counts=s.output_counts.at[rows].set(s.output_counts[rows] * keep),
-            prompt_mask=s.prompt_mask.at[rows].set(s.prompt_mask[rows] & keep),
-        )
-
-    state = jax.lax.cond(jnp.any(x["reset_rows"] != 0), clear, lambda s: s, state)
+    """Inside the forward step: add this step's tokens to their rows (prompt positions -> prompt
+    mask, the rest -> output counts). No row is cleared here: `set_row_fn` clears a row when a
+    request that reads it (penalties, bias, min_tokens) is admitted, and rows of requests that
+    don't read them may hold stale counts, which zero penalties ignore."""
     token_rows, token_ids = x["token_rows"], x["token_ids"]
     return dataclasses.replace(
         state,
@@ -63,7 +55,9 @@ def set_row_fn(
     bias_values: jax.Array,
     stop_ids: jax.Array,
 ) -> RowState:
-    """Write one row's logit bias and stop mask (ids padded with -1)."""
+    """Start a row afresh: zero its counts and prompt mask, write its logit bias and stop mask
+    (ids padded with -1). Called before the request's first step, whose prompt tokens the
+    forward pass then adds."""
     vocab = rows_state.logit_bias.shape[1]
     valid = bias_ids >= 0
     bias = (
@@ -74,8 +68,9 @@ def set_row_fn(
     stop = (
         jnp.zeros(vocab, bool).at[jnp.where(stop_ids >= 0, stop_ids, vocab)].set(True, mode="drop")
     )
-    return dataclasses.replace(
-        rows_state,
+    return RowState(
+        output_counts=rows_state.output_counts.at[row].set(0),
+        prompt_mask=rows_state.prompt_mask.at[row].set(False),
         logit_bias=rows_state.logit_bias.at[row].set(bias),
         stop_mask=rows_state.stop_mask.at[row].set(stop),
     )

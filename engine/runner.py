@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import dataclasses
 import logging
-import math
+from typing import NamedTuple
 
 import jax
 import jax.numpy as jnp
@@ -20,9 +20,23 @@ from tqdm import tqdm
 
 from engine.config import EngineConfig, bucket_ladder
 from engine.row_state import RowState, set_row_fn, update_rows
-from engine.sampler import SamplingTensors, compute_logprobs, request_keys, sample
-from engine.sampling_params import MAX_LOGPROBS
-from engine.step_input import StepLayout, build_step_input, pick_bucket, unpack
+from engine.sampler import (
+    ALL_FEATURES,
+    GREEDY_ONLY,
+    SamplerFeatures,
+    SamplingTensors,
+    compute_logprobs,
+    request_keys,
+    sample,
+)
+from engine.sampling_params import MAX_LOGPROBS, SAMPLING_EPS
+from engine.step_input import (
+    SAMPLE_FIELDS,
+    StepLayout,
+    build_step_input,
+    pick_bucket,
+    unpack,
+)
 from engine.types import SchedulerOutput, StepOutput, TokenLogprobs
 from pallas_kernels.attention import AttentionMetadata
 from pallas_kernels.reference import kv_cache_shape
@@ -35,18 +49,45 @@ MAX_STOP_IDS = 64  # EOS + stop_token_ids banned until min_tokens
 
 @jax.tree_util.register_dataclass
 @dataclasses.dataclass(frozen=True)
-class StepResult:
-    """A step's outputs; they stay on the device until the host asks for them."""
+class SampleResult:
+    """A step's sampled tokens (and logprobs); they stay on the device until the host asks."""
 
     sampled_ids: jax.Array  # [R] int32
     logprobs: jax.Array  # [R] float32, of the sampled token (raw logits)
     ranks: jax.Array  # [R] int32
     top_ids: jax.Array  # [R, K] int32
     top_logprobs: jax.Array  # [R, K] float32
-    prompt_logprobs: jax.Array  # [T] float32, of prompt token p + 1 at position p
-    prompt_ranks: jax.Array  # [T] int32
-    prompt_top_ids: jax.Array  # [T, K] int32
-    prompt_top_logprobs: jax.Array  # [T, K] float32
+
+
+@dataclasses.dataclass(frozen=True)
+class SampleVariant:
+    """A compiled sampler: which `SamplerFeatures`, and whether logit bias, min_tokens and
+    logprobs are in (`extras`). Chosen per step on the host, so the device never branches."""
+
+    features: SamplerFeatures
+    extras: bool
+
+
+GREEDY = SampleVariant(GREEDY_ONLY, extras=False)
+SAMPLE = SampleVariant(SamplerFeatures(random=True, sort=False, penalties=False), extras=False)
+FULL = SampleVariant(ALL_FEATURES, extras=True)
+
+
+def pick_variant(params: list) -> SampleVariant:
+    """The cheapest sampler correct for every request of the batch."""
+    for sp in params:
+        if (
+            sp.logprobs is not None
+            or sp.logit_bias
+            or sp.min_tokens > 0
+            or sp.top_k > 0
+            or sp.top_p < 1
+            or sp.presence_penalty
+            or sp.frequency_penalty
+            or sp.repetition_penalty != 1
+        ):
+            return FULL
+    return GREEDY if all(sp.temperature < SAMPLING_EPS for sp in params) else SAMPLE
 
 
 def _logprob_stats(logits: jax.Array, token_ids: jax.Array, k: int):
@@ -54,47 +95,41 @@ def _logprob_stats(logits: jax.Array, token_ids: jax.Array, k: int):
     return out.sampled_logprobs, out.sampled_ranks, out.top_ids, out.top_logprobs
 
 
-def _prompt_logprobs(model, hidden: jax.Array, next_ids: jax.Array, k: int):
-    """Logprob stats of the next prompt token at every position, in chunks of <= 128 tokens
-    so the [chunk, V] logits stay small."""
-    t = hidden.shape[0]
-    chunk = math.gcd(t, 128)
-    h = hidden.reshape(t // chunk, chunk, -1)
-    ids = next_ids.reshape(t // chunk, chunk)
-    stats = jax.lax.map(lambda a: _logprob_stats(model.logits(a[0]), a[1], k), (h, ids))
-    return jax.tree.map(lambda x: x.reshape(t, *x.shape[2:]), stats)
+def _merge(model_def, params):
+    graphdef, treedef = model_def
+    return nnx.merge(graphdef, jax.tree.unflatten(treedef, params))
 
 
-def _zeros_stats(n: int, k: int):
-    return (
-        jnp.zeros(n, jnp.float32),
-        jnp.zeros(n, jnp.int32),
-        jnp.zeros((n, k), jnp.int32),
-        jnp.zeros((n, k), jnp.float32),
-    )
-
-
-def step_fn(model_def, params, kv_caches, rows_state: RowState, buffer, *, layout: StepLayout):
-    """One engine step: forward the ragged batch, then sample one token per request.
+def forward_fn(model_def, params, kv_caches, rows_state: RowState, buffer, *, layout: StepLayout):
+    """The forward pass of a ragged batch: (kv_caches, rows_state, logits [R, V], hidden [T, D]).
 
     model_def: (graphdef, treedef) (static); params: the flat list of weight arrays. A flat
     list, not the NNX State, because flattening NNX's pytree nodes in Python on every call
     costs more host time than the dispatch itself.
     """
     x = unpack(buffer, layout)
-    graphdef, treedef = model_def
-    model = nnx.merge(graphdef, jax.tree.unflatten(treedef, params))
+    model = _merge(model_def, params)
     meta = AttentionMetadata(
         x["slot_ids"], x["page_table"], x["kv_lens"], x["query_start"], x["num_seqs"]
     )
     hidden, kv_caches = model(x["token_ids"], x["positions"], kv_caches, meta)
     rows_state = update_rows(rows_state, x)
-    rows = x["rows"]
-    raw = model.logits(hidden[x["logits_index"]])  # [R, V]
-    logits = raw + rows_state.logit_bias[rows]
-    banned = rows_state.stop_mask[rows] & (x["output_lens"] < x["min_tokens"])[:, None]
-    logits = jnp.where(banned, -jnp.inf, logits)
-    r = layout.num_requests
+    return kv_caches, rows_state, model.logits(hidden[x["logits_index"]]), hidden
+
+
+def sample_fn(
+    rows_state: RowState, logits, buffer, *, layout: StepLayout, variant: SampleVariant
+) -> SampleResult:
+    """One token per request from logits [R, V]; logprobs only in the `extras` variant."""
+    x = unpack(buffer, layout, SAMPLE_FIELDS)
+    rows, r = x["rows"], layout.num_requests
+    raw = logits
+    if variant.extras:
+        logits = logits + rows_state.logit_bias[rows]
+        banned = rows_state.stop_mask[rows] & (x["output_lens"] < x["min_tokens"])[:, None]
+        logits = jnp.where(banned, -jnp.inf, logits)
+    penalties = variant.features.penalties
+    v = logits.shape[1]
     tensors = SamplingTensors(
         temperature=x["temperature"],
         top_k=x["top_k"],
@@ -106,23 +141,33 @@ def step_fn(model_def, params, kv_caches, rows_state: RowState, buffer, *, layou
         logit_bias_ids=jnp.full((r, 1), -1, jnp.int32),
         logit_bias_values=jnp.zeros((r, 1)),
         banned_ids=jnp.full((r, 1), -1, jnp.int32),
-        output_token_counts=rows_state.output_counts[rows],
-        prompt_token_mask=rows_state.prompt_mask[rows],
+        output_token_counts=rows_state.output_counts[rows]
+        if penalties
+        else jnp.zeros((r, v), jnp.int32),
+        prompt_token_mask=rows_state.prompt_mask[rows] if penalties else jnp.zeros((r, v), bool),
         keys=request_keys(x["seeds"], x["output_lens"]),
     )
-    ids = sample(logits, tensors).sampled_ids
+    ids = sample(logits, tensors, features=variant.features).sampled_ids
     k = MAX_LOGPROBS
-    want = x["logprobs_flags"]
-    stats = jax.lax.cond(
-        jnp.any(want & 1), lambda: _logprob_stats(raw, ids, k), lambda: _zeros_stats(r, k)
+    if variant.extras:
+        return SampleResult(ids, *_logprob_stats(raw, ids, k))
+    return SampleResult(
+        ids, jnp.zeros(r), jnp.zeros(r, jnp.int32), jnp.zeros((r, k), jnp.int32), jnp.zeros((r, k))
     )
-    t = layout.num_tokens
-    prompt = jax.lax.cond(
-        jnp.any(want & 2),
-        lambda: _prompt_logprobs(model, hidden, x["next_token_ids"], k),
-        lambda: _zeros_stats(t, k),
-    )
-    return kv_caches, rows_state, StepResult(ids, *stats, *prompt)
+
+
+def prompt_logprobs_fn(model_def, params, hidden, next_ids):
+    """Logprob stats of prompt token p + 1 at every position p: hidden [T, D], next_ids [T].
+    Rare (only requests asking for prompt_logprobs), so run as its own call."""
+    model = _merge(model_def, params)
+    return _logprob_stats(model.logits(hidden), next_ids, MAX_LOGPROBS)
+
+
+class Dispatched(NamedTuple):
+    """A step in flight: its device outputs."""
+
+    sampled: SampleResult
+    prompt: tuple | None  # prompt logprob stats ([T], [T], [T, K], [T, K]) when asked for
 
 
 class ModelRunner:
@@ -150,7 +195,9 @@ class ModelRunner:
         self._dirty_rows: set[int] = set()  # rows whose bias/stop mask is not all-zero
         self._rng = np.random.default_rng(config.load.seed)
         self.token_buckets, self.request_buckets = self._ladders()
-        self._compiled: dict[StepLayout, object] = {}
+        self._forward: dict[StepLayout, object] = {}
+        self._sampler: dict[tuple[int, SampleVariant], object] = {}
+        self._prompt_lp: dict[int, object] = {}
         self._set_row = None
 
     def _ladders(self) -> tuple[tuple[int, ...], tuple[int, ...]]:
@@ -177,27 +224,46 @@ class ModelRunner:
         return out
 
     def compile(self) -> None:
-        """Compile every bucket ahead of time (with a progress bar)."""
+        """Compile every bucket ahead of time (with a progress bar): the forward pass per
+        (T, R) bucket, each sampler variant per R bucket, prompt logprobs per T bucket."""
         abstract = lambda tree: jax.tree.map(
             lambda a: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=a.sharding), tree
         )
-        args = (abstract(self.params), abstract(self.kv_caches), abstract(self.rows_state))
-        for layout in tqdm(self.layouts(), desc="compiling buckets", leave=False):
-            fn = jax.jit(
-                step_fn,
-                static_argnames=("model_def", "layout"),
-                donate_argnames=("kv_caches", "rows_state"),
-            )
-            buf = jax.ShapeDtypeStruct((layout.size,), jnp.int32)
-            self._compiled[layout] = fn.lower(self.model_def, *args, buf, layout=layout).compile()
+        params, rows = abstract(self.params), abstract(self.rows_state)
+        kv = abstract(self.kv_caches)
+        i32 = lambda *shape: jax.ShapeDtypeStruct(shape, jnp.int32)
+        forward = jax.jit(
+            forward_fn,
+            static_argnames=("model_def", "layout"),
+            donate_argnames=("kv_caches", "rows_state"),
+        )
+        sampler = jax.jit(sample_fn, static_argnames=("layout", "variant"))
+        prompt_lp = jax.jit(prompt_logprobs_fn, static_argnames=("model_def",))
+        layouts = self.layouts()
+        d, v = self.model_config.hidden_size, self.model_config.vocab_size
+        dtype = self.kv_caches[0].dtype
+        for layout in tqdm(layouts, desc="compiling buckets", leave=False):
+            self._forward[layout] = forward.lower(
+                self.model_def, params, kv, rows, i32(layout.size), layout=layout
+            ).compile()
+        for r in sorted({lay.num_requests for lay in layouts}):
+            lay = StepLayout(0, r, self.pages_per_request)
+            logits = jax.ShapeDtypeStruct((r, v), jnp.float32)
+            for variant in (GREEDY, SAMPLE, FULL):
+                self._sampler[r, variant] = sampler.lower(
+                    rows, logits, i32(lay.sample_size), layout=lay, variant=variant
+                ).compile()
+        for t in sorted({lay.num_tokens for lay in layouts}):
+            hidden = jax.ShapeDtypeStruct((t, d), dtype)
+            self._prompt_lp[t] = prompt_lp.lower(self.model_def, params, hidden, i32(t)).compile()
         self._set_row = (
             jax.jit(set_row_fn, donate_argnames=("rows_state",))
             .lower(
-                args[2],
+                rows,
                 jnp.int32(0),
-                jnp.zeros(MAX_LOGIT_BIAS, jnp.int32),
-                jnp.zeros(MAX_LOGIT_BIAS, jnp.float32),
-                jnp.zeros(MAX_STOP_IDS, jnp.int32),
+                i32(MAX_LOGIT_BIAS),
+                jax.ShapeDtypeStruct((MAX_LOGIT_BIAS,), jnp.float32),
+                i32(MAX_STOP_IDS),
             )
             .compile()
         )
@@ -225,7 +291,10 @@ class ModelRunner:
             if sp.min_tokens == 0
             else list(sp.stop_token_ids) + ([] if sp.ignore_eos else list(self.eos_token_ids))
         )
-        if sp.logit_bias or stop_ids or row in self._dirty_rows:
+        penalties = sp.presence_penalty or sp.frequency_penalty or sp.repetition_penalty != 1
+        # A row must start clean for a request that reads it (penalties read the counts; bias
+        # and stop mask are read by every request of a FULL-variant batch).
+        if sp.logit_bias or stop_ids or penalties or row in self._dirty_rows:
             self._write_row(row, sp.logit_bias or {}, stop_ids)
         return row
 
@@ -246,10 +315,10 @@ class ModelRunner:
     # -- the step ---------------------------------------------------------------------------
     def execute(self, sched: SchedulerOutput) -> StepOutput:
         """Run one step and wait for its sampled tokens."""
-        result = self.dispatch(sched)
-        return StepOutput([]) if result is None else self.collect(sched, result)
+        dispatched = self.dispatch(sched)
+        return StepOutput([]) if dispatched is None else self.collect(sched, dispatched)
 
-    def dispatch(self, sched: SchedulerOutput) -> StepResult | None:
+    def dispatch(self, sched: SchedulerOutput) -> Dispatched | None:
         """Start the step on the device and return at once (None for an empty step)."""
         self._release(sched.finished_request_ids | sched.preempted_request_ids)
         if sched.is_empty:
@@ -262,7 +331,7 @@ class ModelRunner:
         t = pick_bucket(self.token_buckets, sched.num_batched_tokens)
         r = pick_bucket(self.request_buckets, len(sched.requests))
         layout = StepLayout(t, r, self.pages_per_request)
-        buffer = build_step_input(
+        bufs = build_step_input(
             sched,
             layout,
             page_size=self.page_size,
@@ -270,13 +339,20 @@ class ModelRunner:
             seeds=seeds,
             scratch_row=self.scratch_row,
         )
-        self.kv_caches, self.rows_state, result = self._compiled[layout](
-            self.params, self.kv_caches, self.rows_state, buffer
+        model_buf, sample_buf = jax.device_put([bufs.model, bufs.sample])  # one transfer
+        self.kv_caches, self.rows_state, logits, hidden = self._forward[layout](
+            self.params, self.kv_caches, self.rows_state, model_buf
         )
-        return result
+        variant = pick_variant([req.sampling_params for req in sched.requests])
+        sampled = self._sampler[r, variant](self.rows_state, logits, sample_buf)
+        prompt = None
+        if any(req.sampling_params.prompt_logprobs is not None for req in sched.requests):
+            prompt = self._prompt_lp[t](self.params, hidden, bufs.next_token_ids)
+        return Dispatched(sampled, prompt)
 
-    def collect(self, sched: SchedulerOutput, result: StepResult) -> StepOutput:
+    def collect(self, sched: SchedulerOutput, dispatched: Dispatched) -> StepOutput:
         """Wait for a dispatched step; only sampled ids (and asked-for logprobs) come back."""
+        result = dispatched.sampled
         n = len(sched.requests)
         sampled = np.asarray(result.sampled_ids)[:n]
         want = [req.sampling_params.logprobs is not None for req in sched.requests]
@@ -293,16 +369,8 @@ class ModelRunner:
                 for i, req in enumerate(sched.requests)
             ]
         prompt = {}
-        if any(req.sampling_params.prompt_logprobs is not None for req in sched.requests):
-            lp, rk, ti, tl = (
-                np.asarray(a)
-                for a in (
-                    result.prompt_logprobs,
-                    result.prompt_ranks,
-                    result.prompt_top_ids,
-                    result.prompt_top_logprobs,
-                )
-            )
+        if dispatched.prompt is not None:
+            lp, rk, ti, tl = (np.asarray(a) for a in dispatched.prompt)
             start = 0
             for req in sched.requests:
                 k = req.sampling_params.prompt_logprobs

@@ -6,9 +6,10 @@ banned ids (min_tokens), penalties on the raw logits; then greedy argmax for tem
 else temperature, top-k, top-p, min-p and a Gumbel-max draw with each request's own key.
 
 Top-k, top-p and min-p all reduce to one per-row threshold (keep logits >= threshold), so the
-[R, V] logits are masked once. Sorting is the expensive part at V = 128k: it only runs when some
-sampling row uses top-k/top-p (`lax.cond`); optionally it first tries only the `top_k_cap` largest
-logits, with an exact full-vocabulary fallback when a row's nucleus does not fit inside the cap.
+[R, V] logits are masked once. Sorting is the expensive part at V = 128k: it is compiled in only
+when some sampling row uses top-k/top-p (`SamplerFeatures`, chosen on the host); optionally it
+first tries only the `top_k_cap` largest logits, with an exact full-vocabulary fallback when a
+row's nucleus does not fit inside the cap.
 """
 
 from __future__ import annotations
@@ -152,6 +153,24 @@ def _pad_bias(
     return ids, values
 
 
+@dataclasses.dataclass(frozen=True)
+class SamplerFeatures:
+    """What a batch needs, known on the host (static): each False prunes work from the graph.
+
+    Chosen statically rather than with `lax.cond` on the device because an XLA:GPU conditional
+    copies its predicate to the host and waits for it, stalling the host (and so every later
+    kernel launch) until the forward pass before it has finished.
+    """
+
+    random: bool = True  # some row samples (temperature > 0); else argmax
+    sort: bool = True  # some sampling row uses top-k or top-p
+    penalties: bool = True  # some row has presence/frequency/repetition penalties
+
+
+ALL_FEATURES = SamplerFeatures()
+GREEDY_ONLY = SamplerFeatures(random=False, sort=False, penalties=False)
+
+
 @jax.tree_util.register_dataclass
 @dataclasses.dataclass(frozen=True)
 class SamplerOutput:
@@ -214,21 +233,20 @@ def apply_penalties(logits: jax.Array, tensors: SamplingTensors) -> jax.Array:
     return logits - tensors.presence_penalty[:, None] * in_output.astype(logits.dtype)
 
 
-def process_logits(logits: jax.Array, tensors: SamplingTensors) -> jax.Array:
-    """Bitmask, logit bias, banned ids, then penalties; logits [R, V] -> [R, V] float32."""
+def process_logits(
+    logits: jax.Array, tensors: SamplingTensors, *, penalties: bool = True
+) -> jax.Array:
+    """Bitmask, logit bias, banned ids, then penalties; logits [R, V] -> [R, V] float32.
+
+    penalties (static): False skips them (every row must then have none)."""
     logits = logits.astype(jnp.float32)
     if tensors.token_bitmask is not None:
         logits = apply_token_bitmask(logits, tensors.token_bitmask)
     logits = _scatter_rows(logits, tensors.logit_bias_ids, tensors.logit_bias_values, add=True)
     banned = jnp.full(tensors.banned_ids.shape, -jnp.inf, logits.dtype)
     logits = _scatter_rows(logits, tensors.banned_ids, banned, add=False)
-    any_penalty = jnp.any(
-        (tensors.presence_penalty != 0)
-        | (tensors.frequency_penalty != 0)
-        | (tensors.repetition_penalty != 1)
-    )
-    # Penalties cost ~5 passes over [R, V]; most batches have none.
-    return lax.cond(any_penalty, apply_penalties, lambda x, _: x, logits, tensors)
+    # Penalties cost ~5 passes over [R, V]; most batches have none, and skip them statically.
+    return apply_penalties(logits, tensors) if penalties else logits
 
 
 def _top_k_top_p_threshold(
@@ -265,8 +283,11 @@ def filter_logits(
     min_p: jax.Array,
     *,
     top_k_cap: int | None = None,
+    sort: bool = True,
 ) -> jax.Array:
     """Top-k, top-p, min-p (vLLM semantics) on temperature-scaled logits [R, V]: dropped -> -inf.
+
+    sort (static): False skips top-k/top-p (every row must have them off).
 
     top_k [R] int32 (0 = off), top_p [R] (1 = off), min_p [R] (0 = off). top_k_cap (static):
     None sorts the whole vocabulary; an int first tries `lax.top_k(logits, cap)` and falls back
@@ -283,16 +304,17 @@ def filter_logits(
         full = lambda y: _top_k_top_p_threshold(y, top_k, top_p, vocab_size)[0]
         return lax.cond(jnp.all(exact), lambda _: thr, full, x)
 
-    needs_sort = jnp.any((top_k > 0) | (top_p < 1))
-    no_threshold = lambda x: jnp.full(x.shape[:1], -jnp.inf, x.dtype)
-    thr = lax.cond(needs_sort, sorted_threshold, no_threshold, logits)
+    no_threshold = jnp.full(logits.shape[:1], -jnp.inf, logits.dtype)
+    thr = sorted_threshold(logits) if sort else no_threshold
     # min-p keeps p >= min_p * p_max, i.e. logit >= max logit + log(min_p); top-k/p never drop
     # the max, so applying it after them is the same as applying it to the renormalised probs.
     thr = jnp.maximum(thr, jnp.max(logits, axis=-1) + jnp.log(min_p))
     return jnp.where(logits >= thr[:, None], logits, -jnp.inf)
 
 
-def _draw(logits: jax.Array, tensors: SamplingTensors, top_k_cap: int | None) -> jax.Array:
+def _draw(
+    logits: jax.Array, tensors: SamplingTensors, top_k_cap: int | None, sort: bool = True
+) -> jax.Array:
     """Samples ids [R] from processed logits [R, V]; temperature-0 rows take the argmax."""
     greedy = tensors.temperature == 0
     scaled = logits / jnp.where(greedy, 1.0, tensors.temperature)[:, None]
@@ -300,7 +322,7 @@ def _draw(logits: jax.Array, tensors: SamplingTensors, top_k_cap: int | None) ->
     top_k = jnp.where(greedy, 0, tensors.top_k)
     top_p = jnp.where(greedy, 1.0, tensors.top_p)
     min_p = jnp.where(greedy, 0.0, tensors.min_p)
-    filtered = filter_logits(scaled, top_k, top_p, min_p, top_k_cap=top_k_cap)
+    filtered = filter_logits(scaled, top_k, top_p, min_p, top_k_cap=top_k_cap, sort=sort)
     keys = jax.random.wrap_key_data(tensors.keys, impl=_KEY_IMPL)
     drawn = jax.vmap(jax.random.categorical)(keys, filtered)
     return jnp.where(greedy, jnp.argmax(logits, axis=-1), drawn).astype(jnp.int32)
@@ -324,6 +346,7 @@ def sample(
     *,
     num_logprobs: int | None = None,
     top_k_cap: int | None = None,
+    features: SamplerFeatures = ALL_FEATURES,
 ) -> SamplerOutput:
     """Samples one token per row of logits [R, V] float32; call inside the step's jit.
 
@@ -333,16 +356,14 @@ def sample(
     largest first (exact fallback to the full sort). On an H100 (jax 0.11.2, R=256, V=128256)
     `lax.top_k` is a custom kernel only up to k=16 (0.55 ms at k=16) and a full sort (2.35 ms)
     above, so caps over 16 only add work there; TPUs differ: measure before changing.
+    features (static): the parts this batch needs (`SamplerFeatures`); the default computes
+    everything, which is right for any batch.
     """
-    processed = process_logits(logits, tensors)
-    all_greedy = jnp.all(tensors.temperature == 0)
-    # A greedy-only batch (the common decode case) costs one argmax, no random numbers.
-    sampled_ids = lax.cond(
-        all_greedy,
-        lambda x: jnp.argmax(x, axis=-1).astype(jnp.int32),
-        lambda x: _draw(x, tensors, top_k_cap),
-        processed,
-    )
+    processed = process_logits(logits, tensors, penalties=features.penalties)
+    if features.random:
+        sampled_ids = _draw(processed, tensors, top_k_cap, sort=features.sort)
+    else:  # a greedy-only batch (the common decode case) costs one argmax
+        sampled_ids = jnp.argmax(processed, axis=-1).astype(jnp.int32)
     if num_logprobs is None:
         return SamplerOutput(sampled_ids)
     return compute_logprobs(logits, sampled_ids, num_logprobs)

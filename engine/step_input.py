@@ -8,6 +8,7 @@ and P pages per request — `StepLayout` computes the offsets, `unpack` reads th
 from __future__ import annotations
 
 import dataclasses
+import itertools
 
 import jax
 import jax.numpy as jnp
@@ -15,20 +16,26 @@ import numpy as np
 
 from engine.types import SchedulerOutput
 
-# name -> (length in units of T, R, R+1, 1 or R*P; is_float)
-_FIELDS: tuple[tuple[str, str, bool], ...] = (
+# Two packed buffers per step, sent in one transfer: what the forward pass reads (units of T,
+# R, R+1, 1 or R*P) and what the sampler reads (units of R only, so samplers compile per R bucket).
+# Each field: (name, unit, is_float).
+MODEL_FIELDS: tuple[tuple[str, str, bool], ...] = (
     ("token_ids", "T", False),  # [T] ids to compute
     ("positions", "T", False),  # [T] position of each token in its request
     ("slot_ids", "T", False),  # [T] cache slot its K/V is written to (padding: page 0)
     ("token_rows", "T", False),  # [T] persistent row of the token's request (padding: scratch)
     ("is_output", "T", False),  # [T] 1 if the token is an output token (penalty counts)
     ("is_prompt", "T", False),  # [T] 1 if the token is a prompt token (repetition penalty)
-    ("next_token_ids", "T", False),  # [T] prompt token p+1 (prompt logprobs), else 0
-    ("logprobs_flags", "R", False),  # [R] bit 0: logprobs wanted, bit 1: prompt logprobs
     ("kv_lens", "R", False),  # [R] context length including this step's tokens
     ("logits_index", "R", False),  # [R] index of the request's last token in the batch
     ("rows", "R", False),  # [R] persistent row (padding: scratch)
     ("reset_rows", "R", False),  # [R] 1 when the request starts from position 0
+    ("query_start", "R+1", False),  # [R + 1]
+    ("num_seqs", "1", False),  # [1]
+    ("page_table", "RP", False),  # [R, P]
+)
+SAMPLE_FIELDS: tuple[tuple[str, str, bool], ...] = (
+    ("rows", "R", False),  # [R] persistent row (padding: scratch)
     ("output_lens", "R", False),  # [R] output tokens before this step's sample
     ("min_tokens", "R", False),  # [R]
     ("seeds", "R", False),  # [R] uint32 bits
@@ -39,9 +46,6 @@ _FIELDS: tuple[tuple[str, str, bool], ...] = (
     ("presence_penalty", "R", True),
     ("frequency_penalty", "R", True),
     ("repetition_penalty", "R", True),
-    ("query_start", "R+1", False),  # [R + 1]
-    ("num_seqs", "1", False),  # [1]
-    ("page_table", "RP", False),  # [R, P]
 )
 
 
@@ -51,26 +55,32 @@ class StepLayout:
     num_requests: int  # R bucket
     pages_per_request: int  # P
 
-    def sizes(self) -> dict[str, int]:
+    def sizes(self, fields=MODEL_FIELDS) -> dict[str, int]:
         t, r, p = self.num_tokens, self.num_requests, self.pages_per_request
         units = {"T": t, "R": r, "R+1": r + 1, "1": 1, "RP": r * p}
-        return {name: units[unit] for name, unit, _ in _FIELDS}
+        return {name: units[unit] for name, unit, _ in fields}
 
     @property
     def size(self) -> int:
         return sum(self.sizes().values())
 
+    @property
+    def sample_size(self) -> int:
+        return sum(self.sizes(SAMPLE_FIELDS).values())
 
-def unpack(buffer: jax.Array, layout: StepLayout) -> dict[str, jax.Array]:
-    """Inside the jit: the int32 buffer -> named arrays (floats bit-cast back)."""
+
+def unpack(buffer: jax.Array, layout: StepLayout, fields=MODEL_FIELDS) -> dict[str, jax.Array]:
+    """Inside the jit: an int32 buffer -> named arrays (floats bit-cast back)."""
     out, offset = {}, 0
-    sizes = layout.sizes()
-    for name, _, is_float in _FIELDS:
+    sizes = layout.sizes(fields)
+    for name, _, is_float in fields:
         x = buffer[offset : offset + sizes[name]]
         offset += sizes[name]
         out[name] = jax.lax.bitcast_convert_type(x, jnp.float32) if is_float else x
-    out["page_table"] = out["page_table"].reshape(layout.num_requests, layout.pages_per_request)
-    out["seeds"] = jax.lax.bitcast_convert_type(out["seeds"], jnp.uint32)
+    if "page_table" in out:
+        out["page_table"] = out["page_table"].reshape(layout.num_requests, layout.pages_per_request)
+    if "seeds" in out:
+        out["seeds"] = jax.lax.bitcast_convert_type(out["seeds"], jnp.uint32)
     return out
 
 
@@ -81,6 +91,13 @@ def pick_bucket(ladder: tuple[int, ...], n: int) -> int:
     raise AssertionError(f"{n} exceeds the largest bucket {ladder[-1]}")
 
 
+@dataclasses.dataclass(frozen=True)
+class StepBuffers:
+    model: np.ndarray  # [layout.size] int32: MODEL_FIELDS packed
+    sample: np.ndarray  # [layout.sample_size] int32: SAMPLE_FIELDS packed
+    next_token_ids: np.ndarray  # [T] prompt token p + 1 at position p (prompt logprobs), else 0
+
+
 def build_step_input(
     sched: SchedulerOutput,
     layout: StepLayout,
@@ -89,56 +106,83 @@ def build_step_input(
     rows: list[int],
     seeds: list[int],
     scratch_row: int,
-) -> np.ndarray:
-    """Fill the packed int32 buffer for this step. `rows`/`seeds` are per scheduled request."""
+) -> StepBuffers:
+    """Fill this step's packed buffers. `rows`/`seeds` are per scheduled request.
+
+    Vectorised over requests and tokens (a Python loop of numpy calls per request costs ~2 ms
+    per step at 64 requests, a third of a decode step): lists are gathered once, then each
+    field is one numpy expression.
+    """
     t, r, p = layout.num_tokens, layout.num_requests, layout.pages_per_request
-    f = {name: np.zeros(n, np.int32) for name, n in layout.sizes().items()}
-    floats = {name: np.zeros(layout.sizes()[name], np.float32) for name, _, fl in _FIELDS if fl}
-    f["token_rows"][:] = scratch_row
-    f["rows"][:] = scratch_row
-    floats["top_p"][:] = 1.0
-    floats["repetition_penalty"][:] = 1.0
+    reqs = sched.requests
+    n = len(reqs)
+    f = {name: np.zeros(k, np.int32) for name, k in layout.sizes().items()}
+    f.update({name: np.zeros(k, np.int32) for name, k in layout.sizes(SAMPLE_FIELDS).items()})
+    lens = np.fromiter((q.num_tokens for q in reqs), np.int64, n)
+    starts = np.fromiter((q.start_position for q in reqs), np.int64, n)
+    prompt_lens = np.fromiter((q.num_prompt_tokens for q in reqs), np.int64, n)
+    ends = np.cumsum(lens)
+    total = int(ends[-1]) if n else 0
+    assert total <= t, f"{total} tokens exceed the bucket {t}"
+    req_of_token = np.repeat(np.arange(n), lens)
+    offsets = np.arange(total) - np.repeat(ends - lens, lens)
+    pos = np.repeat(starts, lens) + offsets
+
     page_table = f["page_table"].reshape(r, p)
-    start = 0
-    for i, req in enumerate(sched.requests):
-        n = req.num_tokens
-        end = start + n
-        pos = np.arange(req.start_position, req.start_position + n)
-        pages = np.asarray(req.page_ids, np.int32)
-        f["token_ids"][start:end] = req.token_ids
-        f["positions"][start:end] = pos
-        f["slot_ids"][start:end] = pages[pos // page_size] * page_size + pos % page_size
-        f["token_rows"][start:end] = rows[i]
-        is_prompt = pos < req.num_prompt_tokens
-        f["is_prompt"][start:end] = is_prompt
-        f["is_output"][start:end] = ~is_prompt
-        # Prompt logprobs: position p scores prompt token p + 1 when that token is in the chunk
-        # (the chunk's last one is scored by `next_prompt_token_id`, from the next chunk).
-        tokens = np.asarray(req.token_ids, np.int32)
-        nxt = np.append(tokens[1:], max(req.next_prompt_token_id, 0))
-        f["next_token_ids"][start:end] = np.where(pos + 1 < req.num_prompt_tokens, nxt, 0)
-        f["kv_lens"][i] = req.start_position + n
-        f["logits_index"][i] = end - 1
-        f["rows"][i] = rows[i]
-        f["reset_rows"][i] = req.start_position == 0
-        f["output_lens"][i] = req.start_position + n - req.num_prompt_tokens
-        f["query_start"][i + 1] = end
-        page_table[i, : len(pages)] = pages
-        sp = req.sampling_params
-        f["min_tokens"][i] = sp.min_tokens
-        f["logprobs_flags"][i] = (sp.logprobs is not None) | (sp.prompt_logprobs is not None) << 1
-        f["seeds"][i] = np.uint32(seeds[i]).view(np.int32)
-        f["top_k"][i] = sp.top_k if sp.top_k and sp.top_k > 0 else 0
-        floats["temperature"][i] = sp.temperature if sp.temperature > 1e-5 else 0.0
-        floats["top_p"][i] = sp.top_p
-        floats["min_p"][i] = sp.min_p
-        floats["presence_penalty"][i] = sp.presence_penalty
-        floats["frequency_penalty"][i] = sp.frequency_penalty
-        floats["repetition_penalty"][i] = sp.repetition_penalty
-        start = end
-    assert start <= t, f"{start} tokens exceed the bucket {t}"
-    f["query_start"][len(sched.requests) + 1 :] = start
-    f["num_seqs"][0] = len(sched.requests)
-    for name, arr in floats.items():
+    num_pages = np.fromiter((len(q.page_ids) for q in reqs), np.int64, n)
+    page_rows = np.repeat(np.arange(n), num_pages)
+    page_cols = np.arange(int(num_pages.sum())) - np.repeat(
+        np.cumsum(num_pages) - num_pages, num_pages
+    )
+    page_table[page_rows, page_cols] = list(itertools.chain.from_iterable(q.page_ids for q in reqs))
+
+    tokens = np.fromiter(itertools.chain.from_iterable(q.token_ids for q in reqs), np.int32, total)
+    f["token_ids"][:total] = tokens
+    f["positions"][:total] = pos
+    f["slot_ids"][:total] = page_table[req_of_token, pos // page_size] * page_size + pos % page_size
+    row_arr = np.asarray(rows, np.int32)
+    f["token_rows"][:] = scratch_row
+    f["token_rows"][:total] = row_arr[req_of_token]
+    is_prompt = pos < prompt_lens[req_of_token]
+    f["is_prompt"][:total] = is_prompt
+    f["is_output"][:total] = ~is_prompt
+    f["kv_lens"][:n] = starts + lens
+    f["logits_index"][:n] = ends - 1
+    f["rows"][:] = scratch_row
+    f["rows"][:n] = row_arr
+    f["reset_rows"][:n] = starts == 0
+    f["output_lens"][:n] = starts + lens - prompt_lens
+    f["query_start"][1 : n + 1] = ends
+    f["query_start"][n + 1 :] = total
+    f["num_seqs"][0] = n
+
+    # Prompt logprobs: position p scores prompt token p + 1: the next token in the chunk, or for
+    # the chunk's last position `next_prompt_token_id`, from the next chunk.
+    next_ids = np.zeros(t, np.int32)
+    if total:
+        nxt = np.append(tokens[1:], 0)
+        nxt[ends - 1] = [max(q.next_prompt_token_id, 0) for q in reqs]
+        next_ids[:total] = np.where(pos + 1 < prompt_lens[req_of_token], nxt, 0)
+
+    sps = [q.sampling_params for q in reqs]
+    f["min_tokens"][:n] = [sp.min_tokens for sp in sps]
+    f["seeds"][:n] = np.asarray(seeds, np.uint32).view(np.int32)
+    f["top_k"][:n] = [max(sp.top_k or 0, 0) for sp in sps]
+    floats = {
+        "temperature": [sp.temperature if sp.temperature > 1e-5 else 0.0 for sp in sps],
+        "top_p": [sp.top_p for sp in sps],
+        "min_p": [sp.min_p for sp in sps],
+        "presence_penalty": [sp.presence_penalty for sp in sps],
+        "frequency_penalty": [sp.frequency_penalty for sp in sps],
+        "repetition_penalty": [sp.repetition_penalty for sp in sps],
+    }
+    pad = {"top_p": 1.0, "repetition_penalty": 1.0}  # padding rows: greedy, no penalties
+    for name, values in floats.items():
+        arr = np.full(r, pad.get(name, 0.0), np.float32)
+        arr[:n] = values
         f[name] = arr.view(np.int32)
-    return np.concatenate([f[name] for name, _, _ in _FIELDS])
+    return StepBuffers(
+        model=np.concatenate([f[name] for name, _, _ in MODEL_FIELDS]),
+        sample=np.concatenate([f[name] for name, _, _ in SAMPLE_FIELDS]),
+        next_token_ids=next_ids,
+    )

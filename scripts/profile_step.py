@@ -28,55 +28,9 @@ def _median_ms(fn, reps: int) -> float:
     return float(np.median(times) * 1e3)
 
 
-def _forward_only(model_def, params, kv_caches, buffer, *, layout):
-    """The model and LM head without sampling or row state: what the sampler costs on top."""
-    from flax import nnx
-
-    from engine.step_input import unpack
-    from pallas_kernels.attention import AttentionMetadata
-
-    x = unpack(buffer, layout)
-    model = nnx.merge(model_def[0], jax.tree.unflatten(model_def[1], params))
-    meta = AttentionMetadata(
-        x["slot_ids"], x["page_table"], x["kv_lens"], x["query_start"], x["num_seqs"]
-    )
-    hidden, kv_caches = model(x["token_ids"], x["positions"], kv_caches, meta)
-    return kv_caches, model.logits(hidden[x["logits_index"]])
-
-
-def _variant_ms(runner, buf, layout) -> float:
-    """The step with the per-request row updates (penalty counts) left out."""
-    import engine.runner as r
-
-    real = r.update_rows
-    r.update_rows = lambda state, x: state
-    try:
-        fn = jax.jit(
-            lambda **k: r.step_fn(**k),
-            static_argnames=("model_def", "layout"),
-            donate_argnames=("kv_caches", "rows_state"),
-        )
-
-        def loop(n=20):
-            for _ in range(n):
-                runner.kv_caches, runner.rows_state, res = fn(
-                    model_def=runner.model_def,
-                    params=runner.params,
-                    kv_caches=runner.kv_caches,
-                    rows_state=runner.rows_state,
-                    buffer=buf,
-                    layout=layout,
-                )
-            jax.block_until_ready(res.sampled_ids)
-
-        loop(3)
-        return _median_ms(loop, 5) / 20
-    finally:
-        r.update_rows = real
-
-
 def profile(llm, batch: int, input_len: int, reps: int) -> dict:
     from engine import SamplingParams
+    from engine.runner import GREEDY
     from engine.step_input import StepLayout, build_step_input, pick_bucket
 
     eng = llm.engine
@@ -122,39 +76,29 @@ def profile(llm, batch: int, input_len: int, reps: int) -> dict:
         ),
         reps,
     ) * len(sched.requests)
-    buf = jax.device_put(build())
-    fn = runner._compiled[layout]
+    bufs = build()
+    model_buf, sample_buf = jax.device_put([bufs.model, bufs.sample])
+    forward = runner._forward[layout]
+    sampler = runner._sampler[layout.num_requests, GREEDY]
 
-    def device_loop(n=20):
+    def step_once():
+        runner.kv_caches, runner.rows_state, logits, _ = forward(
+            runner.params, runner.kv_caches, runner.rows_state, model_buf
+        )
+        return logits, sampler(runner.rows_state, logits, sample_buf)
+
+    def device_loop(n=20, sample=True):
         for _ in range(n):
-            runner.kv_caches, runner.rows_state, res = fn(
-                runner.params, runner.kv_caches, runner.rows_state, buf
-            )
-        jax.block_until_ready(res.sampled_ids)
+            logits, res = step_once() if sample else (step_once()[0], None)
+        jax.block_until_ready(logits)
 
     device_loop(3)
     device_ms = _median_ms(device_loop, 5) / 20
-    fwd = jax.jit(
-        _forward_only, static_argnames=("model_def", "layout"), donate_argnames=("kv_caches",)
-    )
-
-    def forward_loop(n=20):
-        for _ in range(n):
-            runner.kv_caches, logits = fwd(
-                runner.model_def, runner.params, runner.kv_caches, buf, layout=layout
-            )
-        jax.block_until_ready(logits)
-
-    forward_loop(3)
-    forward_ms = _median_ms(forward_loop, 5) / 20
     t = time.perf_counter()
     for _ in range(20):
-        runner.kv_caches, runner.rows_state, res = fn(
-            runner.params, runner.kv_caches, runner.rows_state, buf
-        )
+        logits, res = step_once()
     dispatch_ms = (time.perf_counter() - t) * 1e3 / 20
     jax.block_until_ready(res.sampled_ids)
-    no_rows_ms = _variant_ms(runner, buf, layout)
     for rid in list(eng.scheduler.requests):
         eng.abort_request(rid)
     eng.step()
@@ -163,8 +107,6 @@ def profile(llm, batch: int, input_len: int, reps: int) -> dict:
         layout=[layout.num_tokens, layout.num_requests],
         engine_step_ms=round(step_ms, 3),
         device_step_ms=round(device_ms, 3),
-        forward_only_ms=round(forward_ms, 3),
-        step_without_row_updates_ms=round(no_rows_ms, 3),
         host_build_ms=round(host_build_ms, 3),
         dispatch_ms=round(dispatch_ms, 3),
         schedule_est_ms=round(schedule_ms, 3),

@@ -280,3 +280,42 @@ def test_from_params_pads_and_normalises() -> None:
     np.testing.assert_array_equal(tensors.output_token_counts[0, :4], [0, 2, 0, 1])
     want_key = request_keys(jnp.array([42], jnp.uint32), jnp.array([3]))
     np.testing.assert_array_equal(tensors.keys[0], np.asarray(want_key)[0])
+
+
+def test_static_feature_variants_match_the_full_sampler():
+    """Pruned samplers (SamplerFeatures) draw exactly what the full one draws for batches
+    that don't use the pruned parts."""
+    import jax
+    import jax.numpy as jnp
+
+    from engine.sampler import ALL_FEATURES, GREEDY_ONLY, SamplerFeatures, SamplingTensors, sample
+
+    v, rows = 50, 6
+    logits = jnp.asarray(np.random.default_rng(3).normal(size=(rows, v)) * 3, jnp.float32)
+
+    class P:  # SamplingParams-like
+        def __init__(self, temperature, min_p=0.0):
+            self.temperature, self.top_p, self.top_k, self.min_p = temperature, 1.0, 0, min_p
+            self.presence_penalty = self.frequency_penalty = 0.0
+            self.repetition_penalty, self.seed, self.logit_bias = 1.0, 11, None
+            self.min_tokens, self.stop_token_ids, self.ignore_eos = 0, (), False
+
+    def run(params, features):
+        t = SamplingTensors.from_params(
+            params,
+            vocab_size=v,
+            num_rows=rows,
+            prompt_token_ids=[[1]] * len(params),
+            output_token_ids=[[]] * len(params),
+        )
+        t = jax.tree.map(jnp.asarray, t)
+        return np.asarray(
+            jax.jit(lambda lg, tt: sample(lg, tt, features=features).sampled_ids)(logits, t)
+        )
+
+    greedy = [P(0.0)] * rows
+    np.testing.assert_array_equal(run(greedy, GREEDY_ONLY), run(greedy, ALL_FEATURES))
+    np.testing.assert_array_equal(run(greedy, GREEDY_ONLY), np.argmax(np.asarray(logits), -1))
+    mixed = [P(0.7), P(0.0), P(1.3, min_p=0.2)] * 2
+    no_sort = SamplerFeatures(random=True, sort=False, penalties=False)
+    np.testing.assert_array_equal(run(mixed, no_sort), run(mixed, ALL_FEATURES))
