@@ -76,5 +76,7 @@ def ragged_paged_attention_blocked(
         jnp.zeros((*shape, head_dim)),
     )
     _, _, denom, acc = jax.lax.while_loop(lambda c: c[0] < num_blocks, body, init)
-    out = jnp.where((valid & (denom[:, 0, 0] > 0))[:, None, None, None], acc / denom[..., None], 0.0)
+    out = jnp.where(
+        (valid & (denom[:, 0, 0] > 0))[:, None, None, None], acc / denom[..., None], 0.0
+    )
     return out.reshape(num_tokens, num_heads, head_dim).astype(q.dtype)

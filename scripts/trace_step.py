@@ -73,7 +73,15 @@ def summarize(trace_file: str, num_steps: int) -> dict:
             k: round(v / num_steps / 1e3, 3) for k, v in by_name.most_common(15)
         },
         "top_host_events_ms_per_step": {
-            k: round(v / num_steps / 1e3, 3) for k, v in host.most_common(12)
+            k: round(v / num_steps / 1e3, 3) for k, v in host.most_common(40)
+        },
+        "sync_like_host_events_per_step": {
+            k: round(v / num_steps / 1e3, 3)
+            for k, v in host.items()
+            if any(
+                w in k
+                for w in ("Conditional", "While", "Block", "Memcpy", "Synchron", "Wait", "Case")
+            )
         },
         "processes": sorted(names.values()),
     }
