@@ -121,7 +121,7 @@ class LLMEngine:
             time.perf_counter() - t0,
         )
         self.outputs = OutputProcessor(tokenizer)
-        self._pending: tuple | None = None  # the last step's updates, not yet turned into outputs
+        self._inflight: tuple | None = None  # (SchedulerOutput, Dispatched) of the step in flight
 
     # -- requests ---------------------------------------------------------------------------
     def tokenize(self, prompt: PromptType) -> tuple[str | None, list[int]]:
@@ -206,38 +206,34 @@ class LLMEngine:
         return outs
 
     def has_unfinished_requests(self) -> bool:
-        return self.scheduler.has_unfinished_requests() or self._pending is not None
+        return self.scheduler.has_unfinished_requests() or self._inflight is not None
 
     # -- the step ---------------------------------------------------------------------------
     def step(self, *, delta: bool = False) -> list[RequestOutput]:
-        """Schedule and start a step; while the device runs it, turn the previous step's
-        tokens into outputs (detokenization, stop strings); then collect this step's tokens.
+        """Schedule and dispatch step N + 1, then wait for step N and turn it into outputs.
 
-        Outputs therefore lag one step behind the device. A stop string found in step N-1's
-        text finishes its request while step N (which includes it) runs: `update` skips
-        requests that are no longer running, so that step's token is dropped.
+        Async scheduling: the host schedules, builds and dispatches step N + 1 while step N
+        runs; a request's input token sampled by step N is read on the device (`-1` in
+        `ScheduledRequest.token_ids`). So outputs lag the device by one step, and a request
+        that step N finishes (EOS, a stop string) has one wasted step N + 1, whose result
+        `Scheduler.update` drops.
         """
         sched = self.scheduler.schedule()
-        result = self.runner.dispatch(sched)
-        outputs = self._process_pending(delta)
-        if result is not None:
-            updates = self.scheduler.update(sched, self.runner.collect(sched, result))
+        dispatched = self.runner.dispatch(sched)
+        outputs = []
+        if self._inflight is not None:
+            prev_sched, prev = self._inflight
+            step_out = self.runner.collect(prev_sched, prev)
+            updates = self.scheduler.update(prev_sched, step_out)
             cached = {
                 r.request_id: self.scheduler.requests[r.request_id].num_cached_tokens
-                for r in sched.requests
+                for r in prev_sched.requests
                 if r.request_id in self.scheduler.requests
             }
-            self._pending = (updates, cached)
-        return outputs
-
-    def _process_pending(self, delta: bool) -> list[RequestOutput]:
-        if self._pending is None:
-            return []
-        updates, cached = self._pending
-        self._pending = None
-        outputs, stopped = self.outputs.process(updates, delta=delta, num_cached=cached)
-        for cid, stop_str in stopped:
-            self.scheduler.finish_requests(cid, "stop", stop_str)
+            outputs, stopped = self.outputs.process(updates, delta=delta, num_cached=cached)
+            for cid, stop_str in stopped:
+                self.scheduler.finish_requests(cid, "stop", stop_str)
+        self._inflight = None if dispatched is None else (sched, dispatched)
         return outputs
 
 

@@ -131,7 +131,9 @@ class PageAllocator:
         """
         if not self.enable_prefix_caching:
             return
-        num_full = min(request.num_computed_tokens // self.page_size, len(request.page_ids))
+        # Only tokens the host knows can be hashed: not those still in flight on the device.
+        num_known = min(request.num_computed_tokens, request.num_tokens)
+        num_full = min(num_known // self.page_size, len(request.page_ids))
         start = self._num_registered.get(request.request_id, 0)
         if num_full <= start:
             return

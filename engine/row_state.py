@@ -23,6 +23,7 @@ class RowState:
     prompt_mask: jax.Array  # [rows, V] bool: id occurs in the prompt
     logit_bias: jax.Array  # [rows, V] float32: the request's logit_bias, dense
     stop_mask: jax.Array  # [rows, V] bool: EOS/stop ids, banned while output_len < min_tokens
+    last_ids: jax.Array  # [rows] int32: the token each row sampled last (async scheduling)
 
     @classmethod
     def zeros(cls, num_rows: int, vocab_size: int) -> RowState:
@@ -32,6 +33,7 @@ class RowState:
             jnp.zeros(shape, bool),
             jnp.zeros(shape, jnp.float32),
             jnp.zeros(shape, bool),
+            jnp.zeros(num_rows, jnp.int32),
         )
 
 
@@ -68,7 +70,8 @@ def set_row_fn(
     stop = (
         jnp.zeros(vocab, bool).at[jnp.where(stop_ids >= 0, stop_ids, vocab)].set(True, mode="drop")
     )
-    return RowState(
+    return dataclasses.replace(
+        rows_state,
         output_counts=rows_state.output_counts.at[row].set(0),
         prompt_mask=rows_state.prompt_mask.at[row].set(False),
         logit_bias=rows_state.logit_bias.at[row].set(bias),

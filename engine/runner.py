@@ -108,6 +108,10 @@ def forward_fn(model_def, params, kv_caches, rows_state: RowState, buffer, *, la
     costs more host time than the dispatch itself.
     """
     x = unpack(buffer, layout)
+    # -1 marks a token sampled by the previous step, still on the device: read it there.
+    x["token_ids"] = jnp.where(
+        x["token_ids"] < 0, rows_state.last_ids[x["token_rows"]], x["token_ids"]
+    )
     model = _merge(model_def, params)
     meta = AttentionMetadata(
         x["slot_ids"], x["page_table"], x["kv_lens"], x["query_start"], x["num_seqs"]
@@ -119,8 +123,9 @@ def forward_fn(model_def, params, kv_caches, rows_state: RowState, buffer, *, la
 
 def sample_fn(
     rows_state: RowState, logits, buffer, *, layout: StepLayout, variant: SampleVariant
-) -> SampleResult:
-    """One token per request from logits [R, V]; logprobs only in the `extras` variant."""
+) -> tuple[RowState, SampleResult]:
+    """One token per request from logits [R, V]; logprobs only in the `extras` variant.
+    Each row's sampled id is kept on the device (`last_ids`) for the next step's input."""
     x = unpack(buffer, layout, SAMPLE_FIELDS)
     rows, r = x["rows"], layout.num_requests
     raw = logits
@@ -148,10 +153,11 @@ def sample_fn(
         keys=request_keys(x["seeds"], x["output_lens"]),
     )
     ids = sample(logits, tensors, features=variant.features).sampled_ids
+    rows_state = dataclasses.replace(rows_state, last_ids=rows_state.last_ids.at[rows].set(ids))
     k = MAX_LOGPROBS
     if variant.extras:
-        return SampleResult(ids, *_logprob_stats(raw, ids, k))
-    return SampleResult(
+        return rows_state, SampleResult(ids, *_logprob_stats(raw, ids, k))
+    return rows_state, SampleResult(
         ids, jnp.zeros(r), jnp.zeros(r, jnp.int32), jnp.zeros((r, k), jnp.int32), jnp.zeros((r, k))
     )
 
@@ -237,7 +243,9 @@ class ModelRunner:
             static_argnames=("model_def", "layout"),
             donate_argnames=("kv_caches", "rows_state"),
         )
-        sampler = jax.jit(sample_fn, static_argnames=("layout", "variant"))
+        sampler = jax.jit(
+            sample_fn, static_argnames=("layout", "variant"), donate_argnames=("rows_state",)
+        )
         prompt_lp = jax.jit(prompt_logprobs_fn, static_argnames=("model_def",))
         layouts = self.layouts()
         d, v = self.model_config.hidden_size, self.model_config.vocab_size
@@ -344,7 +352,7 @@ class ModelRunner:
             self.params, self.kv_caches, self.rows_state, model_buf
         )
         variant = pick_variant([req.sampling_params for req in sched.requests])
-        sampled = self._sampler[r, variant](self.rows_state, logits, sample_buf)
+        self.rows_state, sampled = self._sampler[r, variant](self.rows_state, logits, sample_buf)
         prompt = None
         if any(req.sampling_params.prompt_logprobs is not None for req in sched.requests):
             prompt = self._prompt_lp[t](self.params, hidden, bufs.next_token_ids)

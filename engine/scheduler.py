@@ -168,6 +168,12 @@ class Scheduler:
         requests = tuple(
             self._scheduled_request(self.requests[rid], n) for rid, n in plan.num_tokens.items()
         )
+        # Advance now, not when results come back, so the next step can be scheduled while
+        # this one runs (its sampled tokens are read on the device; see ScheduledRequest).
+        for scheduled in requests:
+            request = self.requests[scheduled.request_id]
+            request.num_computed_tokens += scheduled.num_tokens
+            request.num_inflight += scheduled.sample
         finished, self._finished_ids = self._finished_ids, set()
         return SchedulerOutput(
             requests=requests,
@@ -182,9 +188,12 @@ class Scheduler:
                 break
             if request.status != RequestStatus.RUNNING:
                 continue  # preempted earlier in this loop
-            num_new = min(request.num_tokens - request.num_computed_tokens, plan.budget)
+            num_pending = request.num_tokens + request.num_inflight
+            if request.num_inflight and num_pending >= self.max_total_tokens(request):
+                continue  # the token in flight is its last: it finishes when that comes back
+            num_new = min(num_pending - request.num_computed_tokens, plan.budget)
             if num_new <= 0:
-                continue  # nothing known to compute (its next token is not back yet)
+                continue
             while not self.allocator.allocate_slots(request, num_new):
                 victim = max(self.running, key=self._preemption_key)
                 self._preempt(victim, plan)
@@ -229,6 +238,7 @@ class Scheduler:
         self.running.remove(request)
         self.allocator.free(request)
         request.num_computed_tokens = 0
+        request.num_inflight = 0  # those tokens are dropped when they come back, then redone
         request.status = RequestStatus.PREEMPTED
         plan.budget += plan.num_tokens.pop(request.request_id, 0)
         plan.preempted_ids.append(request.request_id)
@@ -248,12 +258,14 @@ class Scheduler:
 
     def _scheduled_request(self, request: Request, num_new: int) -> ScheduledRequest:
         start = request.num_computed_tokens
+        known = request.token_ids_slice(start, start + num_new)
         return ScheduledRequest(
             request_id=request.request_id,
-            token_ids=tuple(request.token_ids_slice(start, start + num_new)),
+            # -1: a token sampled by a step still on the device, read there by the runner
+            token_ids=(*known, *[-1] * (num_new - len(known))),
             start_position=start,
             page_ids=tuple(request.page_ids),
-            sample=start + num_new == request.num_tokens,
+            sample=start + num_new == request.num_tokens + request.num_inflight,
             num_prompt_tokens=request.num_prompt_tokens,
             sampling_params=request.sampling_params,
             next_prompt_token_id=(
@@ -266,8 +278,8 @@ class Scheduler:
     def update(
         self, scheduler_output: SchedulerOutput, step_output: StepOutput
     ) -> list[RequestUpdate]:
-        """Apply a step's results: advance computed tokens, cache full pages, append sampled
-        tokens and check stop conditions. Requests finished since scheduling are skipped.
+        """Apply a step's results: cache full pages, append sampled tokens and check stop
+        conditions. Requests finished or preempted since scheduling are skipped.
 
         Returns one update per request that got a token, prompt logprobs, or finished.
         """
@@ -277,7 +289,6 @@ class Scheduler:
             request = self.requests.get(scheduled.request_id)
             if request is None or request.status != RequestStatus.RUNNING:
                 continue
-            request.num_computed_tokens += scheduled.num_tokens
             self.allocator.cache_full_pages(request)
             prompt_lps = self._new_prompt_logprobs(request, scheduled, step_output)
             if not scheduled.sample:
@@ -287,6 +298,7 @@ class Scheduler:
                     )
                 continue
             token_id = int(step_output.sampled_token_ids[i])
+            request.num_inflight -= 1
             request.output_token_ids.append(token_id)
             status = self._check_stop(request)
             if status is not None:

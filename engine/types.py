@@ -72,6 +72,9 @@ class Request:
     status: RequestStatus = RequestStatus.WAITING
     stop_reason: int | str | None = None  # the stop token id or stop string that ended it
     num_prompt_logprobs_sent: int = 0  # prompt positions already reported (recompute repeats)
+    # Tokens sampled by steps still on the device (async scheduling): the request's next step
+    # reads them there, so the host can schedule it before they come back.
+    num_inflight: int = 0
 
     @property
     def num_prompt_tokens(self) -> int:

@@ -51,6 +51,7 @@ class FakeRunner:
         self.page_size = page_size
         self.kv = [[-1] * page_size for _ in range(num_pages)]
         self.known: set[str] = set()  # requests it holds state for (checks the drop contract)
+        self.last_sampled: dict[str, int] = {}  # what a -1 placeholder token stands for
 
     def execute(self, scheduler_output: SchedulerOutput) -> StepOutput:
         size = self.page_size
@@ -63,12 +64,15 @@ class FakeRunner:
             assert len(req.page_ids) * size >= end, "pages do not cover the tokens"
             assert PAD_PAGE_ID not in req.page_ids, "the padding page was scheduled"
             for i, token_id in enumerate(req.token_ids):
+                if token_id == -1:  # sampled by a step not yet applied (async scheduling)
+                    token_id = self.last_sampled[req.request_id]
                 pos = req.start_position + i
                 self.kv[req.page_ids[pos // size]][pos % size] = token_id
             self.known.add(req.request_id)
             if req.sample:
                 context = [self.kv[req.page_ids[p // size]][p % size] for p in range(end)]
                 sampled.append(next_token(context))
+                self.last_sampled[req.request_id] = sampled[-1]
             else:
                 sampled.append(-1)
         return StepOutput(sampled_token_ids=sampled)

@@ -63,6 +63,8 @@ class Workload:
         self.cut_short: set[str] = set()  # aborted or finished from outside
         self.outputs: dict[str, list[int]] = {}
         self.reasons: dict[str, str | None] = {}
+        self.asynchronous = False
+        self.inflight = None
 
     def arrive_and_cut(self) -> None:
         """Add some pending requests; now and then abort or stop-string-finish one."""
@@ -93,7 +95,16 @@ class Workload:
             # A (re)admitted request starts at 0 or at a whole number of cached pages.
             if scheduled.request_id not in self.runner.known:
                 assert scheduled.start_position % page_size == 0
-        updates = self.scheduler.update(out, self.runner.execute(out))
+        result = self.runner.execute(out)
+        if self.asynchronous:  # results of step N are applied after step N + 1 is scheduled
+            previous, self.inflight = self.inflight, (out, result)
+            if previous is not None:
+                self.apply(*previous)
+        else:
+            self.apply(out, result)
+
+    def apply(self, out, result) -> None:
+        updates = self.scheduler.update(out, result)
         self.scheduler.check_invariants()
         for update in updates:
             self.outputs.setdefault(update.request_id, []).extend(update.new_token_ids)
@@ -122,6 +133,7 @@ class Workload:
     prefix_caching=st.booleans(),
     chunked=st.booleans(),
     policy=st.sampled_from(["fcfs", "priority"]),
+    asynchronous=st.booleans(),
     seed=st.integers(0, 2**32 - 1),
 )
 def test_random_workload(
@@ -132,6 +144,7 @@ def test_random_workload(
     prefix_caching: bool,
     chunked: bool,
     policy: str,
+    asynchronous: bool,
     seed: int,
 ) -> None:
     cfg = SchedulerConfig(
@@ -144,6 +157,7 @@ def test_random_workload(
     allocator = PageAllocator(num_pages, page_size, enable_prefix_caching=prefix_caching)
     scheduler = Scheduler(cfg, allocator)
     workload = Workload(scheduler, FakeRunner(num_pages, page_size), random.Random(seed))
+    workload.asynchronous = asynchronous
     for _ in range(2000):
         workload.arrive_and_cut()
         if not workload.pending and not scheduler.has_unfinished_requests():
@@ -151,6 +165,8 @@ def test_random_workload(
         workload.step()
     else:
         raise AssertionError("workload did not finish: a request starved")
+    if workload.inflight is not None:
+        workload.apply(*workload.inflight)
     allocator.check_invariants([])
     assert allocator.num_free_pages == num_pages - 1, "pages leaked"
     workload.check_outputs()
