@@ -3,13 +3,23 @@
 Grid: (query block, kv head, kv split). A program takes `block_q` tokens of one request times
 the `G = N / K` query heads of one KV head, i.e. a `[block_q * Gp, H]` tile of queries (Gp: G
 rounded up to a power of two, since Triton tiles must be powers of two), so each KV page is
-read once for the whole head group. It walks the request's pages `block_kv` keys at a time,
-gathering page ids from the page table, with an online softmax in fp32.
+read once for the whole head group. It walks the request's keys `block_kv` at a time with an
+online softmax in fp32.
+
+KV gather: the cache is viewed as `[2, K, num_pages * S, H]` (a free reshape) and each step
+loads a `[block_kv, H]` tile of K and of V by slot (`page_table[key // S] * S + key % S`), so a
+step may span several pages (or part of one) and the tile feeds the dot as loaded (no reshape),
+contiguous along H; Triton's software pipeline (`num_stages`) keeps the next tiles in flight.
+
+Masking: only the KV blocks that some row of the tile cannot fully see (the causal diagonal,
+and the sliding window's lower edge) run the masked loop; the others skip the mask.
 
 Decode (q_len = 1) uses the same kernel with `block_q * Gp = 16` rows (Triton's smallest MMA
-tile; the extra rows are masked loads that touch no memory) and split-K: with few requests,
-`num_splits` programs share one request's pages, each writing a partial (out, max, sum), and a
-jnp epilogue merges them (XLA fuses it into one small kernel).
+tile; the extra rows are masked loads that touch no memory). With bigger tiles, a block of at
+most `16 / Gp` tokens (a decode beside prefill chunks) takes a 16-row path in the same kernel
+(lax.cond), not 4-8x the MMA work on masked rows. Split-K: with few requests,
+`num_splits` programs share one request's keys, each writing a partial (out, max, sum), and a
+jnp epilogue merges them (one or two small XLA kernels).
 
 Masked loads and stores (`pallas.triton.load/store`) keep a block inside its request: tiles
 may hang past the end of q/out, and those lanes are never touched.
@@ -29,7 +39,11 @@ from jax.experimental.pallas import triton as plgpu
 from pallas_kernels import ragged_blocks as rb
 
 _LOG2E = math.log2(math.e)
+_MIN_ROWS = 16  # Triton's smallest MMA tile (rows)
 _MASK = -1e30  # finite: a fully masked row must not turn exp(m_prev - m_new) into NaN
+# Hopper allows 227 KiB of shared memory per block (232448 bytes); keep room for Triton's own
+# scratch (layout conversions, barriers).
+_SMEM_BUDGET = 200 * 1024
 
 
 @dataclasses.dataclass(frozen=True)
@@ -37,7 +51,7 @@ class GpuBlockConfig:
     """Tile sizes and launch parameters (static)."""
 
     block_q: int  # tokens per program; block_q * Gp rows of queries
-    block_kv: int  # keys per inner-loop step (a multiple of the page size)
+    block_kv: int  # keys per inner-loop step: a power of two (>= 16 on a GPU), any page size
     num_splits: int = 1  # split-K programs per query block
     num_warps: int = 4
     num_stages: int = 2
@@ -47,57 +61,129 @@ def _next_pow2(x: int) -> int:
     return 1 << max(0, x - 1).bit_length()
 
 
+def smem_bytes(cfg: GpuBlockConfig, group: int, head_dim: int, itemsize: int) -> int:
+    """Upper bound on the shared memory Triton asks for: K and V tiles `max(1, num_stages - 1)`
+    deep, the q tile, and from 64 rows (warpgroup MMA) the probabilities tile too. Exact for
+    the two fp32 configs that failed (16 rows, block_kv 128, 3 stages: 270368 bytes; 128 rows,
+    2 stages: 262144); above what Triton took for the bf16 defaults (ncu: 74 KB decode, 164 KB
+    prefill). The 16-row path beside a bigger tile reuses this memory (the lax.cond branches
+    are never live together): the bigger tile counts."""
+    rows = cfg.block_q * _next_pow2(group)
+    kv_and_q = (max(1, cfg.num_stages - 1) * 2 * cfg.block_kv + rows) * head_dim
+    p_tile = rows * cfg.block_kv if rows >= 64 else 0
+    return (kv_and_q + p_tile) * itemsize
+
+
+def fit_config(cfg: GpuBlockConfig, group: int, head_dim: int, itemsize: int) -> GpuBlockConfig:
+    """Shrink `cfg` (fewer stages first, then smaller KV tiles) until it fits shared memory.
+
+    Tiles are tuned for bf16; fp32 doubles every tile, and an oversized config fails at run
+    time (RESOURCE_EXHAUSTED), so the dtype decides the final shape.
+    """
+    while smem_bytes(cfg, group, head_dim, itemsize) > _SMEM_BUDGET:
+        if cfg.num_stages > 2:
+            cfg = dataclasses.replace(cfg, num_stages=cfg.num_stages - 1)
+        elif cfg.block_kv > 16:
+            cfg = dataclasses.replace(cfg, block_kv=cfg.block_kv // 2)
+        else:
+            break
+    return cfg
+
+
 def default_config(
     num_tokens: int, num_requests: int, num_heads: int, num_kv_heads: int, page_size: int
 ) -> GpuBlockConfig:
-    """Heuristic tiles: decode-like batches (T <= 2R) get 16-row tiles and split-K.
+    """Tiles tuned on an H200 (docs/kernel_notes.md), bf16, head_dim 128.
 
-    Split-K aims at ~4 programs per SM of an H100 (132 SMs): a batch of 1 splits 16 ways,
-    a batch of >= 64 not at all.
+    Decode-like batches (T <= 2R): 16-row tiles, 128 keys a step, 3 stages; split-K only below
+    ~256 (request, kv head) pairs, up to 8 ways (a batch of 1: 8 splits; >= 32 requests at 8
+    kv heads: none; more splits cost more in the merge than they save); 8 warps unsplit below
+    1024 pairs, else 4 (the faster of the two at each measured batch: 1, 8, 16, 32, 64, 256).
+    Otherwise blocks of few tokens take 16-row tiles and the rest: with up to 8 requests
+    (prefill-heavy) 128-row tiles, 8 warps; with more (decodes beside chunks) 64-row tiles,
+    64 keys, 4 warps: smaller tiles leave shared memory for two programs an SM, which the
+    decodes' streaming needs more than the chunks need bigger MMAs.
     """
+    del page_size  # the gather works by slot: tiles need not align with pages
     group = _next_pow2(num_heads // num_kv_heads)
     if num_tokens <= 2 * num_requests:
-        splits = max(1, min(16, 528 // max(1, num_requests * num_kv_heads)))
+        pairs = max(1, num_requests * num_kv_heads)
+        splits = min(8, _next_pow2(256 // pairs + 1) // 2) if pairs < 256 else 1
         return GpuBlockConfig(
-            block_q=max(1, 16 // group),
-            block_kv=max(128, page_size),
-            num_splits=_next_pow2(splits + 1) // 2,
-            num_warps=4,
+            block_q=max(1, _MIN_ROWS // group),
+            block_kv=128,
+            num_splits=max(1, splits),
+            num_warps=8 if splits == 1 and pairs < 1024 else 4,
             num_stages=3,
         )
-    return GpuBlockConfig(block_q=max(1, 64 // group), block_kv=max(64, page_size))
+    if num_requests > 8:
+        return GpuBlockConfig(max(1, 64 // group), block_kv=64, num_warps=4, num_stages=3)
+    return GpuBlockConfig(max(1, 128 // group), block_kv=128, num_warps=8, num_stages=3)
+
+
+@dataclasses.dataclass(frozen=True)
+class _Static:
+    """What every program knows at trace time."""
+
+    sm_scale: float
+    sliding_window: int | None
+    soft_cap: float | None
+    group: int
+    page_size: int
+    cfg: GpuBlockConfig
 
 
 def _kernel(
     blocks_ref,  # [NB, NUM_FIELDS] int32
     page_table_ref,  # [R, P] int32
     q_ref,  # [T, N, H]
-    kv_ref,  # [2, K, num_pages, S, H]
+    kv_ref,  # [2, K, num_pages * S, H]
     *out_refs,  # o [splits?, T, N, H] (+ m, l [splits, T, N] fp32 when split)
-    sm_scale: float,
-    sliding_window: int | None,
-    soft_cap: float | None,
-    group: int,
-    cfg: GpuBlockConfig,
+    st: _Static,
 ):
-    b, h, split = pl.program_id(0), pl.program_id(1), pl.program_id(2)
-    num_pages_per_req = page_table_ref.shape[1]
-    page_size, head_dim = kv_ref.shape[3], kv_ref.shape[4]
-    gp = _next_pow2(group)
-    bq, bkv = cfg.block_q, cfg.block_kv
-    pages_per_blk = bkv // page_size
-    rows = bq * gp
-
-    req = blocks_ref[b, rb.REQ]
-    tok_start = blocks_ref[b, rb.TOK_START]
-    tok_end = blocks_ref[b, rb.TOK_END]
-    pos_start = blocks_ref[b, rb.POS_START]
+    cfg = st.cfg
+    # Heaviest blocks first: a request's later query blocks see more keys (causal), so
+    # launching them first shortens the tail of the last wave.
+    b = pl.num_programs(0) - 1 - pl.program_id(0)
     blk_lo = blocks_ref[b, rb.KV_BLK_LO]
     blk_hi = blocks_ref[b, rb.KV_BLK_HI]
     # This split's share of the KV blocks.
     per_split = jax.lax.div(blk_hi - blk_lo + cfg.num_splits - 1, cfg.num_splits)
+    # Program ids are read here, outside lax.cond: interpret mode cannot see them inside.
+    h, split = pl.program_id(1), pl.program_id(2)
     lo = blk_lo + split * per_split
     hi = jnp.minimum(lo + per_split, blk_hi)
+    tok_start = blocks_ref[b, rb.TOK_START]
+    tok_end = blocks_ref[b, rb.TOK_END]
+    attend = functools.partial(
+        _attend,
+        (page_table_ref, q_ref, kv_ref, out_refs),
+        (h, split, blocks_ref[b, rb.REQ], tok_start, tok_end, blocks_ref[b, rb.POS_START], lo, hi),
+        st=st,
+    )
+    small_q = max(1, _MIN_ROWS // _next_pow2(st.group))
+    if cfg.block_q <= small_q:
+        attend(cfg.block_q)
+    else:
+        # A block of few tokens (a decode beside prefill chunks) takes the smallest tile: the
+        # big one would spend block_q / small_q times the MMA work on masked rows.
+        jax.lax.cond(
+            tok_end - tok_start <= small_q,
+            lambda: attend(small_q),
+            lambda: attend(cfg.block_q),
+        )
+
+
+def _attend(refs, scalars, bq: int, *, st: _Static):
+    """One query block as a `[bq * Gp, H]` tile: load q, walk the KV blocks, store."""
+    page_table_ref, q_ref, kv_ref, out_refs = refs
+    h, split, req, tok_start, tok_end, pos_start, lo, hi = scalars
+    pages_per_req = page_table_ref.shape[1]
+    head_dim = kv_ref.shape[3]
+    group, page_size, window = st.group, st.page_size, st.sliding_window
+    gp = _next_pow2(group)
+    bkv = st.cfg.block_kv
+    rows = bq * gp
 
     tok_valid = tok_start + jnp.arange(bq) < tok_end  # [bq]
     head_valid = jnp.arange(gp) < group  # [gp]
@@ -109,38 +195,35 @@ def _kernel(
     # Position of each query row (token-major, head-minor), without integer division.
     row_pos = jnp.broadcast_to((pos_start + jnp.arange(bq))[:, None], (bq, gp)).reshape(rows)
     precision = jax.lax.Precision.HIGHEST if q.dtype == jnp.float32 else None
+    # Softmax in base 2 (exp2 is the native instruction). Without a cap, the scale is applied
+    # inside exp2's argument (`s * c - m`: one FMA an element), and m is kept scaled.
+    scale = st.sm_scale * _LOG2E
 
-    def body(j, carry):
+    def body(j, carry, *, masked: bool):
         acc, m_prev, l_prev = carry
-        page_idx = j * pages_per_blk + jnp.arange(pages_per_blk)
-        pages = plgpu.load(
-            page_table_ref.at[req, pl.ds(j * pages_per_blk, pages_per_blk)],
-            mask=page_idx < num_pages_per_req,
-            other=0,
-        )
-        k = kv_ref[0, h, pages].reshape(bkv, head_dim)
-        v = kv_ref[1, h, pages].reshape(bkv, head_dim)
-        s = (
-            jax.lax.dot_general(
-                q,
-                k,
-                (((1,), (1,)), ((), ())),
-                precision=precision,
-                preferred_element_type=jnp.float32,
-            )
-            * sm_scale
-        )  # [rows, bkv]
-        if soft_cap is not None:
-            s = soft_cap * jnp.tanh(s / soft_cap)
-        s = s * _LOG2E  # softmax in base 2: exp2 is the native instruction
         key_pos = j * bkv + jnp.arange(bkv)
-        mask = key_pos[None, :] <= row_pos[:, None]
-        if sliding_window is not None:
-            mask &= key_pos[None, :] > row_pos[:, None] - sliding_window
-        s = jnp.where(mask, s, _MASK)
-        m_new = jnp.maximum(m_prev, s.max(axis=1))
+        # Keys past the page table are past kv_len too (masked): clamp, read a valid page.
+        pages = page_table_ref[req, jnp.minimum(key_pos // page_size, pages_per_req - 1)]
+        slots = pages * page_size + key_pos % page_size
+        k = kv_ref[0, h, slots]  # [bkv, H]
+        v = kv_ref[1, h, slots]
+        s = jax.lax.dot_general(
+            q, k, (((1,), (1,)), ((), ())), precision=precision, preferred_element_type=jnp.float32
+        )  # [rows, bkv]
+        c = scale
+        if st.soft_cap is not None:
+            s = (st.soft_cap * _LOG2E) * jnp.tanh(s * (st.sm_scale / st.soft_cap))
+            c = 1.0
+        if masked:
+            mask = key_pos[None, :] <= row_pos[:, None]
+            if window is not None:
+                mask &= key_pos[None, :] > row_pos[:, None] - window
+            s = jnp.where(mask, s, _MASK)
+        m_new = jnp.maximum(m_prev, s.max(axis=1) * c)
         alpha = jnp.exp2(m_prev - m_new)
-        p = jnp.where(mask, jnp.exp2(s - m_new[:, None]), 0.0)
+        p = jnp.exp2(s * c - m_new[:, None])
+        if masked:  # a row with every key masked so far has m_new = _MASK * c: exp2(0) = 1
+            p = jnp.where(mask, p, 0.0)
         pv = jax.lax.dot_general(
             p.astype(v.dtype),
             v,
@@ -150,13 +233,23 @@ def _kernel(
         )
         return acc * alpha[:, None] + pv, m_new, l_prev * alpha + p.sum(axis=1)
 
-    init = (
+    # KV blocks [full_lo, full_hi) are visible to every row of the tile: no mask there.
+    full_lo = lo
+    if window is not None:  # keys inside the last row's window
+        pos_last = pos_start + (tok_end - tok_start) - 1
+        full_lo = jnp.clip(jax.lax.div(jnp.maximum(pos_last - window + bkv, 0), bkv), lo, hi)
+    full_hi = jnp.clip((pos_start + 1) // bkv, full_lo, hi)  # keys up to the first row
+    carry = (
         jnp.zeros((rows, head_dim), jnp.float32),
         jnp.full((rows,), _MASK, jnp.float32),
         jnp.zeros((rows,), jnp.float32),
     )
-    acc, m, l_sum = jax.lax.fori_loop(lo, hi, body, init)
-    if cfg.num_splits == 1:
+    masked_body = functools.partial(body, masked=True)
+    if window is not None:
+        carry = jax.lax.fori_loop(lo, full_lo, masked_body, carry)
+    carry = jax.lax.fori_loop(full_lo, full_hi, functools.partial(body, masked=False), carry)
+    acc, m, l_sum = jax.lax.fori_loop(full_hi, hi, masked_body, carry)
+    if st.cfg.num_splits == 1:
         (o_ref,) = out_refs
         out = acc / jnp.where(l_sum == 0.0, 1.0, l_sum)[:, None]  # l == 0: padding rows, write 0
         plgpu.store(
@@ -201,15 +294,17 @@ def ragged_paged_attention(
 
     q: [T, N, H]; kv_cache: [2, K, num_pages, S, H]; kv_lens: [R]; page_table: [R, P];
     query_start: [R + 1]; num_seqs: [1]. Returns [T, N, H] in q's dtype.
+    `config` is shrunk to fit shared memory at q's dtype (see `fit_config`).
     """
     num_tokens, num_heads, head_dim = q.shape
-    _, num_kv_heads, _, page_size, _ = kv_cache.shape
+    _, num_kv_heads, num_pages, page_size, _ = kv_cache.shape
     num_requests = kv_lens.shape[0]
     assert num_heads % num_kv_heads == 0, "query heads must be a multiple of kv heads"
     assert head_dim & (head_dim - 1) == 0, "Triton tiles need a power-of-two head_dim"
-    cfg = config or default_config(num_tokens, num_requests, num_heads, num_kv_heads, page_size)
-    assert cfg.block_kv % page_size == 0, f"{cfg.block_kv=} must be a multiple of {page_size=}"
     group = num_heads // num_kv_heads
+    cfg = config or default_config(num_tokens, num_requests, num_heads, num_kv_heads, page_size)
+    cfg = fit_config(cfg, group, head_dim, jnp.dtype(q.dtype).itemsize)
+    assert cfg.block_kv & (cfg.block_kv - 1) == 0, f"{cfg.block_kv=} must be a power of two"
     blocks = rb.query_blocks(
         query_start,
         kv_lens,
@@ -229,14 +324,9 @@ def ragged_paged_attention(
             jax.ShapeDtypeStruct((s, num_tokens, num_heads), jnp.float32),
             jax.ShapeDtypeStruct((s, num_tokens, num_heads), jnp.float32),
         ]
-    kernel = functools.partial(
-        _kernel,
-        sm_scale=sm_scale,
-        sliding_window=sliding_window,
-        soft_cap=soft_cap,
-        group=group,
-        cfg=cfg,
-    )
+    st = _Static(sm_scale, sliding_window, soft_cap, group, page_size, cfg)
+    kernel = functools.partial(_kernel, st=st)
+    kv_flat = kv_cache.reshape(2, num_kv_heads, num_pages * page_size, head_dim)  # a bitcast
     outs = pl.pallas_call(
         kernel,
         grid=grid,
@@ -244,7 +334,7 @@ def ragged_paged_attention(
         compiler_params=plgpu.CompilerParams(num_warps=cfg.num_warps, num_stages=cfg.num_stages),
         interpret=interpret,
         name="ragged_paged_attention",
-    )(blocks, page_table.astype(jnp.int32), q, kv_cache)
+    )(blocks, page_table.astype(jnp.int32), q, kv_flat)
     if cfg.num_splits == 1:
         return outs[0]
     return _merge_splits(*outs, q.dtype)

@@ -4,21 +4,34 @@
 
 Decode: batch 1..256 x context 512..8192, 32 q / 8 kv heads, head_dim 128, bf16. Reports the
 KV bandwidth achieved (bytes of K and V the batch must read / time) and its share of the card's
-peak. Also: a few mixed batches, dense causal prefill through cuDNN
-(`jax.nn.dot_product_attention`) beside our kernel on the same prefill, and the deprecated
-`jax.experimental.pallas.ops.gpu.paged_attention` as a decode baseline where it imports.
+measured HBM bandwidth (`PEAK_TBPS`: roofline.py's copy, read + write; `--peak-tbps` overrides;
+the 1 GiB XLA copy this script times at start is printed too, but reads low). Also:
+mixed batches, dense causal prefill through cuDNN (`jax.nn.dot_product_attention`) beside our
+kernel on the same prefill, and the deprecated `jax.experimental.pallas.ops.gpu.paged_attention`
+as a decode baseline where it imports.
 
-Timing: each sample launches `--inner` calls back to back and blocks once (so the host's
-dispatch cost overlaps the GPU), divided by `--inner`; the figure is the median of `--reps`.
+Timing: device time from a profiler trace (CUPTI kernel records): `device_us` sums every kernel
+of one call (the block-table metadata, the attention kernel, the split-K merge), `kernel_us` is
+the attention kernel alone. `wall_us` is the old host-clock figure (`--inner` calls back to back,
+one block, median of `--reps`), which at small batches measures host dispatch, not the GPU.
+Small batches rotate over several page tables into a pool larger than L2, so no timed call
+finds its KV in cache. `--sweep` compiles ~20 tile configs per point (in threads) and prints a
+table per point, fastest first.
 """
 
 from __future__ import annotations
 
 import argparse
+import concurrent.futures
+import dataclasses
 import functools
+import glob
 import json
+import os
 import statistics
+import tempfile
 import time
+from collections import defaultdict
 
 import jax
 import jax.numpy as jnp
@@ -28,137 +41,295 @@ from tqdm import tqdm
 from pallas_kernels import gpu_ragged_paged_attention as gpu
 
 NUM_HEADS, NUM_KV_HEADS, HEAD_DIM, DTYPE = 32, 8, 128, jnp.bfloat16
-PEAK_TBPS = {"H100": 3.35, "H200": 4.8}  # SXM datasheet HBM bandwidth
+GROUP = NUM_HEADS // NUM_KV_HEADS
+L2_BYTES = 50 << 20  # H100 / H200: rotate inputs through a few times this
+GAP_NS = 2_000_000  # idle time that separates two timed entries in a trace
+# Measured HBM bandwidth (read + write) of a large device copy: H200 by roofline.py (jax 0.11.2);
+# H100 by the device notes (KINDS.md). Decode reads stream at up to ~1.02x these.
+PEAK_TBPS = {"H200": 4.214, "H100": 3.0}
 
 
-def _time(fn, *args, reps: int, inner: int) -> float:
-    """Median seconds per call."""
-    jax.block_until_ready(fn(*args))  # compile + warm up
-    samples = []
-    for _ in range(reps):
+@dataclasses.dataclass
+class Timing:
+    wall_us: float
+    device_us: float | None = None  # all kernels of one call
+    kernel_us: float | None = None  # the longest-running kernel name of the call
+    kernels_per_call: float | None = None
+
+
+def _gpu_segments(run) -> list[list[tuple[str, int]]] | None:
+    """Run `run()` under the profiler; GPU kernel (name, ns) records, split at idle gaps."""
+    from jax.profiler import ProfileData
+
+    with tempfile.TemporaryDirectory() as d:
+        jax.profiler.start_trace(d)
+        try:
+            run()
+        finally:
+            jax.profiler.stop_trace()
+        paths = glob.glob(os.path.join(d, "**", "*.xplane.pb"), recursive=True)
+        if not paths:
+            return None
+        data = ProfileData.from_file(paths[0])
+    events = []
+    for plane in data.planes:
+        if not plane.name.startswith("/device:GPU"):
+            continue
+        lines = [line for line in plane.lines if "Stream" in line.name] or list(plane.lines)
+        for line in lines:
+            events += [(e.start_ns, e.duration_ns, e.name) for e in line.events]
+    events.sort()
+    segments: list[list[tuple[str, int]]] = []
+    last_end = None
+    for start, dur, name in events:
+        if last_end is None or start - last_end > GAP_NS:
+            segments.append([])
+        segments[-1].append((name, dur))
+        last_end = max(last_end or 0, start + dur)
+    return segments
+
+
+def time_entries(entries: list, *, n: int, reps: int) -> list[Timing]:
+    """entries: [(fn, [args, ...])]; call i of an entry takes args[i % len]. One Timing each."""
+    for fn, arg_sets in entries:  # compile + warm up, outside the trace
+        for a in arg_sets:
+            jax.block_until_ready(fn(*a))
+
+    def calls(fn, arg_sets):
         start = time.perf_counter()
-        for _ in range(inner):
-            out = fn(*args)
+        out = None
+        for i in range(n):
+            out = fn(*arg_sets[i % len(arg_sets)])
         jax.block_until_ready(out)
-        samples.append((time.perf_counter() - start) / inner)
-    return statistics.median(samples)
+        return (time.perf_counter() - start) / n
+
+    timings = [
+        Timing(wall_us=1e6 * statistics.median(calls(fn, a) for _ in range(reps)))
+        for fn, a in entries
+    ]
+
+    def traced():
+        for fn, arg_sets in entries:
+            time.sleep(0.01)
+            calls(fn, arg_sets)
+
+    segments = _gpu_segments(traced)
+    if segments is None or len(segments) != len(entries):
+        got = None if segments is None else len(segments)
+        tqdm.write(f"  profiler: {got} GPU segments for {len(entries)} entries; wall time only")
+        return timings
+    for t, seg in zip(timings, segments, strict=True):
+        per_name: dict[str, int] = defaultdict(int)
+        for name, dur in seg:
+            per_name[name] += dur
+        t.device_us = sum(per_name.values()) / n / 1e3
+        t.kernel_us = max(per_name.values()) / n / 1e3
+        t.kernels_per_call = len(seg) / n
+    return timings
 
 
-def _batch(q_lens: list[int], kv_lens: list[int], page_size: int, seed: int = 0):
-    """Random ragged batch with a permuted page table: (q, kv_cache, kv_lens, pt, qs, ns)."""
+def measure_copy_tbps() -> float:
+    """Device-to-device copy bandwidth (bytes read + written) of a 1 GiB bf16 array."""
+    x = jax.random.normal(jax.random.key(0), (1 << 29,), jnp.bfloat16)
+    (t,) = time_entries([(jax.jit(lambda a: a * 2), [(x,)])], n=10, reps=3)
+    sec = (t.kernel_us or t.wall_us) / 1e6
+    return 2 * x.nbytes / sec / 1e12
+
+
+def make_inputs(q_lens: list[int], kv_lens: list[int], page_size: int, seed: int = 0):
+    """A random ragged batch: (args, [args with another page table, ...]).
+
+    args = (q, kv_cache, kv_lens, page_table, query_start, num_seqs). Each rotation's page table
+    takes a disjoint random set of pages, enough rotations for ~3x L2 of KV between repeats.
+    """
     rng = np.random.default_rng(seed)
     num_req = len(q_lens)
     pages_per_req = max(-(-kv // page_size) for kv in kv_lens)
-    num_pages = num_req * pages_per_req + 1
-    page_table = (rng.permutation(num_pages - 1) + 1)[: num_req * pages_per_req]
-    page_table = page_table.reshape(num_req, pages_per_req).astype(np.int32)
+    kv_bytes = kv_bytes_of(kv_lens)
+    rotations = int(min(16, max(1, -(-3 * L2_BYTES // kv_bytes))))
+    per_rot = num_req * pages_per_req
+    num_pages = rotations * per_rot + 1
+    perm = (rng.permutation(num_pages - 1) + 1).astype(np.int32)
+    tables = [
+        jnp.asarray(perm[r * per_rot : (r + 1) * per_rot].reshape(num_req, pages_per_req))
+        for r in range(rotations)
+    ]
     key = jax.random.key(seed)
     q = jax.random.normal(key, (sum(q_lens), NUM_HEADS, HEAD_DIM), DTYPE)
     kv_cache = jax.random.normal(key, (2, NUM_KV_HEADS, num_pages, page_size, HEAD_DIM), DTYPE)
-    query_start = np.concatenate([[0], np.cumsum(q_lens)]).astype(np.int32)
-    return (
-        q,
-        kv_cache,
-        jnp.asarray(kv_lens, jnp.int32),
-        jnp.asarray(page_table),
-        jnp.asarray(query_start),
-        jnp.asarray([num_req], jnp.int32),
-    )
+    query_start = jnp.asarray(np.concatenate([[0], np.cumsum(q_lens)]), jnp.int32)
+    lens = jnp.asarray(kv_lens, jnp.int32)
+    num_seqs = jnp.asarray([num_req], jnp.int32)
+    return [(q, kv_cache, lens, pt, query_start, num_seqs) for pt in tables]
 
 
-def _kv_bytes(kv_lens: list[int]) -> int:
+def kv_bytes_of(kv_lens: list[int]) -> int:
     return sum(kv_lens) * NUM_KV_HEADS * HEAD_DIM * 2 * jnp.dtype(DTYPE).itemsize
 
 
-def _ours(config: gpu.GpuBlockConfig | None):
-    return jax.jit(
-        functools.partial(gpu.ragged_paged_attention, sm_scale=HEAD_DIM**-0.5, config=config)
-    )
+def compile_ours(configs: list, args: tuple) -> list:
+    """Compile our kernel for each config (None = default) in threads; None where it failed."""
+    lowered = []
+    for cfg in configs:
+        fn = functools.partial(gpu.ragged_paged_attention, sm_scale=HEAD_DIM**-0.5, config=cfg)
+        try:
+            lowered.append(jax.jit(fn).lower(*args))
+        except Exception as e:  # a sweep point that fails to lower is skipped, loudly
+            tqdm.write(f"  config {cfg} failed to lower: {type(e).__name__}: {str(e)[:300]}")
+            lowered.append(None)
+
+    def comp(item):
+        cfg, low = item
+        if low is None:
+            return None
+        try:
+            return low.compile()
+        except Exception as e:
+            tqdm.write(f"  config {cfg} failed to compile: {type(e).__name__}: {str(e)[:300]}")
+            return None
+
+    with concurrent.futures.ThreadPoolExecutor(max(1, (os.cpu_count() or 2) - 2)) as pool:
+        return list(pool.map(comp, zip(configs, lowered, strict=True)))
 
 
-def _sweep_configs(batch: int) -> list[gpu.GpuBlockConfig | None]:
-    configs: list[gpu.GpuBlockConfig | None] = [None]  # the default heuristic first
-    for block_kv in (64, 128, 256):
-        for splits in sorted({1, 2, 4, max(1, 512 // (batch * NUM_KV_HEADS))}):
-            for warps, stages in ((4, 2), (4, 3), (8, 2)):
-                configs.append(gpu.GpuBlockConfig(4, block_kv, min(splits, 16), warps, stages))
-    return configs
-
-
-def bench_decode(args, peak: float) -> list[dict]:
-    rows = []
-    points = [(b, c) for b in args.batches for c in args.contexts]
-    for batch, ctx in tqdm(points, desc="decode"):
-        inputs = _batch([1] * batch, [ctx] * batch, args.page_size)
-        nbytes = _kv_bytes([ctx] * batch)
-        configs = _sweep_configs(batch) if args.sweep else [None]
-        best = None
-        for cfg in configs:
-            try:
-                sec = _time(_ours(cfg), *inputs, reps=args.reps, inner=args.inner)
-            except Exception as e:  # a sweep point that fails to compile is skipped, loudly
-                tqdm.write(f"  config {cfg} failed: {type(e).__name__}: {str(e)[:200]}")
-                continue
-            if best is None or sec < best[0]:
-                best = (sec, cfg)
-        if best is None:
-            continue
-        sec, cfg = best
-        row = dict(batch=batch, context=ctx, us=sec * 1e6, kv_tbps=nbytes / sec / 1e12)
-        row.update(pct_peak=100 * row["kv_tbps"] / peak, config=str(cfg or "default"))
-        row["baseline_us"] = _baseline(inputs, args)
-        rows.append(row)
-        tqdm.write(
-            f"decode B={batch:4d} ctx={ctx:5d}: {row['us']:8.1f} us {row['kv_tbps']:.2f} TB/s "
-            f"({row['pct_peak']:.0f}% of peak)  jax paged_attention: {row['baseline_us']} us"
-        )
-    return rows
-
-
-def _baseline(inputs, args) -> float | None:
+def old_paged_attention(arg_sets: list):
     """Deprecated jax.experimental.pallas.ops.gpu.paged_attention on the same decode batch."""
     try:
         from jax.experimental.pallas.ops.gpu import paged_attention as old
     except ImportError:
         return None
-    q, kv_cache, kv_lens, page_table, _, _ = inputs
-    pages = page_table.shape[1]
+    pages = arg_sets[0][3].shape[1]
     k_splits = next(s for s in (16, 8, 4, 2, 1) if pages % s == 0)
     fn = jax.jit(functools.partial(old.paged_attention, k_splits=k_splits))
+    sets = [(q, kv[0], kv[1], pt, lens) for q, kv, lens, pt, _, _ in arg_sets]
     try:
-        sec = _time(
-            fn, q, kv_cache[0], kv_cache[1], page_table, kv_lens, reps=args.reps, inner=args.inner
-        )
+        jax.block_until_ready(fn(*sets[0]))
     except Exception as e:
         tqdm.write(f"  baseline failed: {type(e).__name__}: {str(e)[:200]}")
         return None
-    return round(sec * 1e6, 1)
+    return fn, sets
 
 
-def bench_mixed(args, peak: float) -> list[dict]:
+def cfg_str(cfg) -> str:
+    if cfg is None:
+        return "default"
+    return f"q{cfg.block_q}/kv{cfg.block_kv}/s{cfg.num_splits}/w{cfg.num_warps}/st{cfg.num_stages}"
+
+
+def parse_config(text: str) -> gpu.GpuBlockConfig:
+    """`q4/kv128/s1/w4/st3` (the form `cfg_str` prints) -> GpuBlockConfig."""
+    fields = dict(q="block_q", kv="block_kv", s="num_splits", w="num_warps", st="num_stages")
+    values = {}
+    for part in text.split("/"):
+        key = part.rstrip("0123456789")
+        values[fields[key]] = int(part[len(key) :])
+    return gpu.GpuBlockConfig(**values)
+
+
+def decode_sweep_configs(batch: int) -> list:
+    bq = max(1, 16 // GROUP)
+    if batch <= 4:
+        combos = [(64, 4, 2), (64, 4, 3), (128, 4, 1), (128, 4, 2), (128, 4, 3)]
+        splits = (8, 16, 32)
+    else:
+        combos = [(64, 4, 2), (64, 4, 3), (64, 4, 4), (128, 4, 1), (128, 4, 2), (128, 4, 3)]
+        combos += [(128, 8, 2), (128, 8, 3), (256, 4, 2), (256, 8, 2)]
+        splits = (1, 2, 4) if batch <= 32 else (1, 2)
+    return [gpu.GpuBlockConfig(bq, kv, s, w, st) for kv, w, st in combos for s in splits]
+
+
+def prefill_sweep_configs() -> list:
+    out = []
+    for rows in (64, 128):
+        for kv in (32, 64, 128):
+            for w, st in ((4, 2), (4, 3), (8, 2), (8, 3)):
+                out.append(gpu.GpuBlockConfig(rows // GROUP, kv, 1, w, st))
+    return out
+
+
+def mixed_sweep_configs() -> list:
+    out = []
+    for bq in (16, 32):
+        for kv in (64, 128):
+            for w, st in ((4, 2), (4, 3), (8, 3)):
+                out.append(gpu.GpuBlockConfig(bq, kv, 1, w, st))
+    return out
+
+
+def bench_point(args, label: str, arg_sets, kv_lens, configs: list, extra: dict) -> list[dict]:
+    """Time our kernel for each config (and `extra`: name -> (fn, arg_sets)) on one batch."""
+    compiled = compile_ours(configs, arg_sets[0])
+    names, entries = [], []
+    for cfg, exe in zip(configs, compiled, strict=True):
+        if exe is not None:
+            names.append(cfg_str(cfg))
+            entries.append((exe, arg_sets))
+    for name, entry in extra.items():
+        if entry is not None:
+            names.append(name)
+            entries.append(entry)
+    timings = time_entries(entries, n=args.inner, reps=args.reps)
+    nbytes = kv_bytes_of(kv_lens)
+    rows = []
+    for name, t in zip(names, timings, strict=True):
+        row = dict(point=label, config=name, **dataclasses.asdict(t))
+        best = t.device_us or t.wall_us
+        row["kv_tbps"] = nbytes / best / 1e6
+        row["pct_peak"] = 100 * row["kv_tbps"] / args.peak_tbps
+        rows.append(row)
+    return rows
+
+
+def print_rows(rows: list[dict], extra_cols=()) -> None:
+    key = lambda r: r["device_us"] if r["device_us"] is not None else r["wall_us"]
+    for r in sorted(rows, key=key):
+        dev = "-" if r["device_us"] is None else f"{r['device_us']:8.1f}"
+        ker = "-" if r["kernel_us"] is None else f"{r['kernel_us']:8.1f}"
+        kpc = "-" if r["kernels_per_call"] is None else f"{r['kernels_per_call']:.0f}"
+        more = " ".join(f"{c}={r[c]:.0f}" for c in extra_cols if r.get(c) is not None)
+        tqdm.write(
+            f"  {r['point']:>22s} {r['config']:>26s} dev {dev} us  kern {ker} us  "
+            f"wall {r['wall_us']:8.1f} us  n_k {kpc}  {r['kv_tbps']:.2f} TB/s "
+            f"({r['pct_peak']:.0f}%) {more}"
+        )
+
+
+def bench_decode(args) -> list[dict]:
+    rows = []
+    for batch in args.batches:
+        for ctx in args.contexts:
+            label = f"decode B={batch} ctx={ctx}"
+            configs = [None] + (decode_sweep_configs(batch) if args.sweep else args.configs)
+            arg_sets = make_inputs([1] * batch, [ctx] * batch, args.page_size)
+            extra = {"jax_paged_attention": old_paged_attention(arg_sets)}
+            point = bench_point(args, label, arg_sets, [ctx] * batch, configs, extra)
+            print_rows(point)
+            rows += point
+    return rows
+
+
+def bench_mixed(args) -> list[dict]:
     """Decodes beside prefill chunks: what a continuous-batching step looks like."""
     cases = {
-        "31 decodes@2048 + 1 chunk 512@1024": ([1] * 31 + [512], [2048] * 31 + [1024]),
-        "63 decodes@4096 + 2 chunks 256@2048": ([1] * 63 + [256] * 2, [4096] * 63 + [2048] * 2),
+        "31 dec@2048+512@1024": ([1] * 31 + [512], [2048] * 31 + [1024]),
+        "63 dec@4096+2x256@2048": ([1] * 63 + [256] * 2, [4096] * 63 + [2048] * 2),
         "1 prefill 4096": ([4096], [4096]),
     }
     rows = []
-    for name, (q_lens, kv_lens) in tqdm(cases.items(), desc="mixed"):
-        inputs = _batch(q_lens, kv_lens, args.page_size)
-        sec = _time(_ours(None), *inputs, reps=args.reps, inner=args.inner)
-        tbps = _kv_bytes(kv_lens) / sec / 1e12
-        rows.append(dict(case=name, us=sec * 1e6, kv_tbps=tbps, pct_peak=100 * tbps / peak))
-        tqdm.write(f"mixed {name}: {sec * 1e6:8.1f} us, {tbps:.2f} TB/s of KV")
+    for name, (q_lens, kv_lens) in cases.items():
+        configs = [None] + (mixed_sweep_configs() if args.sweep else args.configs)
+        arg_sets = make_inputs(q_lens, kv_lens, args.page_size)
+        point = bench_point(args, name, arg_sets, kv_lens, configs, {})
+        print_rows(point)
+        rows += point
     return rows
 
 
 def bench_prefill(args) -> list[dict]:
     """Dense causal prefill: cuDNN flash attention against our kernel on one request."""
     rows = []
-    for length in tqdm(args.prefill_lens, desc="prefill"):
+    for length in args.prefill_lens:
         flops = 4 * NUM_HEADS * HEAD_DIM * length * length / 2  # causal: half the matrix
-        inputs = _batch([length], [length], args.page_size)
-        ours = _time(_ours(None), *inputs, reps=args.reps, inner=args.inner)
         key = jax.random.key(1)
         q = jax.random.normal(key, (1, length, NUM_HEADS, HEAD_DIM), DTYPE)
         kv = jax.random.normal(key, (1, length, NUM_KV_HEADS, HEAD_DIM), DTYPE)
@@ -166,17 +337,18 @@ def bench_prefill(args) -> list[dict]:
             functools.partial(jax.nn.dot_product_attention, is_causal=True, implementation="cudnn")
         )
         try:
-            cudnn = _time(dense, q, kv, kv, reps=args.reps, inner=args.inner)
+            jax.block_until_ready(dense(q, kv, kv))
+            extra = {"cudnn": (dense, [(q, kv, kv)])}
         except Exception as e:
             tqdm.write(f"  cudnn failed: {type(e).__name__}: {str(e)[:200]}")
-            cudnn = float("nan")
-        row = dict(length=length, ours_us=ours * 1e6, cudnn_us=cudnn * 1e6)
-        row.update(ours_tflops=flops / ours / 1e12, cudnn_tflops=flops / cudnn / 1e12)
-        rows.append(row)
-        tqdm.write(
-            f"prefill {length:5d}: ours {ours * 1e6:8.1f} us ({row['ours_tflops']:.0f} TFLOP/s)"
-            f"  cudnn {cudnn * 1e6:8.1f} us ({row['cudnn_tflops']:.0f} TFLOP/s)"
-        )
+            extra = {}
+        configs = [None] + (prefill_sweep_configs() if args.sweep else args.configs)
+        arg_sets = make_inputs([length], [length], args.page_size)
+        point = bench_point(args, f"prefill {length}", arg_sets, [length], configs, extra)
+        for r in point:
+            r["tflops"] = flops / (r["device_us"] or r["wall_us"]) / 1e6
+        print_rows(point, extra_cols=("tflops",))
+        rows += point
     return rows
 
 
@@ -186,12 +358,14 @@ def main() -> None:
     parser.add_argument("--batches", type=int, nargs="+", default=[1, 8, 32, 64, 128, 256])
     parser.add_argument("--contexts", type=int, nargs="+", default=[512, 2048, 8192])
     parser.add_argument("--prefill-lens", type=int, nargs="+", default=[512, 2048, 8192])
+    parser.add_argument("--parts", nargs="+", default=["decode", "mixed", "prefill"])
     parser.add_argument("--page-size", type=int, default=16)
-    parser.add_argument("--reps", type=int, default=20)
-    parser.add_argument("--inner", type=int, default=10)
-    parser.add_argument("--peak-tbps", type=float, help="HBM peak; default from the device")
+    parser.add_argument("--reps", type=int, default=5)
+    parser.add_argument("--inner", type=int, default=20)
+    parser.add_argument("--peak-tbps", type=float, help="HBM bandwidth; default: PEAK_TBPS")
+    parser.add_argument("--sweep", action="store_true", help="time ~20 tile configs per point")
     parser.add_argument(
-        "--sweep", action="store_true", help="try ~30 tile configs per point (use with --quick)"
+        "--configs", nargs="+", default=[], type=parse_config, help="also time q4/kv128/s1/w4/st3.."
     )
     parser.add_argument("--quick", action="store_true", help="B in {1,32,256}, ctx in {2048}")
     args = parser.parse_args()
@@ -199,23 +373,29 @@ def main() -> None:
         args.batches, args.contexts, args.prefill_lens = [1, 32, 256], [2048], [2048]
     device = jax.devices()[0]
     assert device.platform == "gpu", f"needs a GPU, got {device.platform}"
-    peak = args.peak_tbps or next(
-        (v for k, v in PEAK_TBPS.items() if k in device.device_kind), 3.35
+    copy_tbps = measure_copy_tbps()
+    known = next((v for k, v in PEAK_TBPS.items() if k in device.device_kind), None)
+    args.peak_tbps = args.peak_tbps or known or copy_tbps
+    tqdm.write(
+        f"{device.device_kind}, jax {jax.__version__}: peak {args.peak_tbps} TB/s "
+        f"(XLA copy here: {copy_tbps:.3f})"
     )
     result = dict(
         device=device.device_kind,
         jax=jax.__version__,
-        peak_tbps=peak,
+        copy_tbps=copy_tbps,
+        peak_tbps=args.peak_tbps,
         page_size=args.page_size,
         heads=[NUM_HEADS, NUM_KV_HEADS, HEAD_DIM],
         dtype="bfloat16",
         date=time.strftime("%Y-%m-%d"),
     )
-    result["decode"] = bench_decode(args, peak)
-    result["mixed"] = bench_mixed(args, peak)
-    result["prefill"] = bench_prefill(args)
-    with open(args.output_json, "w") as f:
-        json.dump(result, f, indent=2)
+    parts = dict(decode=bench_decode, mixed=bench_mixed, prefill=bench_prefill)
+    for part in args.parts:
+        tqdm.write(f"== {part}")
+        result[part] = parts[part](args)
+        with open(args.output_json, "w") as f:  # after each part: a killed run keeps the rest
+            json.dump(result, f, indent=2)
 
 
 if __name__ == "__main__":

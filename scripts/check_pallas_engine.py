@@ -29,10 +29,16 @@ def _compare(name: str, model: str, prompts, max_tokens: int, **kw) -> bool:
     ref = _run(model, "reference", prompts, max_tokens, **kw)
     got = _run(model, "pallas", prompts, max_tokens, **kw)
     same = [a == b for a, b in zip(ref, got, strict=True)]
-    first_diff = [next((i for i, (x, y) in enumerate(zip(a, b)) if x != y), None)
-                  for a, b in zip(ref, got, strict=True)]
-    print(json.dumps({"case": name, "identical": sum(same), "of": len(same),
-                      "first_divergence": first_diff}), flush=True)
+    first_diff = [
+        next((i for i, (x, y) in enumerate(zip(a, b, strict=True)) if x != y), None)
+        for a, b in zip(ref, got, strict=True)
+    ]
+    print(
+        json.dumps(
+            {"case": name, "identical": sum(same), "of": len(same), "first_divergence": first_diff}
+        ),
+        flush=True,
+    )
     return all(same)
 
 
@@ -41,8 +47,16 @@ def main() -> int:
     ap.add_argument("--big", help="config folder for a full-size dummy-weight check")
     args = ap.parse_args()
     rng = np.random.default_rng(0)
-    small = dict(page_size=16, max_num_seqs=8, max_num_batched_tokens=256, max_model_len=512,
-                 token_buckets=(16, 256), request_buckets=(8,), num_pages=256, dtype="float32")
+    small = dict(
+        page_size=16,
+        max_num_seqs=8,
+        max_num_batched_tokens=256,
+        max_model_len=512,
+        token_buckets=(16, 256),
+        request_buckets=(8,),
+        num_pages=256,
+        dtype="float32",
+    )
     ok = True
     with tempfile.TemporaryDirectory() as d:
         from tests.hf_models import write_checkpoint
@@ -51,11 +65,20 @@ def main() -> int:
         prompts = [rng.integers(3, 320, size=n).tolist() for n in (1, 5, 17, 40, 100, 200, 3, 64)]
         ok &= _compare("tiny-llama3-fp32", d, prompts, 32, **small)
     if args.big:
-        big = dict(page_size=16, max_num_seqs=8, max_num_batched_tokens=512, max_model_len=1024,
-                   token_buckets=(16, 512), request_buckets=(8,), load_format="dummy",
-                   dtype="bfloat16", num_pages=2048)
-        prompts = [rng.integers(100, 30000, size=n).tolist() for n in (8, 30, 64, 100, 128, 200,
-                                                                        300, 500)]
+        big = dict(
+            page_size=16,
+            max_num_seqs=8,
+            max_num_batched_tokens=512,
+            max_model_len=1024,
+            token_buckets=(16, 512),
+            request_buckets=(8,),
+            load_format="dummy",
+            dtype="bfloat16",
+            num_pages=2048,
+        )
+        prompts = [
+            rng.integers(100, 30000, size=n).tolist() for n in (8, 30, 64, 100, 128, 200, 300, 500)
+        ]
         ok &= _compare("llama-3.1-8b-dummy-bf16", args.big, prompts, 64, **big)
     return 0 if ok else 1
 

@@ -85,7 +85,8 @@ def profile(llm, batch: int, input_len: int, reps: int) -> dict:
         runner.kv_caches, runner.rows_state, logits, _ = forward(
             runner.params, runner.kv_caches, runner.rows_state, model_buf
         )
-        return logits, sampler(runner.rows_state, logits, sample_buf)
+        runner.rows_state, res = sampler(runner.rows_state, logits, sample_buf)
+        return logits, res
 
     def device_loop(n=20, sample=True):
         for _ in range(n):

@@ -80,6 +80,9 @@ def test_gpu_kernel_window_and_cap(scenario):
         gpu.GpuBlockConfig(block_q=4, block_kv=64, num_splits=8, num_warps=4, num_stages=2),
         gpu.GpuBlockConfig(block_q=4, block_kv=256, num_splits=1, num_warps=8, num_stages=3),
         gpu.GpuBlockConfig(block_q=32, block_kv=64, num_splits=1, num_warps=4, num_stages=3),
+        # 128 rows beside 16-row decode tiles (two paths in one kernel), and split with them
+        gpu.GpuBlockConfig(block_q=32, block_kv=128, num_splits=1, num_warps=8, num_stages=3),
+        gpu.GpuBlockConfig(block_q=16, block_kv=32, num_splits=2, num_warps=4, num_stages=4),
     ],
 )
 def test_gpu_kernel_configs(config):

@@ -133,6 +133,37 @@ def test_gpu_kernel_split_k(config):
     _check(out, batch, kv_cache, 5, None)
 
 
+def test_gpu_kernel_tile_inside_page():
+    """A KV tile smaller than a page (block_kv 4, page 8): the gather goes by slot, not page.
+    block_q 8 at G = 4 is 32 rows, so the decodes take the 16-row path beside the chunks."""
+    case = ("mixed", 8, 2, 64, jnp.float32, 9, None)
+    batch = _batch(case, seed=3)
+    kv_cache = write_kv_reference(batch.kv_cache, batch.k, batch.v, batch.meta.slot_ids)
+    out = gpu.ragged_paged_attention(
+        *_args(batch, kv_cache),
+        sm_scale=SM_SCALE,
+        sliding_window=9,
+        config=gpu.GpuBlockConfig(block_q=8, block_kv=4, num_splits=2),
+        interpret=True,
+    )
+    _check(out, batch, kv_cache, 9, None)
+
+
+def test_gpu_config_fits_shared_memory():
+    """Triton asked 270368 / 262144 bytes (over Hopper's 232448) for two fp32 configs; the
+    model must predict that, and the fitted configs must fit."""
+    big = gpu.GpuBlockConfig(block_q=4, block_kv=128, num_splits=1, num_warps=4, num_stages=3)
+    assert abs(gpu.smem_bytes(big, 4, 128, 4) - 270368) <= 64
+    wide = gpu.GpuBlockConfig(block_q=32, block_kv=128, num_splits=1, num_warps=8, num_stages=2)
+    assert abs(gpu.smem_bytes(wide, 4, 128, 4) - 262144) <= 64  # seen at 128 rows, fp32
+    defaults = [gpu.default_config(t, r, 32, 8, 16) for t, r in ((32, 32), (2048, 8), (576, 64))]
+    for cfg in (big, wide, *defaults):
+        fitted = gpu.fit_config(cfg, 4, 128, 4)
+        assert gpu.smem_bytes(fitted, 4, 128, 4) <= 200 * 1024
+        assert fitted.block_kv >= 16 and fitted.num_splits == cfg.num_splits
+        assert gpu.fit_config(cfg, 4, 128, 2).block_kv == cfg.block_kv  # bf16 defaults fit
+
+
 @pytest.mark.parametrize("case", CASES[1:5], ids=_case_id)
 def test_tpu_kernel_interpret(case):
     batch = _batch(case)
@@ -206,9 +237,12 @@ def test_dispatch_rejects_cpu():
 
 
 def test_gpu_default_config():
-    """Decode-like batches: 16-row tiles, split-K shrinking with the batch; prefill: 64 rows."""
-    splits = [gpu.default_config(b, b, 32, 8, 16).num_splits for b in (1, 32, 256)]
-    assert splits == [16, 2, 1]
+    """Decode-like batches: 16-row tiles, split-K only below ~256 (request, kv head) pairs;
+    prefill-heavy batches (<= 8 requests): 128 rows; decodes beside chunks: 64 rows."""
+    splits = [gpu.default_config(b, b, 32, 8, 16).num_splits for b in (1, 8, 16, 32, 256)]
+    assert splits == [8, 4, 2, 1, 1]
     assert gpu.default_config(32, 32, 32, 8, 16).block_q * 4 == 16
-    prefill = gpu.default_config(2048, 32, 32, 8, 16)
-    assert prefill.block_q * 4 == 64 and prefill.num_splits == 1
+    prefill = gpu.default_config(2048, 8, 32, 8, 16)
+    assert prefill.block_q * 4 == 128 and prefill.num_splits == 1
+    mixed = gpu.default_config(576, 64, 32, 8, 16)
+    assert mixed.block_q * 4 == 64 and mixed.num_splits == 1
