@@ -6,6 +6,9 @@ import argparse
 import logging
 import sys
 
+# pallas_kernels.attention.AttentionBackend's values (api imports engine only: DESIGN.md).
+ATTENTION_BACKENDS = ["auto", "pallas", "reference", "pallas-interpret-gpu", "pallas-interpret-tpu"]
+
 
 def add_engine_args(p: argparse.ArgumentParser) -> None:
     """vLLM's engine flag names."""
@@ -13,7 +16,9 @@ def add_engine_args(p: argparse.ArgumentParser) -> None:
     p.add_argument(
         "--load-format", default="auto", choices=["auto", "safetensors", "gguf", "orbax", "dummy"]
     )
-    p.add_argument("--attention-backend", default="auto", choices=["auto", "pallas", "reference"])
+    p.add_argument(
+        "--attention-backend", default="auto", choices=ATTENTION_BACKENDS
+    )
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--max-model-len", type=int)
     p.add_argument("--max-num-seqs", type=int)

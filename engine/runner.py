@@ -8,8 +8,10 @@ start-up; calling a compiled executable never traces or compiles again.
 
 from __future__ import annotations
 
+import concurrent.futures
 import dataclasses
 import logging
+import os
 from typing import NamedTuple
 
 import jax
@@ -220,18 +222,26 @@ class ModelRunner:
         assert tokens[-1] >= s.max_num_batched_tokens and requests[-1] >= s.max_num_seqs
         return tokens, requests
 
+    def request_buckets_for(self, num_tokens_bucket: int) -> tuple[int, ...]:
+        """R buckets compiled with token bucket T: rungs within [T / 4, T], and one rung that
+        holds every request the step can have (R <= T: a request has >= 1 token). A decode
+        batch (T ~ R) gets a tight R; a long prefill step pads its few sampled rows a little."""
+        t, ladder = num_tokens_bucket, self.request_buckets
+        top = next((r for r in ladder if r >= min(t, self.max_num_seqs)), ladder[-1])
+        return tuple(sorted({r for r in ladder if t / 4 <= r <= t} | {top}))
+
     def layouts(self) -> list[StepLayout]:
-        """Every (T, R) bucket pair the engine can meet (R <= T: a request has >= 1 token)."""
-        out = []
-        for t in self.token_buckets:
-            rs = [r for r in self.request_buckets if r <= t] or [self.request_buckets[0]]
-            rs = rs + [r for r in self.request_buckets if r > t][:1]
-            out += [StepLayout(t, r, self.pages_per_request) for r in sorted(set(rs))]
-        return out
+        """Every (T, R) bucket pair the engine can meet."""
+        return [
+            StepLayout(t, r, self.pages_per_request)
+            for t in self.token_buckets
+            for r in self.request_buckets_for(t)
+        ]
 
     def compile(self) -> None:
         """Compile every bucket ahead of time (with a progress bar): the forward pass per
-        (T, R) bucket, each sampler variant per R bucket, prompt logprobs per T bucket."""
+        (T, R) bucket, each sampler variant per R bucket, prompt logprobs per T bucket.
+        Tracing runs in this thread; XLA compiles in a thread pool, one bucket per core."""
         abstract = lambda tree: jax.tree.map(
             lambda a: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=a.sharding), tree
         )
@@ -250,31 +260,39 @@ class ModelRunner:
         layouts = self.layouts()
         d, v = self.model_config.hidden_size, self.model_config.vocab_size
         dtype = self.kv_caches[0].dtype
-        for layout in tqdm(layouts, desc="compiling buckets", leave=False):
-            self._forward[layout] = forward.lower(
+        jobs = []  # (table, key, lowered)
+        for layout in layouts:
+            lowered = forward.lower(
                 self.model_def, params, kv, rows, i32(layout.size), layout=layout
-            ).compile()
+            )
+            jobs.append((self._forward, layout, lowered))
         for r in sorted({lay.num_requests for lay in layouts}):
             lay = StepLayout(0, r, self.pages_per_request)
             logits = jax.ShapeDtypeStruct((r, v), jnp.float32)
             for variant in (GREEDY, SAMPLE, FULL):
-                self._sampler[r, variant] = sampler.lower(
+                lowered = sampler.lower(
                     rows, logits, i32(lay.sample_size), layout=lay, variant=variant
-                ).compile()
+                )
+                jobs.append((self._sampler, (r, variant), lowered))
         for t in sorted({lay.num_tokens for lay in layouts}):
             hidden = jax.ShapeDtypeStruct((t, d), dtype)
-            self._prompt_lp[t] = prompt_lp.lower(self.model_def, params, hidden, i32(t)).compile()
-        self._set_row = (
-            jax.jit(set_row_fn, donate_argnames=("rows_state",))
-            .lower(
-                rows,
-                jnp.int32(0),
-                i32(MAX_LOGIT_BIAS),
-                jax.ShapeDtypeStruct((MAX_LOGIT_BIAS,), jnp.float32),
-                i32(MAX_STOP_IDS),
+            jobs.append(
+                (self._prompt_lp, t, prompt_lp.lower(self.model_def, params, hidden, i32(t)))
             )
-            .compile()
+        set_row = jax.jit(set_row_fn, donate_argnames=("rows_state",)).lower(
+            rows,
+            jnp.int32(0),
+            i32(MAX_LOGIT_BIAS),
+            jax.ShapeDtypeStruct((MAX_LOGIT_BIAS,), jnp.float32),
+            i32(MAX_STOP_IDS),
         )
+        with concurrent.futures.ThreadPoolExecutor(os.cpu_count() or 1) as pool:
+            futures = {pool.submit(lowered.compile): (table, key) for table, key, lowered in jobs}
+            done = concurrent.futures.as_completed(futures)
+            for future in tqdm(done, total=len(futures), desc="compiling buckets", leave=False):
+                table, key = futures[future]
+                table[key] = future.result()
+        self._set_row = set_row.compile()
 
     # -- per-request rows -------------------------------------------------------------------
     def _release(self, request_ids) -> None:
@@ -337,7 +355,7 @@ class ModelRunner:
         rows = [self._row_for(req) for req in sched.requests]
         seeds = [self._seeds[req.request_id] for req in sched.requests]
         t = pick_bucket(self.token_buckets, sched.num_batched_tokens)
-        r = pick_bucket(self.request_buckets, len(sched.requests))
+        r = pick_bucket(self.request_buckets_for(t), len(sched.requests))
         layout = StepLayout(t, r, self.pages_per_request)
         bufs = build_step_input(
             sched,

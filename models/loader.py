@@ -23,6 +23,7 @@ from flax import nnx
 from tqdm import tqdm
 
 from models.config import ModelConfig
+from models.llama import fused_parts
 from models.registry import get_model_class
 from models.safetensors_reader import CheckpointError, iter_safetensors
 from pallas_kernels.attention import AttentionBackend
@@ -112,6 +113,45 @@ def _path_name(path: tuple) -> str:
     return ".".join(str(p) for p in (*path[:-1], leaf))
 
 
+class _FusedBuffers:
+    """Host buffers of fused parameters (qkv_proj, gate_up_proj) while their checkpoint parts
+    arrive one tensor at a time; a buffer goes to the device once all its parts are in."""
+
+    def __init__(self, parts: dict[str, tuple[tuple[str, int], ...]]):
+        self.parts = parts
+        self.buffers: dict[tuple, np.ndarray] = {}
+        self.filled: dict[tuple, set[str]] = {}
+
+    def locate(self, path: tuple) -> tuple[tuple, int, int] | None:
+        """A checkpoint path (.., "q_proj", "kernel") -> (fused path, column offset, width)."""
+        for fused, parts in self.parts.items():
+            offset = 0
+            for name, width in parts:
+                if path[-2] == name:
+                    return (*path[:-2], fused, path[-1]), offset, width
+                offset += width
+        return None
+
+    def put(self, path: tuple, part: str, offset: int, value: np.ndarray, shape, dtype):
+        """Write one part; returns the whole buffer when it is complete, else None."""
+        buf = self.buffers.setdefault(path, np.zeros(shape, dtype))
+        buf[..., offset : offset + value.shape[-1]] = value
+        self.filled.setdefault(path, set()).add(part)
+        if len(self.filled[path]) < len(self.parts[path[-2]]):
+            return None
+        del self.filled[path]
+        return self.buffers.pop(path)
+
+    def missing(self) -> list[str]:
+        """Checkpoint names of parts never seen, for fused parameters partly loaded."""
+        out = []
+        for path, seen in self.filled.items():
+            for name, _ in self.parts[path[-2]]:
+                if name not in seen:
+                    out.append(_path_name((*path[:-2], name, path[-1])))
+        return out
+
+
 def fill_params(
     pure: dict,
     tensors: Iterable[tuple[str, np.ndarray, Path]],
@@ -119,23 +159,30 @@ def fill_params(
     source: Path,
     dtype: jnp.dtype,
     tied: bool,
+    fused: dict[str, tuple[tuple[str, int], ...]],
 ) -> dict:
-    """Put every checkpoint tensor at its parameter path; errors name the file and tensor."""
+    """Put every checkpoint tensor at its parameter path (parts of fused parameters at their
+    column slice); errors name the file and tensor."""
     expected = dict(_flatten(pure))
     loaded: set[tuple] = set()
     np_dtype = np.dtype(dtype)
+    buffers = _FusedBuffers(fused)
     for name, array, file in tqdm(
         tensors, desc="loading weights", total=len(expected), leave=False
     ):
         if name.endswith(_IGNORED_SUFFIXES) or (tied and name == "lm_head.weight"):
             continue
         mapped = hf_name_to_path(name)
-        if mapped is None or mapped[0] not in expected:
+        located = buffers.locate(mapped[0]) if mapped is not None else None
+        target = located[0] if located else (mapped[0] if mapped else None)
+        if target not in expected:
             raise CheckpointError(f"{file}: unexpected tensor {name!r} for this architecture")
         path, transpose = mapped
         if not (np.issubdtype(array.dtype, np.floating) or array.dtype == ml_dtypes.bfloat16):
             raise CheckpointError(f"{file}: tensor {name!r} has unsupported dtype {array.dtype}")
-        want = tuple(expected[path].shape)
+        want = tuple(expected[target].shape)
+        if located:
+            want = (*want[:-1], located[2])
         got = tuple(array.shape[::-1]) if transpose else tuple(array.shape)
         if got != want:
             shown = tuple(array.shape)
@@ -144,9 +191,18 @@ def fill_params(
                 f"{want[::-1] if transpose else want}"
             )
         host = np.asarray(array.T if transpose else array).astype(np_dtype)
-        _set(pure, path, jax.device_put(host))
-        loaded.add(path)
-    missing = sorted(_path_name(p) for p in expected.keys() - loaded)
+        if located:
+            host = buffers.put(target, path[-2], located[1], host, expected[target].shape, np_dtype)
+            if host is None:
+                continue
+        _set(pure, target, jax.device_put(host))
+        loaded.add(target)
+    never_seen = sorted(expected.keys() - loaded - set(buffers.filled), key=_path_name)
+    missing = buffers.missing() + [
+        _path_name((*p[:-2], part, p[-1])) if p[-2] in fused else _path_name(p)
+        for p in never_seen
+        for part in ([name for name, _ in fused[p[-2]]] if p[-2] in fused else [None])
+    ]
     if missing:
         raise CheckpointError(
             f"{source}: missing tensors {missing[:8]}{'...' if len(missing) > 8 else ''}"
@@ -218,7 +274,12 @@ def load_model(
         pure = restore_orbax(path, pure)
     else:
         pure = fill_params(
-            pure, _tensors(path, fmt), source=path, dtype=dt, tied=config.tie_word_embeddings
+            pure,
+            _tensors(path, fmt),
+            source=path,
+            dtype=dt,
+            tied=config.tie_word_embeddings,
+            fused=fused_parts(config),
         )
     nnx.replace_by_pure_dict(state, pure)
     logger.info("loaded %s (%s, %s) from %s", config.architecture, fmt, dt.name, path)

@@ -32,6 +32,10 @@ class AttentionBackend(enum.Enum):
     AUTO = "auto"
     PALLAS = "pallas"
     REFERENCE = "reference"
+    # The GPU / TPU kernels run by Pallas' interpreters on any platform: slow, for tests that
+    # check the kernels inside the whole engine on the CPU.
+    PALLAS_INTERPRET_GPU = "pallas-interpret-gpu"
+    PALLAS_INTERPRET_TPU = "pallas-interpret-tpu"
 
 
 def resolve_backend(
@@ -66,7 +70,11 @@ def paged_attention(
     q: [T, N, H]; k, v: [T, K, H]; kv_cache: [2, K, num_pages, S, H].
     Returns (out [T, N, H], updated kv_cache).
     """
-    if backend is AttentionBackend.PALLAS:
+    interpreted = {
+        AttentionBackend.PALLAS_INTERPRET_GPU: "gpu",
+        AttentionBackend.PALLAS_INTERPRET_TPU: "tpu",
+    }
+    if backend is AttentionBackend.PALLAS or backend in interpreted:
         from pallas_kernels import dispatch  # kernels import lazily: CPU never needs them
 
         return dispatch.paged_attention(
@@ -78,6 +86,8 @@ def paged_attention(
             sm_scale=sm_scale,
             sliding_window=sliding_window,
             soft_cap=soft_cap,
+            platform=interpreted.get(backend),
+            interpret=backend in interpreted,
         )
     kv_cache = write_kv_reference(kv_cache, k, v, meta.slot_ids)
     # The jnp backend walks only the pages the batch needs (cpu_attention.py); it is tested

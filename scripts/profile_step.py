@@ -56,9 +56,10 @@ def profile(llm, batch: int, input_len: int, reps: int) -> dict:
     sched = eng.scheduler.schedule()
     rows = [runner._row_for(r) for r in sched.requests]
     seeds = [runner._seeds[r.request_id] for r in sched.requests]
+    layout_t = pick_bucket(runner.token_buckets, sched.num_batched_tokens)
     layout = StepLayout(
-        pick_bucket(runner.token_buckets, sched.num_batched_tokens),
-        pick_bucket(runner.request_buckets, len(sched.requests)),
+        layout_t,
+        pick_bucket(runner.request_buckets_for(layout_t), len(sched.requests)),
         runner.pages_per_request,
     )
     build = lambda: build_step_input(

@@ -63,8 +63,11 @@ def test_bf16_checkpoint_loads_exactly(folder, tmp_path):
     emb = np.asarray(model.model.embed_tokens.embedding[...])
     assert emb.dtype == ml_dtypes.bfloat16
     np.testing.assert_array_equal(emb, tensors["model.embed_tokens.weight"])
-    q = np.asarray(model.model.layers[1].self_attn.q_proj.kernel[...])
-    np.testing.assert_array_equal(q, tensors["model.layers.1.self_attn.q_proj.weight"].T)
+    qkv = np.asarray(model.model.layers[1].self_attn.qkv_proj.kernel[...])
+    q = tensors["model.layers.1.self_attn.q_proj.weight"].T
+    v = tensors["model.layers.1.self_attn.v_proj.weight"].T
+    np.testing.assert_array_equal(qkv[:, : q.shape[1]], q)
+    np.testing.assert_array_equal(qkv[:, -v.shape[1] :], v)
 
 
 def test_orbax_round_trip(folder, tmp_path):

@@ -1,0 +1,44 @@
+"""The whole engine with the Pallas kernels (run by Pallas' interpreters on the CPU) against the
+engine with the jnp attention: same greedy tokens, mixed prefill chunks and decodes included."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+from engine import LLM, SamplingParams
+from tests.hf_models import write_checkpoint
+
+
+@pytest.fixture(scope="module")
+def folder(tmp_path_factory):
+    return write_checkpoint("qwen3", tmp_path_factory.mktemp("qwen3"))
+
+
+def _generate(folder, backend: str, prompts, cache_dir) -> list[list[int]]:
+    llm = LLM(
+        str(folder),
+        attention_backend=backend,
+        skip_tokenizer_init=True,
+        page_size=8,
+        max_num_seqs=4,
+        max_num_batched_tokens=32,
+        max_model_len=128,
+        num_pages=40,
+        token_buckets=(32,),
+        dtype="float32",
+        compilation_cache_dir=cache_dir,
+    )
+    params = SamplingParams(temperature=0.0, max_tokens=6, ignore_eos=True)
+    return [
+        o.outputs[0].token_ids
+        for o in llm.generate([{"prompt_token_ids": p} for p in prompts], params)
+    ]
+
+
+@pytest.mark.parametrize("backend", ["pallas-interpret-gpu", "pallas-interpret-tpu"])
+def test_pallas_backend_matches_reference(folder, tmp_path, backend):
+    rng = np.random.default_rng(5)
+    prompts = [rng.integers(3, 320, size=n).tolist() for n in (3, 20, 45)]
+    want = _generate(folder, "reference", prompts, str(tmp_path))
+    assert _generate(folder, backend, prompts, str(tmp_path)) == want
