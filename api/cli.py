@@ -16,9 +16,7 @@ def add_engine_args(p: argparse.ArgumentParser) -> None:
     p.add_argument(
         "--load-format", default="auto", choices=["auto", "safetensors", "gguf", "orbax", "dummy"]
     )
-    p.add_argument(
-        "--attention-backend", default="auto", choices=ATTENTION_BACKENDS
-    )
+    p.add_argument("--attention-backend", default="auto", choices=ATTENTION_BACKENDS)
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--max-model-len", type=int)
     p.add_argument("--max-num-seqs", type=int)

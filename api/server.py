@@ -125,7 +125,8 @@ def build_app(engine: AsyncEngine, config: ServerConfig) -> Starlette:
         return JSONResponse(serving.models())
 
     async def health(request: Request) -> Response:
-        return Response(status_code=200)
+        # 503 once the engine loop died: a load balancer should take this replica out.
+        return Response(status_code=200 if engine.is_alive else 503)
 
     async def metrics_route(request: Request) -> Response:
         # Reading the engine's stats waits for the engine lock: keep it off the event loop.

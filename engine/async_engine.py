@@ -55,10 +55,14 @@ class AsyncEngine:
         queue: asyncio.Queue = asyncio.Queue()
         loop = asyncio.get_running_loop()
         self._queues[request_id] = (loop, queue)
+        add = loop.run_in_executor(None, self._add, request_id, prompt, sampling_params, priority)
         try:
-            await asyncio.to_thread(self._add, request_id, prompt, sampling_params, priority)
-        except BaseException:
+            await asyncio.shield(add)
+        except BaseException as e:
             self._queues.pop(request_id, None)
+            if not isinstance(e, Exception):  # cancelled: the add may still land, so abort
+                # once it has, in a worker thread (nothing can be awaited in a cancelled task)
+                add.add_done_callback(lambda _: loop.run_in_executor(None, self.abort, request_id))
             raise
         finished = False
         try:
@@ -70,8 +74,14 @@ class AsyncEngine:
                 yield out
         finally:
             self._queues.pop(request_id, None)
-            if not finished:  # the consumer went away: free its pages now
-                await asyncio.to_thread(self.abort, request_id)
+            if not finished:  # the consumer went away: free its pages now, without awaiting,
+                # since a cancelled task (client disconnect) may not await anything
+                loop.run_in_executor(None, self.abort, request_id)
+
+    @property
+    def is_alive(self) -> bool:
+        """False once the engine loop died (for /health)."""
+        return self._error is None and self._thread.is_alive()
 
     def abort(self, request_id: str) -> None:
         with self._lock:

@@ -59,7 +59,25 @@ def _stand_in_engine(tokenizer, generate=None):
         stats=lambda: None,
         generate=generate,
         abort=lambda request_id: None,
+        is_alive=True,
     )
+
+
+def _get(app, path: str) -> httpx.Response:
+    async def go():
+        transport = httpx.ASGITransport(app=app, raise_app_exceptions=False)
+        async with httpx.AsyncClient(transport=transport, base_url="http://t") as client:
+            return await client.get(path)
+
+    return asyncio.run(go())
+
+
+def test_health_reports_a_dead_engine(tokenizer):
+    engine = _stand_in_engine(tokenizer)
+    app = build_app(engine, ServerConfig(("m",)))
+    assert _get(app, "/health").status_code == 200
+    engine.is_alive = False
+    assert _get(app, "/health").status_code == 503
 
 
 def _post(app, path: str, body: dict) -> httpx.Response:
