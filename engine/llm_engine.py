@@ -113,6 +113,8 @@ class LLMEngine:
         )
         t0 = time.perf_counter()
         self.runner.compile()
+        if jax.default_backend() != "cpu":  # first-run kernel loading, off the request path
+            self.runner.warm_up()
         logger.info(
             "KV cache: %d pages of %d tokens; compiled %d buckets in %.1f s",
             num_pages,

@@ -27,7 +27,7 @@ from engine.types import (
 
 
 class QueueFullError(RuntimeError):
-    """The waiting queue holds `max_waiting_requests` already (the API answers 503)."""
+    """`max_waiting_requests` wait beyond the free running slots already (the API answers 503)."""
 
 
 @dataclass(frozen=True)
@@ -103,8 +103,12 @@ class Scheduler:
         max_len = min(self.max_total_tokens(request) - 1, cfg.max_model_len)
         if -(-max_len // self.allocator.page_size) > self.allocator.num_usable_pages:
             raise ValueError(f"a request of {max_len} tokens does not fit in the KV cache.")
-        if cfg.max_waiting_requests is not None and len(self.waiting) >= cfg.max_waiting_requests:
-            raise QueueFullError(f"the waiting queue is full ({cfg.max_waiting_requests}).")
+        # Requests the next step will admit into free running slots are not really waiting: a
+        # burst that arrives between two steps must not be turned away while slots are free.
+        free_slots = max(cfg.max_num_seqs - len(self.running), 0)
+        limit = cfg.max_waiting_requests
+        if limit is not None and len(self.waiting) >= limit + free_slots:
+            raise QueueFullError(f"the waiting queue is full ({limit}).")
         request.status = RequestStatus.WAITING
         self.requests[request.request_id] = request
         self._enqueue(request)

@@ -173,7 +173,16 @@ def test_full_queue_is_503_and_disconnect_frees_pages(server):
         ) as client:
             before = await _wait_for(client, lambda m: True)
             tasks = await _open_streams(client, num_seqs + MAX_WAITING + 8)
-            full = await _wait_for(client, lambda m: m["num_requests_waiting"] == MAX_WAITING)
+            # Wait for the state asserted below (the engine admits a burst only at its next
+            # step), and for the first answer, which can only be a rejection.
+            full = await _wait_for(
+                client,
+                lambda m: (
+                    m["num_requests_waiting"] == MAX_WAITING
+                    and m["num_requests_running"] == num_seqs
+                ),
+            )
+            await asyncio.wait(tasks, timeout=30, return_when=asyncio.FIRST_COMPLETED)
             rejected = [t.result() for t in tasks if t.done() and not t.exception()]
             for t in tasks:
                 t.cancel()

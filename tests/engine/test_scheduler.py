@@ -240,16 +240,20 @@ def test_abort_and_finish_requests() -> None:
 
 
 def test_add_request_validation() -> None:
-    scheduler, _ = make_scheduler(max_waiting_requests=1)
+    scheduler, _ = make_scheduler(max_waiting_requests=1, max_num_seqs=1)
     with pytest.raises(ValueError, match="maximum context length"):
         scheduler.add_request(make_request("long", [2] * 65))
     with pytest.raises(ValueError, match="at least one token"):
         scheduler.add_request(make_request("empty", []))
-    scheduler.add_request(make_request("a", [2]))
+    scheduler.add_request(make_request("a", [2]))  # the next step runs it: one free slot
     with pytest.raises(ValueError, match="already in use"):
         scheduler.add_request(make_request("a", [2]))
+    scheduler.add_request(make_request("b", [2]))  # waits: the one waiting place
     with pytest.raises(QueueFullError):
-        scheduler.add_request(make_request("b", [2]))
+        scheduler.add_request(make_request("c", [2]))
+    scheduler.schedule()  # "a" runs, no slot is free: "b" alone fills the queue
+    with pytest.raises(QueueFullError):
+        scheduler.add_request(make_request("c", [2]))
     small, _ = make_scheduler(num_pages=3)
     with pytest.raises(ValueError, match="does not fit"):
         small.add_request(make_request("big", [2] * 10, max_tokens=5))
