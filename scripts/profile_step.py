@@ -30,7 +30,7 @@ def _median_ms(fn, reps: int) -> float:
 
 def profile(llm, batch: int, input_len: int, reps: int) -> dict:
     from engine import SamplingParams
-    from engine.runner import GREEDY
+    from engine.step_fns import GREEDY
     from engine.step_input import StepLayout, build_step_input, pick_bucket
 
     eng = llm.engine
