@@ -1,6 +1,6 @@
 """Engine output with the Pallas attention backend against the reference backend, on the current
 device: greedy tokens of a tiny random Llama (fp32) and, with --big, Llama-3.1-8B-shaped dummy
-bf16 weights, teacher-forced over the reference's first 64 tokens of 8 prompts (see
+bf16 weights, teacher-forced over the reference's first 64 tokens of 8 prompts, against float32 (see
 `_teacher_forced`). Prints one JSON line per case; exits 1 on a mismatch.
 
     python scripts/check_pallas_engine.py [--big scripts/configs/llama-3.1-8b]
@@ -70,18 +70,25 @@ def _teacher_forced(name: str, model: str, prompts, max_tokens: int, **kw) -> bo
     ]
     ref = _prompt_logprobs(model, "reference", seqs, **kw)
     got = _prompt_logprobs(model, "pallas", seqs, **kw)
+    # The noise floor: the same jnp reference in float32. Pallas passes if it is no farther
+    # from float32 than the bf16 reference itself is (bf16 error grows through 32 layers of
+    # random weights, whose logits are nearly flat).
+    truth = _prompt_logprobs(model, "reference", seqs, **{**kw, "dtype": "float32"})
+    ref_err = np.abs(ref[:, 0] - truth[:, 0])
+    got_err = np.abs(got[:, 0] - truth[:, 0])
     diff = np.abs(ref[:, 0] - got[:, 0])
-    clear = ref[:, 2] - ref[:, 0] > 0.05  # only where the actual token is not a near-tie
-    agree = float(np.mean(ref[clear, 1] == got[clear, 1])) if clear.any() else 1.0
-    ok = float(np.median(diff)) < 0.02 and agree >= 0.99
+    ok = float(np.median(got_err)) <= 1.5 * float(np.median(ref_err)) + 1e-3
     print(
         json.dumps(
             {
                 "case": name,
                 "positions": len(diff),
-                "logprob_abs_diff_median": round(float(np.median(diff)), 5),
-                "logprob_abs_diff_max": round(float(diff.max()), 5),
-                "top1_agreement_clear_positions": round(agree, 4),
+                "pallas_vs_reference_median": round(float(np.median(diff)), 5),
+                "bf16_reference_vs_fp32_median": round(float(np.median(ref_err)), 5),
+                "bf16_pallas_vs_fp32_median": round(float(np.median(got_err)), 5),
+                "bf16_pallas_vs_fp32_max": round(float(got_err.max()), 5),
+                "top1_pallas_eq_fp32": round(float(np.mean(got[:, 1] == truth[:, 1])), 4),
+                "top1_reference_eq_fp32": round(float(np.mean(ref[:, 1] == truth[:, 1])), 4),
                 "ok": ok,
             }
         ),
