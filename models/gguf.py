@@ -127,8 +127,9 @@ def _read_string(buf: np.ndarray, pos: int) -> tuple[str, int]:
     return bytes(buf[pos + 8 : pos + 8 + length]).decode("utf-8"), pos + 8 + length
 
 
-def _read_value(buf: np.ndarray, pos: int, value_type: int) -> tuple[Any, int]:
-    """One metadata value at `pos` -> (value, position after it); long arrays -> None."""
+def _read_value(buf: np.ndarray, pos: int, value_type: int, full: bool = False) -> tuple[Any, int]:
+    """One metadata value at `pos` -> (value, position after it). Long arrays come back as
+    their length (as transformers' own reader does), unless `full`."""
     if value_type == GGUFValueType.STRING:
         return _read_string(buf, pos)
     if value_type != GGUFValueType.ARRAY:
@@ -136,20 +137,25 @@ def _read_value(buf: np.ndarray, pos: int, value_type: int) -> tuple[Any, int]:
         return struct.unpack_from(fmt, buf, pos)[0], pos + struct.calcsize(fmt)
     item_type, count = struct.unpack_from("<IQ", buf, pos)
     pos += 12
-    if item_type != GGUFValueType.STRING and count > _MAX_ARRAY_LEN:
-        return None, pos + count * struct.calcsize(_SCALAR_FORMATS[item_type])
+    skip = count > _MAX_ARRAY_LEN and not full
+    if item_type not in (GGUFValueType.STRING, GGUFValueType.ARRAY):
+        fmt = _SCALAR_FORMATS[item_type]
+        end = pos + count * struct.calcsize(fmt)
+        if skip:
+            return count, end
+        return np.frombuffer(bytes(buf[pos:end]), dtype=np.dtype(fmt)).tolist(), end
     items = []
     for _ in range(count):
-        if item_type == GGUFValueType.STRING and count > _MAX_ARRAY_LEN:
+        if item_type == GGUFValueType.STRING and skip:
             (length,) = struct.unpack_from("<Q", buf, pos)  # skip without decoding
             pos += 8 + length
         else:
             item, pos = _read_value(buf, pos, item_type)
             items.append(item)
-    return (items if count <= _MAX_ARRAY_LEN else None), pos
+    return (count if skip else items), pos
 
 
-def _read_header(path: Path) -> _GgufHeader:
+def _read_header(path: Path, full_arrays: frozenset[str] = frozenset()) -> _GgufHeader:
     """Parse a GGUF (v2/v3, little-endian) header; tensor data stays in the memory map."""
     buf = np.memmap(path, dtype=np.uint8, mode="r")
     magic, version, num_tensors, num_kv = struct.unpack_from("<IIQQ", buf, 0)
@@ -163,7 +169,7 @@ def _read_header(path: Path) -> _GgufHeader:
     for _ in range(num_kv):
         key, pos = _read_string(buf, pos)
         (value_type,) = struct.unpack_from("<I", buf, pos)
-        metadata[key], pos = _read_value(buf, pos + 4, value_type)
+        metadata[key], pos = _read_value(buf, pos + 4, value_type, key in full_arrays)
     entries = []
     for _ in range(num_tensors):
         name, pos = _read_string(buf, pos)
@@ -310,21 +316,50 @@ def iter_gguf_tensors(
         yield hf_name, np.array(weight, dtype=dtype)
 
 
+_TOKENIZER_ARRAYS = frozenset(
+    f"tokenizer.ggml.{key}" for key in ("tokens", "merges", "token_type", "scores")
+)
+_SPECIAL_TOKENS = {
+    "bos_token": "bos_token_id",
+    "eos_token": "eos_token_id",
+    "unk_token": "unknown_token_id",
+    "pad_token": "padding_token_id",
+}
+
+
 def load_gguf_tokenizer(path: str | Path) -> Any:
     """A transformers fast tokenizer rebuilt from the GGUF's `tokenizer.*` metadata.
 
-    transformers converts the vocabulary, merges, special tokens (bos/eos/unk/pad) and
-    `tokenizer.chat_template`. Returns a `PreTrainedTokenizerFast` (in transformers 5 the same
-    class as `TokenizersBackend`, which is what `AutoTokenizer` returns for a GGUF too). A file
-    without a chat template (a base model) loads with a warning: completions work, chat does not.
+    transformers' own converter (`convert_gguf_tokenizer`) builds the vocabulary, merges,
+    special tokens and chat template, but its GGUF reader imports torch, which the runtime does
+    not install: so the metadata comes from our reader, grouped as transformers'
+    `get_gguf_tokenizer` groups it. A file without a chat template (a base model) loads with a
+    warning: completions work, chat does not.
     """
-    # Not AutoTokenizer: for llama files it first builds the model config through transformers'
-    # legacy GGUF loader (gguf.GGUFReader, ~4 s for a 49k vocabulary, and torch). The class it
-    # then picks is this one, fed by the same converter: the same result in half the time.
     from transformers import PreTrainedTokenizerFast  # slow import; only tokenizer users pay it
+    from transformers.integrations.gguf.gguf_tokenizer_mapping import (
+        GGUF_TOKENIZER_MAPPING,
+        convert_gguf_tokenizer,
+    )
 
     path = Path(path)
-    tokenizer = PreTrainedTokenizerFast.from_pretrained(str(path.parent), gguf_file=path.name)
+    metadata = _read_header(path, _TOKENIZER_ARRAYS).metadata
+    grouped = {
+        group: {
+            name: metadata[f"tokenizer.{key}"]
+            for key, name in renames.items()
+            if f"tokenizer.{key}" in metadata
+        }
+        for group, renames in GGUF_TOKENIZER_MAPPING.items()
+    }
+    tokenizer_dict, config = grouped["tokenizer"], grouped["tokenizer_config"]
+    if tokenizer_dict.get("tokenizer_type") == "llama":
+        config.setdefault("add_bos_token", True)  # llama.cpp's default for sentencepiece files
+    for name, key in _SPECIAL_TOKENS.items():
+        token_id = metadata.get(f"tokenizer.ggml.{key}")
+        config[name] = tokenizer_dict["tokens"][token_id] if token_id is not None else None
+    backend, extra = convert_gguf_tokenizer(metadata["general.architecture"], tokenizer_dict)
+    tokenizer = PreTrainedTokenizerFast(tokenizer_object=backend, **config, **extra)
     if not tokenizer.chat_template:
         logger.warning("%s: GGUF metadata has no tokenizer.chat_template", path)
     return tokenizer
