@@ -199,3 +199,22 @@ def test_default_model_path_is_the_packaged_gguf() -> None:
     assert path.name == "SmolLM2-135M-Instruct.Q4_1.gguf"
     with path.open("rb") as file:
         assert file.read(4) == b"GGUF"
+
+
+def test_default_model_loads_without_torch():
+    """The runtime does not install torch (only the test extra does): the default model and its
+    tokenizer must load with torch unavailable, as on a fresh `pip install -e .`."""
+    import subprocess
+    import sys
+
+    code = (
+        "import sys; sys.modules['torch'] = None\n"  # makes `import torch` fail
+        "from models.loader import load_model\n"
+        "from models.tokenizer import load_tokenizer\n"
+        "tok = load_tokenizer(None)\n"
+        "model = load_model(None, dtype='float32')\n"
+        "print(tok.encode('The capital of France is'), model.config.num_layers)\n"
+    )
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300)
+    assert out.returncode == 0, out.stderr[-3000:]
+    assert out.stdout.strip().endswith("30"), out.stdout
