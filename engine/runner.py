@@ -239,11 +239,6 @@ class ModelRunner:
             self._dirty_rows.discard(row)
 
     # -- the step ---------------------------------------------------------------------------
-    def execute(self, sched: SchedulerOutput) -> StepOutput:
-        """Run one step and wait for its sampled tokens."""
-        dispatched = self.dispatch(sched)
-        return StepOutput([]) if dispatched is None else self.collect(sched, dispatched)
-
     def dispatch(self, sched: SchedulerOutput) -> Dispatched | None:
         """Start the step on the device and return at once (None for an empty step)."""
         self._release(sched.finished_request_ids | sched.preempted_request_ids)

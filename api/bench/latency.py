@@ -13,12 +13,10 @@ from tqdm import tqdm
 
 from api.bench.offline import (
     add_offline_args,
-    check_lengths,
     environment_info,
     json_args,
-    random_token_prompts,
+    prepare_run,
     run_batch,
-    start_engine,
     write_json,
 )
 
@@ -66,19 +64,9 @@ def latency_result(
 
 def main(args: argparse.Namespace) -> int:
     """Start the engine, run warm-up then timed iterations, print and save the figures."""
-    from engine.sampling_params import SamplingParams
-
     if args.batch_size < 1 or args.num_iters < 1 or args.num_iters_warmup < 0:
         raise ValueError("--batch-size and --num-iters must be at least 1")
-    engine, startup = start_engine(args)
-    check_lengths(engine, args.input_len, args.output_len)
-    rng = np.random.default_rng(args.seed)
-    prompts = random_token_prompts(
-        rng, args.batch_size, args.input_len, engine.model_config.vocab_size
-    )
-    params = SamplingParams(
-        max_tokens=args.output_len, ignore_eos=True, temperature=args.temperature
-    )
+    engine, startup, prompts, params = prepare_run(args, args.batch_size)
     for _ in tqdm(range(args.num_iters_warmup), "Warmup iterations", disable=args.disable_tqdm):
         run_batch(engine, prompts, params)
     runs = [

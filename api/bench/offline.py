@@ -111,6 +111,21 @@ class BatchRun:
     outputs: list[RequestOutput]  # in prompt order
 
 
+def prepare_run(args: argparse.Namespace, num_prompts: int):
+    """Start the engine and draw the run's prompts: (engine, startup seconds, prompts, params).
+    Random token-id prompts of `--input-len`, `--output-len` new tokens each, EOS ignored."""
+    from engine.sampling_params import SamplingParams
+
+    engine, startup = start_engine(args)
+    check_lengths(engine, args.input_len, args.output_len)
+    rng = np.random.default_rng(args.seed)
+    prompts = random_token_prompts(rng, num_prompts, args.input_len, engine.model_config.vocab_size)
+    params = SamplingParams(
+        max_tokens=args.output_len, ignore_eos=True, temperature=args.temperature
+    )
+    return engine, startup, prompts, params
+
+
 def run_batch(
     engine: LLMEngine,
     prompts: list[list[int]],

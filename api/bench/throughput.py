@@ -6,16 +6,12 @@ from __future__ import annotations
 import argparse
 from typing import Any
 
-import numpy as np
-
 from api.bench.offline import (
     add_offline_args,
-    check_lengths,
     environment_info,
     json_args,
-    random_token_prompts,
+    prepare_run,
     run_batch,
-    start_engine,
     write_json,
 )
 
@@ -47,19 +43,9 @@ def throughput_result(
 
 def main(args: argparse.Namespace) -> int:
     """Start the engine, run `--num-prompts` requests, print and save the figures."""
-    from engine.sampling_params import SamplingParams
-
     if args.num_prompts < 1:
         raise ValueError("--num-prompts must be at least 1")
-    engine, startup = start_engine(args)
-    check_lengths(engine, args.input_len, args.output_len)
-    rng = np.random.default_rng(args.seed)
-    prompts = random_token_prompts(
-        rng, args.num_prompts, args.input_len, engine.model_config.vocab_size
-    )
-    params = SamplingParams(
-        max_tokens=args.output_len, ignore_eos=True, temperature=args.temperature
-    )
+    engine, startup, prompts, params = prepare_run(args, args.num_prompts)
     run = run_batch(engine, prompts, params, desc=None if args.disable_tqdm else "requests")
     num_prompt = sum(len(o.prompt_token_ids) for o in run.outputs)
     num_output = sum(len(c.token_ids) for o in run.outputs for c in o.outputs)
