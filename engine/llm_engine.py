@@ -3,8 +3,11 @@
 
 from __future__ import annotations
 
+import atexit
 import dataclasses
+import json
 import logging
+import os
 import time
 from collections.abc import Sequence
 from typing import Any
@@ -106,11 +109,11 @@ class LLMEngine:
         self.allocator = PageAllocator(
             num_pages, config.cache.page_size, config.cache.enable_prefix_caching
         )
-        self.scheduler = Scheduler(config.scheduler, self.allocator)
         self.eos_token_ids = _eos_ids(mc, tokenizer)
         self.runner = ModelRunner(
             model, config, num_pages=num_pages, eos_token_ids=self.eos_token_ids
         )
+        self.scheduler = Scheduler(config.scheduler, self.allocator, self.runner.token_buckets)
         t0 = time.perf_counter()
         self.runner.compile()
         if jax.default_backend() != "cpu":  # first-run kernel loading, off the request path
@@ -124,6 +127,8 @@ class LLMEngine:
         )
         self.outputs = OutputProcessor(tokenizer)
         self._inflight: tuple | None = None  # (SchedulerOutput, Dispatched) of the step in flight
+        trace_path = os.environ.get("PAGEJAX_STEP_TRACE")
+        self._trace = StepTrace(trace_path, self.runner.token_buckets) if trace_path else None
 
     # -- requests ---------------------------------------------------------------------------
     def tokenize(self, prompt: PromptType) -> tuple[str | None, list[int]]:
@@ -220,12 +225,16 @@ class LLMEngine:
         that step N finishes (EOS, a stop string) has one wasted step N + 1, whose result
         `Scheduler.update` drops.
         """
+        t0 = time.perf_counter()
         sched = self.scheduler.schedule()
+        t1 = time.perf_counter()
         dispatched = self.runner.dispatch(sched)
+        t2 = t3 = time.perf_counter()
         outputs = []
         if self._inflight is not None:
             prev_sched, prev = self._inflight
             step_out = self.runner.collect(prev_sched, prev)
+            t3 = time.perf_counter()
             updates = self.scheduler.update(prev_sched, step_out)
             cached = {
                 r.request_id: self.scheduler.requests[r.request_id].num_cached_tokens
@@ -236,7 +245,41 @@ class LLMEngine:
             for cid, stop_str in stopped:
                 self.scheduler.finish_requests(cid, "stop", stop_str)
         self._inflight = None if dispatched is None else (sched, dispatched)
+        if self._trace is not None:
+            self._trace.record(sched, (t0, t1, t2, t3, time.perf_counter()), len(outputs))
         return outputs
+
+
+class StepTrace:
+    """Per-step timings as JSON lines, for finding where serving time goes
+    (`PAGEJAX_STEP_TRACE=steps.jsonl`). One line per `LLMEngine.step`: its start `t` (seconds,
+    perf_counter), the host milliseconds to schedule and dispatch step N + 1, the milliseconds
+    blocked waiting for step N, and the host milliseconds turning N into outputs; then step
+    N + 1's size: tokens, its token bucket, requests and prefill tokens."""
+
+    def __init__(self, path: str, token_buckets: tuple[int, ...]):
+        self._file = open(path, "a", buffering=1 << 16)  # noqa: SIM115 - open for the run
+        atexit.register(self._file.flush)
+        self._buckets = token_buckets
+
+    def record(self, sched, times: tuple[float, ...], num_outputs: int) -> None:
+        t0, t1, t2, t3, t4 = times
+        n = sched.num_batched_tokens
+        line = {
+            "t": round(t0, 6),
+            "schedule_ms": round(1e3 * (t1 - t0), 3),
+            "dispatch_ms": round(1e3 * (t2 - t1), 3),
+            "wait_ms": round(1e3 * (t3 - t2), 3),
+            "outputs_ms": round(1e3 * (t4 - t3), 3),
+            "tokens": n,
+            "bucket": next((b for b in self._buckets if b >= n), n) if n else 0,
+            "requests": len(sched.requests),
+            "prefill_tokens": sum(r.num_tokens for r in sched.requests if r.num_tokens > 1),
+            "outputs": num_outputs,
+        }
+        self._file.write(json.dumps(line) + "\n")
+        if n == 0:  # idle: a good moment to make the file readable
+            self._file.flush()
 
 
 def _resolve_backend(name: str) -> str:

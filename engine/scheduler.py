@@ -40,11 +40,16 @@ class SchedulerConfig:
     enable_chunked_prefill: bool = True
     policy: Literal["fcfs", "priority"] = "fcfs"
     max_waiting_requests: int | None = None
+    # At most this many prompt tokens of one request per step (0 = no cap). Small chunks let
+    # the running requests decode inside the time the prompt takes anyway (see BENCHMARKS.md).
+    long_prefill_token_threshold: int = 0
 
     def __post_init__(self) -> None:
         for name in ("max_num_seqs", "max_num_batched_tokens", "max_model_len"):
             if getattr(self, name) < 1:
                 raise ValueError(f"{name} must be at least 1, got {getattr(self, name)}.")
+        if self.long_prefill_token_threshold < 0:
+            raise ValueError("long_prefill_token_threshold must be >= 0 (0 = no cap).")
         if self.policy not in ("fcfs", "priority"):
             raise ValueError(f"policy must be 'fcfs' or 'priority', got {self.policy!r}.")
         if not self.enable_chunked_prefill and self.max_num_batched_tokens < self.max_model_len:
@@ -78,9 +83,20 @@ class _StepPlan:
 class Scheduler:
     """Decides each step which requests compute which tokens; applies the runner's results."""
 
-    def __init__(self, scheduler_config: SchedulerConfig, allocator: PageAllocator) -> None:
+    def __init__(
+        self,
+        scheduler_config: SchedulerConfig,
+        allocator: PageAllocator,
+        token_buckets: tuple[int, ...] = (),
+    ) -> None:
+        """token_buckets: the step sizes the runner compiled (ascending). Given, a step that
+        would spill just past one is trimmed to fit it (see `_fit_bucket`)."""
         self.config = scheduler_config
         self.allocator = allocator
+        self.token_buckets = tuple(sorted(token_buckets))
+        chunked = scheduler_config.enable_chunked_prefill
+        cap = scheduler_config.long_prefill_token_threshold
+        self._cap = cap if chunked and cap > 0 else scheduler_config.max_num_batched_tokens
         self.requests: dict[str, Request] = {}  # unfinished ones
         self.waiting: deque[Request] = deque()
         self.running: list[Request] = []
@@ -169,6 +185,7 @@ class Scheduler:
         # After a preemption pages are short: admitting more would only preempt again.
         if not plan.preempted_ids:
             self._schedule_waiting(plan)
+        self._fit_bucket(plan)
         requests = tuple(
             self._scheduled_request(self.requests[rid], n) for rid, n in plan.num_tokens.items()
         )
@@ -195,7 +212,7 @@ class Scheduler:
             num_pending = request.num_tokens + request.num_inflight
             if request.num_inflight and num_pending >= self.max_total_tokens(request):
                 continue  # the token in flight is its last: it finishes when that comes back
-            num_new = min(num_pending - request.num_computed_tokens, plan.budget)
+            num_new = min(num_pending - request.num_computed_tokens, plan.budget, self._cap)
             if num_new <= 0:
                 continue
             while not self.allocator.allocate_slots(request, num_new):
@@ -218,7 +235,7 @@ class Scheduler:
             num_new = request.num_tokens - num_hit
             if not cfg.enable_chunked_prefill and num_new > plan.budget:
                 break
-            num_new = min(num_new, plan.budget)
+            num_new = min(num_new, plan.budget, self._cap)
             if not self.allocator.allocate_slots(request, num_new, page_ids):
                 break
             self.waiting.popleft()
@@ -230,6 +247,30 @@ class Scheduler:
             self.running.append(request)
             plan.num_tokens[request.request_id] = num_new
             plan.budget -= num_new
+
+    def _fit_bucket(self, plan: _StepPlan) -> None:
+        """Trim prefill chunks so that the step fills a token bucket rather than spilling just
+        past one. A step runs padded to the next bucket: 10 decodes and a 1,024-token prompt
+        would run as 2,048 tokens (twice the time); trimmed to 1,024, the prompt's last 10
+        tokens ride with the next step's decodes. Trimmed only when the padding saved exceeds
+        the tokens deferred. Pages stay allocated for the deferred tokens."""
+        buckets, total = self.token_buckets, self.config.max_num_batched_tokens - plan.budget
+        if not self.config.enable_chunked_prefill:
+            return
+        i = bisect.bisect_left(buckets, total)
+        if i == 0 or i == len(buckets) or buckets[i] == total:
+            return
+        excess = total - buckets[i - 1]
+        trimmable = sum(n - 1 for n in plan.num_tokens.values())
+        if excess >= buckets[i] - total or excess > trimmable:
+            return
+        for request_id in reversed(plan.num_tokens):  # the latest admitted give way first
+            cut = min(excess, plan.num_tokens[request_id] - 1)
+            plan.num_tokens[request_id] -= cut
+            plan.budget += cut
+            excess -= cut
+            if excess == 0:
+                break
 
     def _preemption_key(self, request: Request) -> tuple[int, float]:
         """Larger = preempted first: newest (fcfs), or largest priority value, then newest."""

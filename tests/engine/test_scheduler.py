@@ -22,11 +22,14 @@ PAGE_SIZE = 4
 
 
 def make_scheduler(
-    num_pages: int = 64, prefix_caching: bool = True, **config: object
+    num_pages: int = 64,
+    prefix_caching: bool = True,
+    token_buckets: tuple[int, ...] = (),
+    **config: object,
 ) -> tuple[Scheduler, FakeRunner]:
     cfg = SchedulerConfig(**{"max_model_len": 64, "max_num_batched_tokens": 64, **config})
     allocator = PageAllocator(num_pages, PAGE_SIZE, enable_prefix_caching=prefix_caching)
-    return Scheduler(cfg, allocator), FakeRunner(num_pages, PAGE_SIZE)
+    return Scheduler(cfg, allocator, token_buckets), FakeRunner(num_pages, PAGE_SIZE)
 
 
 _clock = itertools.count()
@@ -87,6 +90,58 @@ def test_chunked_prefill_shares_the_budget() -> None:
     second = step(scheduler, runner)[0]
     assert [(r.request_id, r.num_tokens) for r in second.requests] == [("a", 4), ("b", 12)]
     assert second.num_batched_tokens == 16
+
+
+def test_step_trimmed_to_fit_a_token_bucket() -> None:
+    """3 decodes + a 16-token prompt = 19 tokens would run padded to 32: the prompt's chunk is
+    cut to 13 so the step is exactly 16, and its last 3 tokens join the next decode step."""
+    scheduler, runner = make_scheduler(token_buckets=(4, 8, 16, 32, 64))
+    prompt = list(range(1, 17))
+    for i in range(3):
+        scheduler.add_request(make_request(f"d{i}", [7, i], max_tokens=6, ignore_eos=True))
+    step(scheduler, runner)
+    scheduler.add_request(make_request("p", prompt, max_tokens=3, ignore_eos=True))
+    got = []
+    out, updates = step(scheduler, runner)
+    assert [r.num_tokens for r in out.requests] == [1, 1, 1, 13]
+    assert out.num_batched_tokens == 16 and not out.requests[-1].sample
+    got += [t for u in updates if u.request_id == "p" for t in u.new_token_ids]
+    out, updates = step(scheduler, runner)
+    assert [r.num_tokens for r in out.requests] == [1, 1, 1, 3]
+    got += [t for u in updates if u.request_id == "p" for t in u.new_token_ids]
+    tokens, _ = run_all(scheduler, runner)
+    want, _ = reference_generate(prompt, SamplingParams(max_tokens=3, ignore_eos=True), 64)
+    assert got + tokens["p"] == want
+
+
+def test_step_not_trimmed_when_padding_is_cheaper() -> None:
+    """3 decodes + a 28-token prompt = 31 tokens: one token of padding to 32 beats deferring
+    15 tokens to the next step, and a step exactly on a bucket is left alone."""
+    scheduler, runner = make_scheduler(token_buckets=(4, 8, 16, 32, 64))
+    for i in range(3):
+        scheduler.add_request(make_request(f"d{i}", [7, i], max_tokens=6))
+    step(scheduler, runner)
+    scheduler.add_request(make_request("p", list(range(1, 29)), max_tokens=3))
+    out = step(scheduler, runner)[0]
+    assert [r.num_tokens for r in out.requests] == [1, 1, 1, 28]
+
+
+def test_long_prefill_token_threshold_caps_each_prompt_chunk() -> None:
+    """Each prompt gets at most 8 tokens a step though the budget holds 64; two prompts share
+    a step, and decodes are unaffected."""
+    scheduler, runner = make_scheduler(long_prefill_token_threshold=8)
+    scheduler.add_request(make_request("a", [5] * 20, max_tokens=2, ignore_eos=True))
+    scheduler.add_request(make_request("b", [6] * 12, max_tokens=2, ignore_eos=True))
+    sizes = []
+    while scheduler.has_unfinished_requests():
+        out = step(scheduler, runner)[0]
+        sizes.append([(r.request_id, r.num_tokens) for r in out.requests])
+    assert sizes == [
+        [("a", 8), ("b", 8)],
+        [("a", 8), ("b", 4)],
+        [("a", 4), ("b", 1)],
+        [("a", 1)],
+    ]
 
 
 def test_no_chunking_admits_whole_prompts_only() -> None:

@@ -13,6 +13,7 @@ import random
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
+from engine.config import bucket_ladder
 from engine.page_allocator import PageAllocator
 from engine.sampling_params import SamplingParams
 from engine.scheduler import Scheduler, SchedulerConfig
@@ -134,6 +135,7 @@ class Workload:
     chunked=st.booleans(),
     policy=st.sampled_from(["fcfs", "priority"]),
     asynchronous=st.booleans(),
+    fit_buckets=st.booleans(),
     seed=st.integers(0, 2**32 - 1),
 )
 def test_random_workload(
@@ -145,6 +147,7 @@ def test_random_workload(
     chunked: bool,
     policy: str,
     asynchronous: bool,
+    fit_buckets: bool,
     seed: int,
 ) -> None:
     cfg = SchedulerConfig(
@@ -155,7 +158,8 @@ def test_random_workload(
         policy=policy,
     )
     allocator = PageAllocator(num_pages, page_size, enable_prefix_caching=prefix_caching)
-    scheduler = Scheduler(cfg, allocator)
+    buckets = bucket_ladder(2, cfg.max_num_batched_tokens) if fit_buckets else ()
+    scheduler = Scheduler(cfg, allocator, buckets)
     workload = Workload(scheduler, FakeRunner(num_pages, page_size), random.Random(seed))
     workload.asynchronous = asynchronous
     for _ in range(2000):
