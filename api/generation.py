@@ -6,12 +6,13 @@ from __future__ import annotations
 import asyncio
 import dataclasses
 import time
+from collections import deque
 from collections.abc import Sequence
 
 from api.metrics import Metrics
 from api.protocol import APIError
 from engine.async_engine import AsyncEngine
-from engine.outputs import RequestOutput
+from engine.outputs import RequestOutput, merge_deltas
 from engine.sampling_params import SamplingParams
 from engine.scheduler import QueueFullError
 
@@ -54,7 +55,8 @@ class Generation:
         self.ids = [
             request_id if len(prompts) == 1 else f"{request_id}-{i}" for i in range(len(prompts))
         ]
-        self._queue: asyncio.Queue = asyncio.Queue()
+        self._items: deque[tuple[int, RequestOutput | Exception]] = deque()
+        self._ready = asyncio.Event()  # set while _items is not empty
         self._open = set(range(len(prompts)))
         self._timings = [_Timing(time.monotonic()) for _ in prompts]
         self._tasks = [
@@ -67,17 +69,33 @@ class Generation:
             async for out in self._engine.generate(
                 engine_prompt, params, self.ids[i], priority=priority
             ):
-                self._queue.put_nowait((i, out))
+                self._push(i, out)
         except Exception as e:  # handed to the consumer, which turns it into an HTTP error
-            self._queue.put_nowait((i, e))
+            self._push(i, e)
+
+    def _push(self, i: int, item: RequestOutput | Exception) -> None:
+        self._items.append((i, item))
+        self._ready.set()
 
     async def next(self) -> tuple[int, RequestOutput] | None:
-        """The next delta of any prompt; None when all have finished. Raises APIError."""
+        """The next delta of any prompt; None when all have finished. Raises APIError.
+
+        Deltas of the same prompt that queued up meanwhile come merged (one chunk, not many,
+        when the client or this server falls behind the engine)."""
         while self._open:
-            i, item = await self._queue.get()
+            while not self._items:
+                self._ready.clear()
+                await self._ready.wait()
+            i, item = self._items.popleft()
             if isinstance(item, Exception):
                 self._open.discard(i)
                 raise engine_error(item)
+            while self._items and self._items[0][0] == i:
+                later = self._items[0][1]
+                if isinstance(later, Exception):
+                    break
+                self._items.popleft()
+                item = merge_deltas(item, later)
             self._observe(i, item)
             if item.finished:
                 self._open.discard(i)
@@ -87,12 +105,9 @@ class Generation:
     def close(self) -> None:
         for task in self._tasks:
             task.cancel()
-        if self._open:
-            # Fire and forget: the caller may be a task being cancelled, which cannot await.
-            loop = asyncio.get_running_loop()
-            for i in self._open:
-                loop.run_in_executor(None, self._engine.abort, self.ids[i])
-            self._open.clear()
+        for i in self._open:  # returns at once: the caller may be a task being cancelled
+            self._engine.abort(self.ids[i])
+        self._open.clear()
 
     def _observe(self, i: int, out: RequestOutput) -> None:
         timing, now = self._timings[i], time.monotonic()
