@@ -28,6 +28,11 @@ def add_engine_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--enable-prefix-caching", action=argparse.BooleanOptionalAction, default=True)
     p.add_argument("--scheduling-policy", default="fcfs", choices=["fcfs", "priority"])
     p.add_argument(
+        "--long-prefill-token-threshold",
+        type=int,
+        help="at most this many prompt tokens of one request per step (0 = no cap)",
+    )
+    p.add_argument(
         "--compilation-cache-dir",
         default=None,
         help="persistent XLA compilation cache (default ~/.cache/pagejax/xla)",
@@ -49,6 +54,7 @@ def engine_kwargs(args: argparse.Namespace) -> dict:
         gpu_memory_utilization=args.gpu_memory_utilization,
         enable_prefix_caching=args.enable_prefix_caching,
         scheduling_policy=args.scheduling_policy,
+        long_prefill_token_threshold=args.long_prefill_token_threshold,
     )
     if args.compilation_cache_dir is not None:
         kw["compilation_cache_dir"] = args.compilation_cache_dir

@@ -6,10 +6,13 @@ in a stream, where a late error is sent as one `data: {"error": ...}` event befo
 
 from __future__ import annotations
 
+import asyncio
 import dataclasses
+import functools
 import logging
 import uuid
 from collections.abc import AsyncIterator
+from concurrent.futures import ThreadPoolExecutor
 from typing import Any
 
 from starlette.responses import JSONResponse, Response, StreamingResponse
@@ -65,6 +68,15 @@ class OpenAIServing:
         self.metrics = metrics
         self.tokenizer = engine.tokenizer
         self.max_model_len = engine.config.scheduler.max_model_len
+        # Prompts are tokenized off the event loop (a 1k-token prompt takes milliseconds),
+        # one at a time: a fast tokenizer must not be used by two threads at once.
+        self._tokenizer_thread = ThreadPoolExecutor(1, thread_name_prefix="pagejax-tokenizer")
+
+    async def _off_loop(self, fn, *args, **kwargs):
+        loop = asyncio.get_running_loop()
+        return await loop.run_in_executor(
+            self._tokenizer_thread, functools.partial(fn, *args, **kwargs)
+        )
 
     # -- helpers ----------------------------------------------------------------------------
     def model_name(self, requested: str | None) -> str:
@@ -157,7 +169,7 @@ class OpenAIServing:
         req = parse(CompletionRequest, body)
         model = self.model_name(req.model)
         params = self._params(req)
-        prompts = [self._tokenize(p) for p in req.prompts()]
+        prompts = await self._off_loop(lambda: [self._tokenize(p) for p in req.prompts()])
         gen, first = await self._start("cmpl", prompts, params, req.priority)
         fmt = CompletionFormatter(req, params, prompts, model, self.tokenizer)
         return await self._respond(req.stream, gen, first, fmt)
@@ -167,8 +179,11 @@ class OpenAIServing:
         req = parse(ChatCompletionRequest, body)
         model = self.model_name(req.model)
         params = self._params(req)
-        prompt = self._chat_prompt(
-            req.messages, req.add_generation_prompt, **(req.chat_template_kwargs or {})
+        prompt = await self._off_loop(
+            self._chat_prompt,
+            req.messages,
+            req.add_generation_prompt,
+            **(req.chat_template_kwargs or {}),
         )
         gen, first = await self._start("chatcmpl", [prompt], params, req.priority)
         fmt = ChatFormatter(req, params, prompt, model)

@@ -41,6 +41,7 @@ def build_engine_config(
     max_num_batched_tokens: int | None = None,
     scheduling_policy: str = "fcfs",
     max_waiting_requests: int | None = None,
+    long_prefill_token_threshold: int = 0,
     token_buckets: Sequence[int] = (),
     request_buckets: Sequence[int] = (),
     compilation_cache_dir: str | None | bool = True,
@@ -76,6 +77,7 @@ def build_engine_config(
             max_model_len=max_model_len,
             policy=scheduling_policy,
             max_waiting_requests=max_waiting_requests,
+            long_prefill_token_threshold=long_prefill_token_threshold,
         ),
         compile=CompileConfig(tuple(token_buckets), tuple(request_buckets), **compile_kwargs),
     )

@@ -68,3 +68,35 @@ class RequestOutput:
     outputs: list[CompletionOutput]
     finished: bool
     num_cached_tokens: int | None = None
+
+
+def merge_deltas(first: RequestOutput, later: RequestOutput) -> RequestOutput:
+    """Two consecutive streamed deltas of one request as one (what a consumer that fell behind
+    reads: one chunk with both steps' tokens instead of two)."""
+    completions = {c.index: c for c in first.outputs}
+    for c in later.outputs:
+        prev = completions.get(c.index)
+        if prev is None:
+            completions[c.index] = c
+            continue
+        logprobs = None
+        if prev.logprobs is not None or c.logprobs is not None:
+            logprobs = [*(prev.logprobs or []), *(c.logprobs or [])]
+        completions[c.index] = CompletionOutput(
+            c.index,
+            prev.text + c.text,
+            [*prev.token_ids, *c.token_ids],
+            c.cumulative_logprob,
+            logprobs,
+            c.finish_reason,
+            c.stop_reason,
+        )
+    return RequestOutput(
+        later.request_id,
+        later.prompt,
+        later.prompt_token_ids,
+        later.prompt_logprobs if later.prompt_logprobs is not None else first.prompt_logprobs,
+        list(completions.values()),
+        later.finished,
+        later.num_cached_tokens,
+    )

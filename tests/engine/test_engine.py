@@ -2,11 +2,14 @@
 
 from __future__ import annotations
 
+import functools
+
 import jax
 import numpy as np
 import pytest
 
 from engine import LLM, SamplingParams
+from engine.outputs import merge_deltas
 from tests.hf_models import hf_greedy, write_checkpoint
 
 ENGINE_ARGS = dict(
@@ -136,6 +139,26 @@ def test_seeded_sampling_reproduces_regardless_of_batch(llm, folder, prompts):
     )[0]
     assert [c.index for c in n3.outputs] == [0, 1, 2]
     assert len({tuple(c.token_ids) for c in n3.outputs}) == 3, "n=3 should differ"
+
+
+def test_streamed_deltas_merge_into_the_final_output(llm, prompts):
+    """`merge_deltas` over a request's streamed deltas gives its final output (n=2, seeded,
+    with logprobs and prompt logprobs), as the server's merged chunks rely on."""
+    params = SamplingParams(
+        n=2, temperature=1.0, seed=5, max_tokens=9, logprobs=2, prompt_logprobs=1,
+        ignore_eos=True,
+    )  # fmt: skip
+    prompt = {"prompt_token_ids": prompts[7]}
+    final = llm.generate(prompt, params)[0]
+    engine = llm.engine
+    engine.add_request("streamed", prompt, params)
+    deltas = []
+    while engine.has_unfinished_requests():
+        deltas += engine.step(delta=True)
+    assert len(deltas) >= 9 and all(d.request_id == "streamed" for d in deltas)
+    merged = functools.reduce(merge_deltas, deltas)
+    assert merged.finished and merged.prompt_logprobs == final.prompt_logprobs
+    assert sorted(merged.outputs, key=lambda c: c.index) == final.outputs
 
 
 def test_min_tokens_and_eos(llm, folder, prompts):
