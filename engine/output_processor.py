@@ -38,7 +38,10 @@ class _Parent:
 
     @property
     def finished(self) -> bool:
-        return all(c.finish_reason is not None for c in self.completions)
+        completions = self.completions
+        if len(completions) == 1:  # the common case, twice per request per step
+            return completions[0].finish_reason is not None
+        return all(c.finish_reason is not None for c in completions)
 
 
 def child_id(request_id: str, index: int, n: int) -> str:

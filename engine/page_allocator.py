@@ -103,6 +103,10 @@ class PageAllocator:
         that holds no pages yet; they are referenced and prepended to `request.page_ids`.
         """
         assert not computed_page_ids or not request.page_ids, "prefix hits only on admission"
+        if not computed_page_ids and (
+            request.num_computed_tokens + num_new_tokens <= len(request.page_ids) * self.page_size
+        ):
+            return True  # the pages held cover them (most decode steps): nothing to do
         num_computed = max(request.num_computed_tokens, len(computed_page_ids) * self.page_size)
         num_total_pages = -(-(num_computed + num_new_tokens) // self.page_size)
         num_needed = num_total_pages - len(request.page_ids) - len(computed_page_ids)
