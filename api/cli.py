@@ -133,6 +133,8 @@ def main(argv: list[str] | None = None) -> int:
     except (ValueError, FileNotFoundError) as e:
         print(f"pagejax: error: {e}", file=sys.stderr)
         return 2
+    except KeyboardInterrupt:  # Ctrl-C: the server has shut down already (uvicorn re-raises)
+        return 130
 
 
 if __name__ == "__main__":

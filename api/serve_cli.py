@@ -64,17 +64,18 @@ def _model_name(model: str | None) -> str:
 
 def _build_engine(args: argparse.Namespace, model: str | None):
     from engine.async_engine import AsyncEngine
-    from engine.llm import build_engine_config, model_max_len
-    from engine.llm_engine import LLMEngine
+    from engine.llm import model_max_len
 
     kwargs = engine_kwargs(args)
     if args.max_waiting_requests is not None:
         kwargs["max_waiting_requests"] = args.max_waiting_requests
     if "max_model_len" not in kwargs:
         kwargs["model_max_len"] = model_max_len(model, args.load_format)
-    config = build_engine_config(model, **kwargs)
-    logger.info("loading %s and compiling the step for every bucket", model or "the default model")
-    return AsyncEngine(engine=LLMEngine(config))
+    logger.info(
+        "engine process: loading %s and compiling the step for every bucket",
+        model or "the default model",
+    )
+    return AsyncEngine.in_process(model, kwargs)
 
 
 def serve(args: argparse.Namespace) -> int:

@@ -129,7 +129,7 @@ def build_app(engine: AsyncEngine, config: ServerConfig) -> Starlette:
         return Response(status_code=200 if engine.is_alive else 503)
 
     async def metrics_route(request: Request) -> Response:
-        # Reading the engine's stats waits for the engine lock: keep it off the event loop.
+        # Rendering every histogram is not free: keep it off the event loop.
         text = await asyncio.to_thread(metrics.render)
         return Response(text, media_type="text/plain; version=0.0.4; charset=utf-8")
 

@@ -93,7 +93,7 @@ class OpenAIServing:
         return requested
 
     def _tokenize(self, prompt: str | list[int]) -> Prompt:
-        text, token_ids = self.engine.engine.tokenize(prompt)
+        text, token_ids = self.engine.inputs.tokenize(prompt)
         return Prompt(text, token_ids)
 
     def _chat_prompt(
@@ -130,7 +130,7 @@ class OpenAIServing:
                 param="max_tokens",
             )
         try:
-            self.engine.engine.validate(prompt.token_ids, params)
+            self.engine.inputs.validate(prompt.token_ids, params)
         except ValueError as e:
             raise APIError(str(e), param="prompt") from None
 
@@ -237,7 +237,7 @@ class OpenAIServing:
     def detokenize(self, body: Any) -> dict[str, Any]:
         req = parse(DetokenizeRequest, body)
         self.model_name(req.model)
-        vocab = self.engine.engine.model_config.vocab_size
+        vocab = self.engine.inputs.vocab_size
         bad = [t for t in req.tokens if not 0 <= t < vocab]
         if bad:
             raise APIError(

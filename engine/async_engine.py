@@ -1,8 +1,10 @@
-"""`AsyncEngine`: the engine loop in its own thread, and an asyncio iterator of output deltas per
-request for the server. A consumer that stops iterating (client disconnect) aborts its request.
+"""`AsyncEngine`: an asyncio iterator of output deltas per request, for the server, over an
+engine loop that runs in a thread (`AsyncEngine(config)`) or in its own process
+(`AsyncEngine.in_process(...)`, what `pagejax serve` uses; see `engine/engine_core.py`).
+A consumer that stops iterating (client disconnect) aborts its request.
 
-Callers never wait on the engine thread: adds and aborts go into an inbox that the loop drains
-before each step, and each step's outputs reach an event loop in one callback.
+Callers never wait on the engine: adds and aborts are messages the loop drains before each
+step, and each step's outputs reach an event loop in one callback.
 """
 
 from __future__ import annotations
@@ -10,13 +12,14 @@ from __future__ import annotations
 import asyncio
 import itertools
 import logging
-import queue
-import threading
 from collections import defaultdict
 from collections.abc import AsyncIterator
+from typing import Any
 
 from engine.config import EngineConfig
-from engine.llm_engine import LLMEngine, PromptType
+from engine.engine_core import ProcessCore, ThreadCore
+from engine.inputs import InputProcessor, PromptType
+from engine.llm_engine import LLMEngine
 from engine.outputs import RequestOutput
 from engine.sampling_params import SamplingParams
 from engine.scheduler import SchedulerStats
@@ -30,18 +33,42 @@ class EngineDeadError(RuntimeError):
 
 class AsyncEngine:
     def __init__(self, config: EngineConfig | None = None, *, engine: LLMEngine | None = None):
-        self.engine = engine if engine is not None else LLMEngine(config)
-        self.config = self.engine.config
-        self.tokenizer = self.engine.tokenizer
-        # ("add", request_id, prompt, params, priority, loop, future) | ("abort", request_id)
-        self._inbox: queue.SimpleQueue = queue.SimpleQueue()
-        self._wake = threading.Event()
-        self._stop = threading.Event()
+        """The engine loop in a thread of this process (tests, embedding)."""
+        engine = engine if engine is not None else LLMEngine(config)
+        self._setup(engine.config, engine.tokenizer, engine.inputs)
+        self._core: ThreadCore | ProcessCore = ThreadCore(engine, self)
+
+    @classmethod
+    def in_process(cls, model: str | None, engine_kwargs: dict[str, Any]) -> AsyncEngine:
+        """The engine in a process of its own, built there from `build_engine_config(model,
+        **engine_kwargs)`; returns once it has loaded and compiled. The tokenizer is loaded
+        here meanwhile, for tokenizing prompts and templates on the server's side.
+
+        The child is spawned: as with any `multiprocessing` spawn, a script calling this must
+        guard its entry point with `if __name__ == "__main__":`."""
+        self = cls.__new__(cls)
+        core = ProcessCore(model, engine_kwargs, self)
+        tokenizer = None
+        if not engine_kwargs.get("skip_tokenizer_init"):
+            from models.tokenizer import load_tokenizer
+
+            tokenizer = load_tokenizer(model)
+        core.wait_ready()
+        config = core.config
+        self._setup(config, tokenizer, InputProcessor(
+            tokenizer, config.scheduler.max_model_len, core.vocab_size
+        ))  # fmt: skip
+        self._core = core
+        return self
+
+    def _setup(self, config: EngineConfig, tokenizer, inputs: InputProcessor) -> None:
+        self.config = config
+        self.tokenizer = tokenizer
+        self.inputs = inputs
         self._queues: dict[str, tuple[asyncio.AbstractEventLoop, asyncio.Queue]] = {}
+        self._adding: dict[str, tuple[asyncio.AbstractEventLoop, asyncio.Future]] = {}
         self._ids = itertools.count()
         self._error: BaseException | None = None
-        self._thread = threading.Thread(target=self._loop, name="pagejax-engine", daemon=True)
-        self._thread.start()
 
     # -- public -----------------------------------------------------------------------------
     async def generate(
@@ -63,15 +90,17 @@ class AsyncEngine:
         loop = asyncio.get_running_loop()
         added = loop.create_future()
         self._queues[request_id] = (loop, out_queue)
-        self._post(("add", request_id, prompt, sampling_params, priority, loop, added))
-        if self._error is not None:  # the loop died after the check above: nobody drains
-            self._fail_inbox(self._error)
+        self._adding[request_id] = (loop, added)
+        self._core.post(("add", request_id, prompt, sampling_params, priority))
+        if self._error is not None and not added.done():  # died meanwhile: nobody answers
+            added.set_exception(EngineDeadError(str(self._error)))
         try:
             await added
         except BaseException as e:
             self._queues.pop(request_id, None)
-            if not isinstance(e, Exception):  # cancelled: the add may still land; the inbox is
-                self.abort(request_id)  # in order, so this abort comes after it
+            self._adding.pop(request_id, None)
+            if not isinstance(e, Exception):  # cancelled: the add may still land; messages
+                self.abort(request_id)  # are applied in order, so this abort comes after it
             raise
         finished = False
         try:
@@ -89,61 +118,26 @@ class AsyncEngine:
     @property
     def is_alive(self) -> bool:
         """False once the engine loop died (for /health)."""
-        return self._error is None and self._thread.is_alive()
+        return self._error is None and self._core.is_alive()
 
     def abort(self, request_id: str) -> None:
         """Abort before the next step; returns at once (safe from a cancelled task)."""
-        self._post(("abort", request_id))
+        self._core.post(("abort", request_id))
 
     def stats(self) -> SchedulerStats:
-        """A snapshot for metrics, read without stopping the engine (counts may be one step
-        apart from each other)."""
-        return self.engine.scheduler.stats()
+        """Running/waiting counts and KV-cache usage as of the latest step, for metrics."""
+        return self._core.stats()
 
     def shutdown(self) -> None:
-        self._stop.set()
-        self._wake.set()
-        self._thread.join(timeout=10)
+        self._core.shutdown()
 
-    # -- engine thread ----------------------------------------------------------------------
-    def _post(self, message: tuple) -> None:
-        self._inbox.put(message)
-        self._wake.set()
+    # -- CoreSink: called from the core's thread ----------------------------------------------
+    def added(self, request_id: str, error: BaseException | None) -> None:
+        entry = self._adding.pop(request_id, None)
+        if entry is not None:
+            entry[0].call_soon_threadsafe(_settle, entry[1], error)
 
-    def _drain_inbox(self) -> None:
-        while True:
-            try:
-                message = self._inbox.get_nowait()
-            except queue.Empty:
-                return
-            if message[0] == "abort":
-                self.engine.abort_request(message[1])
-                continue
-            _, request_id, prompt, params, priority, loop, added = message
-            try:
-                self.engine.add_request(request_id, prompt, params, priority=priority)
-            except Exception as e:  # bad input or a full queue: the caller's error
-                loop.call_soon_threadsafe(_settle, added, e)
-            else:
-                loop.call_soon_threadsafe(_settle, added, None)
-
-    def _loop(self) -> None:
-        try:
-            while not self._stop.is_set():
-                self._drain_inbox()
-                if not self.engine.has_unfinished_requests():
-                    self._wake.wait(timeout=0.5)
-                    self._wake.clear()
-                    continue
-                self._deliver(self.engine.step(delta=True))
-        except Exception as e:  # a bug: fail every request in flight, loudly
-            logger.exception("engine step failed")
-            self._error = e
-            for loop, out_queue in list(self._queues.values()):
-                loop.call_soon_threadsafe(out_queue.put_nowait, e)
-            self._fail_inbox(e)
-
-    def _deliver(self, outputs: list[RequestOutput]) -> None:
+    def deliver(self, outputs: list[RequestOutput]) -> None:
         """Hand a step's outputs to their event loops: one thread-safe call per loop."""
         batches: dict[asyncio.AbstractEventLoop, list] = defaultdict(list)
         for out in outputs:
@@ -153,14 +147,12 @@ class AsyncEngine:
         for loop, batch in batches.items():
             loop.call_soon_threadsafe(_put_all, batch)
 
-    def _fail_inbox(self, error: BaseException) -> None:
-        while True:
-            try:
-                message = self._inbox.get_nowait()
-            except queue.Empty:
-                return
-            if message[0] == "add":
-                message[5].call_soon_threadsafe(_settle, message[6], error)
+    def died(self, error: BaseException) -> None:
+        self._error = error
+        for loop, added in list(self._adding.values()):
+            loop.call_soon_threadsafe(_settle, added, EngineDeadError(str(error)))
+        for loop, out_queue in list(self._queues.values()):
+            loop.call_soon_threadsafe(out_queue.put_nowait, error)
 
 
 def _settle(future: asyncio.Future, error: BaseException | None) -> None:

@@ -138,7 +138,7 @@ class LLM:
         ids = [f"llm-{next(self._ids)}" for _ in prompts]
         # Validate everything first, so a bad prompt schedules nothing.
         for prompt, p in zip(prompts, params, strict=True):
-            self.engine.validate(self.engine.tokenize(prompt)[1], p)
+            self.engine.inputs.validate(self.engine.inputs.tokenize(prompt)[1], p)
         for i, (rid, prompt, p) in enumerate(zip(ids, prompts, params, strict=True)):
             self.engine.add_request(rid, prompt, p, priority=priority[i] if priority else 0)
         return self._run(ids, use_tqdm)

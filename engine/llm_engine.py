@@ -15,6 +15,7 @@ from typing import Any
 import jax
 
 from engine.config import EngineConfig
+from engine.inputs import InputProcessor, PromptType
 from engine.output_processor import OutputProcessor
 from engine.outputs import RequestOutput
 from engine.page_allocator import PageAllocator
@@ -24,8 +25,6 @@ from engine.scheduler import Scheduler
 from engine.types import Request
 
 logger = logging.getLogger(__name__)
-
-PromptType = str | Sequence[int] | dict
 
 
 def _platform_dtype(dtype: str) -> str:
@@ -126,41 +125,12 @@ class LLMEngine:
             time.perf_counter() - t0,
         )
         self.outputs = OutputProcessor(tokenizer)
+        self.inputs = InputProcessor(tokenizer, max_len, mc.vocab_size)
         self._inflight: tuple | None = None  # (SchedulerOutput, Dispatched) of the step in flight
         trace_path = os.environ.get("PAGEJAX_STEP_TRACE")
         self._trace = StepTrace(trace_path, self.runner.token_buckets) if trace_path else None
 
     # -- requests ---------------------------------------------------------------------------
-    def tokenize(self, prompt: PromptType) -> tuple[str | None, list[int]]:
-        if isinstance(prompt, dict):
-            if "prompt_token_ids" in prompt:
-                return prompt.get("prompt"), list(prompt["prompt_token_ids"])
-            prompt = prompt["prompt"]
-        if isinstance(prompt, str):
-            if self.tokenizer is None:
-                raise ValueError("a text prompt needs a tokenizer (skip_tokenizer_init is set)")
-            return prompt, self.tokenizer.encode(prompt)
-        return None, [int(t) for t in prompt]
-
-    def validate(self, token_ids: list[int], params: SamplingParams) -> None:
-        """Reject what can never run, before anything is scheduled."""
-        limit = self.config.scheduler.max_model_len
-        vocab = self.model_config.vocab_size
-        if not token_ids:
-            raise ValueError("the prompt is empty")
-        if len(token_ids) >= limit:
-            raise ValueError(
-                f"the prompt has {len(token_ids)} tokens, but max_model_len is "
-                f"{limit} (the prompt must leave room for at least one new token)"
-            )
-        bad = [t for t in token_ids if not 0 <= t < vocab]
-        if bad:
-            raise ValueError(f"token id {bad[0]} is outside the vocabulary [0, {vocab})")
-        if params.logit_bias and any(not 0 <= int(t) < vocab for t in params.logit_bias):
-            raise ValueError(f"logit_bias has a token id outside the vocabulary [0, {vocab})")
-        if any(not 0 <= t < vocab for t in params.stop_token_ids):
-            raise ValueError(f"stop_token_ids has an id outside the vocabulary [0, {vocab})")
-
     def add_request(
         self,
         request_id: str,
@@ -170,8 +140,8 @@ class LLMEngine:
         priority: int = 0,
         arrival_time: float | None = None,
     ) -> None:
-        text, token_ids = self.tokenize(prompt)
-        self.validate(token_ids, params)
+        text, token_ids = self.inputs.tokenize(prompt)
+        self.inputs.validate(token_ids, params)
         if self.outputs.has(request_id):
             raise ValueError(f"request id {request_id!r} is already in use")
         extra_eos = [t for t in self.eos_token_ids[1:] if t not in params.stop_token_ids]
@@ -236,10 +206,11 @@ class LLMEngine:
             step_out = self.runner.collect(prev_sched, prev)
             t3 = time.perf_counter()
             updates = self.scheduler.update(prev_sched, step_out)
-            cached = {
-                r.request_id: self.scheduler.requests[r.request_id].num_cached_tokens
+            requests = self.scheduler.requests
+            cached = {  # set at admission: only requests still in their prompt can be new
+                r.request_id: requests[r.request_id].num_cached_tokens
                 for r in prev_sched.requests
-                if r.request_id in self.scheduler.requests
+                if r.start_position < r.num_prompt_tokens and r.request_id in requests
             }
             outputs, stopped = self.outputs.process(updates, delta=delta, num_cached=cached)
             for cid, stop_str in stopped:

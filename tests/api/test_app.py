@@ -53,7 +53,7 @@ def _stand_in_engine(tokenizer, generate=None):
     return types.SimpleNamespace(
         tokenizer=tokenizer,
         config=types.SimpleNamespace(scheduler=types.SimpleNamespace(max_model_len=128)),
-        engine=types.SimpleNamespace(
+        inputs=types.SimpleNamespace(
             tokenize=lambda prompt: (prompt, [1, 2, 3]), validate=lambda ids, params: None
         ),
         stats=lambda: None,

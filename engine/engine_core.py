@@ -1,0 +1,237 @@
+"""Where `AsyncEngine`'s engine loop runs: a thread of this process (`ThreadCore`) or a process
+of its own (`ProcessCore`, what `pagejax serve` uses).
+
+Both take the same messages, ("add", request_id, prompt, params, priority) and ("abort",
+request_id), drained before each step, and report to a `CoreSink` from a thread of theirs.
+
+In a thread, the engine's host work (scheduling, batch building, output processing) shares the
+GIL with the server's event loop, which streams every token to every client: at 200 streams the
+GPU waited on the host (BENCHMARKS.md). In its own process the engine has a GIL to itself; the
+two talk through pipes, outputs pickled once per step.
+"""
+
+from __future__ import annotations
+
+import logging
+import multiprocessing
+import queue
+import signal
+import threading
+import traceback
+from typing import Any, Protocol
+
+from engine.config import EngineConfig
+from engine.llm_engine import LLMEngine
+from engine.outputs import RequestOutput
+from engine.scheduler import SchedulerStats
+
+logger = logging.getLogger(__name__)
+
+
+class CoreSink(Protocol):
+    """What a core reports to (called from the core's thread, never the event loop's)."""
+
+    def added(self, request_id: str, error: BaseException | None) -> None: ...
+
+    def deliver(self, outputs: list[RequestOutput]) -> None: ...
+
+    def died(self, error: BaseException) -> None: ...
+
+
+class EngineStartError(RuntimeError):
+    """The engine process failed while loading or compiling."""
+
+
+def _handle(engine: LLMEngine, message: tuple) -> BaseException | None:
+    """Apply one message; for an add, the error the caller should get (None if it was added)."""
+    if message[0] == "abort":
+        engine.abort_request(message[1])
+        return None
+    _, request_id, prompt, params, priority = message
+    try:
+        engine.add_request(request_id, prompt, params, priority=priority)
+    except Exception as e:  # bad input or a full queue: the caller's error
+        return e
+    return None
+
+
+class ThreadCore:
+    """The engine loop in a thread of this process."""
+
+    def __init__(self, engine: LLMEngine, sink: CoreSink):
+        self.engine = engine
+        self._sink = sink
+        self._inbox: queue.SimpleQueue = queue.SimpleQueue()
+        self._wake = threading.Event()
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._loop, name="pagejax-engine", daemon=True)
+        self._thread.start()
+
+    def post(self, message: tuple) -> None:
+        self._inbox.put(message)
+        self._wake.set()
+
+    def stats(self) -> SchedulerStats:
+        """Read without stopping the engine (counts may be one step apart from each other)."""
+        return self.engine.scheduler.stats()
+
+    def is_alive(self) -> bool:
+        return self._thread.is_alive()
+
+    def shutdown(self) -> None:
+        self._stop.set()
+        self._wake.set()
+        self._thread.join(timeout=10)
+
+    def _loop(self) -> None:
+        engine = self.engine
+        try:
+            while not self._stop.is_set():
+                while True:
+                    try:
+                        message = self._inbox.get_nowait()
+                    except queue.Empty:
+                        break
+                    error = _handle(engine, message)
+                    if message[0] == "add":
+                        self._sink.added(message[1], error)
+                if not engine.has_unfinished_requests():
+                    self._wake.wait(timeout=0.5)
+                    self._wake.clear()
+                    continue
+                self._sink.deliver(engine.step(delta=True))
+        except Exception as e:  # a bug: fail every request in flight, loudly
+            logger.exception("engine step failed")
+            self._sink.died(e)
+
+
+class ProcessCore:
+    """The engine in a child process (spawned: a fresh interpreter, since a forked JAX runtime
+    is unsafe). The child builds its `EngineConfig` and loads the model itself, so this
+    process never initialises a JAX backend and leaves the accelerator to the child."""
+
+    def __init__(self, model: str | None, engine_kwargs: dict[str, Any], sink: CoreSink):
+        ctx = multiprocessing.get_context("spawn")
+        requests_recv, self._requests = ctx.Pipe(duplex=False)
+        self._outputs, outputs_send = ctx.Pipe(duplex=False)
+        self._process = ctx.Process(
+            target=run_engine_process,
+            args=(model, engine_kwargs, requests_recv, outputs_send,
+                  logging.getLogger("engine").getEffectiveLevel()),
+            name="pagejax-engine-core",
+            daemon=True,
+        )  # fmt: skip
+        self._process.start()
+        requests_recv.close()  # the child's ends
+        outputs_send.close()
+        self._sink = sink
+        self._send_lock = threading.Lock()
+        self._dead = False
+        self.config: EngineConfig | None = None
+        self.vocab_size = 0
+        self._stats: SchedulerStats | None = None
+        self._reader: threading.Thread | None = None
+
+    def wait_ready(self) -> None:
+        """Block until the child has loaded and compiled; raise EngineStartError if it failed."""
+        try:
+            message = self._outputs.recv()
+        except EOFError:
+            message = ("failed", f"the engine process exited (code {self._process.exitcode})")
+        if message[0] == "failed":
+            self._process.join(timeout=10)
+            raise EngineStartError(message[1])
+        _, self.config, self.vocab_size, self._stats = message
+        self._reader = threading.Thread(target=self._read, name="pagejax-core-reader", daemon=True)
+        self._reader.start()
+
+    def post(self, message: tuple) -> None:
+        with self._send_lock:
+            try:
+                self._requests.send(message)
+            except (BrokenPipeError, OSError) as e:
+                if not self._dead:
+                    self._dead = True
+                    self._sink.died(RuntimeError(f"the engine process is gone: {e}"))
+
+    def stats(self) -> SchedulerStats:
+        """The counts the child sent with its latest step or message."""
+        return self._stats
+
+    def is_alive(self) -> bool:
+        return not self._dead and self._process.is_alive()
+
+    def shutdown(self) -> None:
+        self.post(("stop",))
+        self._process.join(timeout=10)
+        if self._process.is_alive():
+            self._process.terminate()
+            self._process.join(timeout=5)
+        self._requests.close()
+
+    def _read(self) -> None:
+        while True:
+            try:
+                message = self._outputs.recv()
+            except (EOFError, OSError):
+                message = ("dead", f"the engine process exited (code {self._process.exitcode})")
+            kind = message[0]
+            if kind == "outputs":
+                self._stats = message[2]
+                self._sink.deliver(message[1])
+            elif kind == "added":
+                self._sink.added(message[1], message[2])
+            elif kind == "stats":
+                self._stats = message[1]
+            elif kind == "stopped":
+                return
+            else:  # "dead"
+                self._dead = True
+                self._sink.died(RuntimeError(message[1]))
+                return
+
+
+def run_engine_process(model, engine_kwargs, requests, outputs, log_level) -> None:
+    """The child's main: build the engine, report ready, then loop: drain messages, step, send
+    the step's outputs with the scheduler's counts. Exits on "stop" or when the parent's end
+    of the pipe closes (the server died)."""
+    signal.signal(signal.SIGINT, signal.SIG_IGN)  # Ctrl-C is the server's to handle
+    logging.basicConfig(format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    for name in ("engine", "models"):
+        logging.getLogger(name).setLevel(log_level)
+    try:
+        from engine.llm import build_engine_config
+
+        engine = LLMEngine(build_engine_config(model, **engine_kwargs))
+    except Exception as e:
+        logger.exception("the engine failed to start")
+        outputs.send(("failed", f"{type(e).__name__}: {e}"))
+        return
+    outputs.send(("ready", engine.config, engine.inputs.vocab_size, engine.scheduler.stats()))
+    try:
+        _serve(engine, requests, outputs)
+    except EOFError:  # the server went away
+        return
+    except Exception as e:  # a bug: tell the server, which fails the requests in flight
+        logger.exception("engine step failed")
+        outputs.send(("dead", "".join(traceback.format_exception_only(e)).strip()))
+
+
+def _serve(engine: LLMEngine, requests, outputs) -> None:
+    while True:
+        busy = engine.has_unfinished_requests()
+        handled = False
+        while requests.poll(0 if busy or handled else None):  # idle: block for a message
+            message = requests.recv()
+            if message[0] == "stop":
+                outputs.send(("stopped",))
+                return
+            error = _handle(engine, message)
+            if message[0] == "add":
+                outputs.send(("added", message[1], error))
+            handled = True
+        if engine.has_unfinished_requests():
+            step_outputs = engine.step(delta=True)
+            outputs.send(("outputs", step_outputs, engine.scheduler.stats()))
+        elif handled:  # e.g. the last abort: the counts changed without a step
+            outputs.send(("stats", engine.scheduler.stats()))
