@@ -10,6 +10,7 @@ step, and each step's outputs reach an event loop in one callback.
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import itertools
 import logging
 from collections import defaultdict
@@ -103,11 +104,16 @@ class AsyncEngine:
                 self.abort(request_id)  # are applied in order, so this abort comes after it
             raise
         finished = False
+        prompt_text = prompt_ids = None
         try:
             while not finished:
                 out = await out_queue.get()
                 if isinstance(out, BaseException):
                     raise EngineDeadError(str(out)) from out
+                if out.prompt_token_ids is None:  # an engine process sends it once, first
+                    out = dataclasses.replace(out, prompt=prompt_text, prompt_token_ids=prompt_ids)
+                else:
+                    prompt_text, prompt_ids = out.prompt, out.prompt_token_ids
                 finished = out.finished
                 yield out
         finally:

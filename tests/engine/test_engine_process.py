@@ -29,6 +29,7 @@ SCRIPT = textwrap.dedent(
             params = SamplingParams(temperature=0.0, max_tokens=8, ignore_eos=True)
             async for out in engine.generate({"prompt_token_ids": prompt}, params, f"r{i}"):
                 tokens += out.outputs[0].token_ids
+                assert out.prompt_token_ids == prompt, "every delta carries its prompt"
             return tokens
 
         greedy = await asyncio.gather(*(one(i, p) for i, p in enumerate(prompts)))
