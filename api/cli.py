@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import logging
+import os
 import sys
 
 # pallas_kernels.attention.AttentionBackend's values (api imports engine only: DESIGN.md).
@@ -58,6 +59,7 @@ def engine_kwargs(args: argparse.Namespace) -> dict:
     )
     if args.compilation_cache_dir is not None:
         kw["compilation_cache_dir"] = args.compilation_cache_dir
+    kw["step_trace_path"] = os.environ.get("PAGEJAX_STEP_TRACE")  # one JSON line per step
     return {k: v for k, v in kw.items() if v is not None}
 
 

@@ -60,6 +60,8 @@ class EngineConfig:
     cache: CacheConfig = CacheConfig()
     scheduler: SchedulerConfig = SchedulerConfig()
     compile: CompileConfig = CompileConfig()
+    # Append one JSON line of timings per engine step here (`StepTrace`); None = off.
+    step_trace_path: str | None = None
 
 
 def bucket_ladder(smallest: int, largest: int, factor: int = 2) -> tuple[int, ...]:

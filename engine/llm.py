@@ -46,6 +46,7 @@ def build_engine_config(
     request_buckets: Sequence[int] = (),
     compilation_cache_dir: str | None | bool = True,
     model_max_len: int | None = None,
+    step_trace_path: str | None = None,
 ) -> EngineConfig:
     """vLLM-style keyword arguments -> `EngineConfig`, with platform defaults filled in."""
     import jax
@@ -80,6 +81,7 @@ def build_engine_config(
             long_prefill_token_threshold=long_prefill_token_threshold,
         ),
         compile=CompileConfig(tuple(token_buckets), tuple(request_buckets), **compile_kwargs),
+        step_trace_path=step_trace_path,
     )
 
 

@@ -7,7 +7,6 @@ import atexit
 import dataclasses
 import json
 import logging
-import os
 import time
 from collections.abc import Sequence
 from typing import Any
@@ -127,8 +126,8 @@ class LLMEngine:
         self.outputs = OutputProcessor(tokenizer)
         self.inputs = InputProcessor(tokenizer, max_len, mc.vocab_size)
         self._inflight: tuple | None = None  # (SchedulerOutput, Dispatched) of the step in flight
-        trace_path = os.environ.get("PAGEJAX_STEP_TRACE")
-        self._trace = StepTrace(trace_path, self.runner.token_buckets) if trace_path else None
+        trace = config.step_trace_path
+        self._trace = StepTrace(trace, self.runner.token_buckets) if trace else None
 
     # -- requests ---------------------------------------------------------------------------
     def add_request(
@@ -223,10 +222,11 @@ class LLMEngine:
 
 class StepTrace:
     """Per-step timings as JSON lines, for finding where serving time goes
-    (`PAGEJAX_STEP_TRACE=steps.jsonl`). One line per `LLMEngine.step`: its start `t` (seconds,
-    perf_counter), the host milliseconds to schedule and dispatch step N + 1, the milliseconds
-    blocked waiting for step N, and the host milliseconds turning N into outputs; then step
-    N + 1's size: tokens, its token bucket, requests and prefill tokens."""
+    (`EngineConfig.step_trace_path`; the CLI reads `PAGEJAX_STEP_TRACE`). One line per
+    `LLMEngine.step`: its start `t` (seconds, perf_counter), the host milliseconds to schedule
+    and dispatch step N + 1, the milliseconds blocked waiting for step N, and the host
+    milliseconds turning N into outputs; then step N + 1's size: tokens, its token bucket,
+    requests and prefill tokens."""
 
     def __init__(self, path: str, token_buckets: tuple[int, ...]):
         self._file = open(path, "a", buffering=1 << 16)  # noqa: SIM115 - open for the run

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import functools
+import json
 
 import jax
 import numpy as np
@@ -159,6 +160,27 @@ def test_streamed_deltas_merge_into_the_final_output(llm, prompts):
     merged = functools.reduce(merge_deltas, deltas)
     assert merged.finished and merged.prompt_logprobs == final.prompt_logprobs
     assert sorted(merged.outputs, key=lambda c: c.index) == final.outputs
+
+
+def test_step_trace_accounts_for_every_token(folder, cache_dir, prompts, tmp_path):
+    """`step_trace_path`: one JSON line per step, whose scheduled tokens add up to every prompt
+    token plus every output token but the last (each is fed back once), within its bucket."""
+    trace = tmp_path / "steps.jsonl"
+    traced = LLM(
+        str(folder),
+        num_pages=128,
+        compilation_cache_dir=cache_dir,
+        enable_prefix_caching=False,
+        step_trace_path=str(trace),
+        **ENGINE_ARGS,
+    )
+    batch = prompts[:6]
+    outs = traced.generate([{"prompt_token_ids": p} for p in batch], GREEDY)
+    lines = [json.loads(line) for line in trace.read_text().splitlines()]
+    want = sum(len(p) for p in batch) + sum(len(o.outputs[0].token_ids) - 1 for o in outs)
+    assert sum(line["tokens"] for line in lines) == want
+    assert all(line["tokens"] <= line["bucket"] for line in lines)
+    assert all(line["wait_ms"] >= 0 and line["requests"] <= 8 for line in lines)
 
 
 def test_min_tokens_and_eos(llm, folder, prompts):
