@@ -7,6 +7,8 @@ import logging
 import os
 import sys
 
+from engine.engine_core import EngineStartError
+
 # pallas_kernels.attention.AttentionBackend's values (api imports engine only: DESIGN.md).
 ATTENTION_BACKENDS = ["auto", "pallas", "reference", "pallas-interpret-gpu", "pallas-interpret-tpu"]
 
@@ -135,6 +137,9 @@ def main(argv: list[str] | None = None) -> int:
     except (ValueError, FileNotFoundError) as e:
         print(f"pagejax: error: {e}", file=sys.stderr)
         return 2
+    except EngineStartError as e:  # the engine process logged its traceback already
+        print(f"pagejax: error: the engine failed to start: {e}", file=sys.stderr)
+        return 1
     except KeyboardInterrupt:  # Ctrl-C: the server has shut down already (uvicorn re-raises)
         return 130
 

@@ -10,6 +10,7 @@ step, and each step's outputs reach an event loop in one callback.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import dataclasses
 import itertools
 import logging
@@ -60,6 +61,7 @@ class AsyncEngine:
             tokenizer, config.scheduler.max_model_len, core.vocab_size
         ))  # fmt: skip
         self._core = core
+        core.start()  # reports may come from now on
         return self
 
     def _setup(self, config: EngineConfig, tokenizer, inputs: InputProcessor) -> None:
@@ -87,6 +89,8 @@ class AsyncEngine:
         if self._error is not None:
             raise EngineDeadError(str(self._error))
         request_id = request_id or f"req-{next(self._ids)}"
+        if request_id in self._queues:
+            raise ValueError(f"request id {request_id!r} is already in use")
         out_queue: asyncio.Queue = asyncio.Queue()
         loop = asyncio.get_running_loop()
         added = loop.create_future()
@@ -141,7 +145,7 @@ class AsyncEngine:
     def added(self, request_id: str, error: BaseException | None) -> None:
         entry = self._adding.pop(request_id, None)
         if entry is not None:
-            entry[0].call_soon_threadsafe(_settle, entry[1], error)
+            _call(entry[0], _settle, entry[1], error)
 
     def deliver(self, outputs: list[RequestOutput]) -> None:
         """Hand a step's outputs to their event loops: one thread-safe call per loop."""
@@ -151,14 +155,21 @@ class AsyncEngine:
             if entry is not None:
                 batches[entry[0]].append((entry[1], out))
         for loop, batch in batches.items():
-            loop.call_soon_threadsafe(_put_all, batch)
+            _call(loop, _put_all, batch)
 
     def died(self, error: BaseException) -> None:
         self._error = error
         for loop, added in list(self._adding.values()):
-            loop.call_soon_threadsafe(_settle, added, EngineDeadError(str(error)))
+            _call(loop, _settle, added, EngineDeadError(str(error)))
         for loop, out_queue in list(self._queues.values()):
-            loop.call_soon_threadsafe(out_queue.put_nowait, error)
+            _call(loop, out_queue.put_nowait, error)
+
+
+def _call(loop: asyncio.AbstractEventLoop, fn, *args) -> None:
+    """Run `fn(*args)` on `loop` from another thread; a closed loop (its caller is gone) is
+    skipped, not an error in the engine's thread."""
+    with contextlib.suppress(RuntimeError):
+        loop.call_soon_threadsafe(fn, *args)
 
 
 def _settle(future: asyncio.Future, error: BaseException | None) -> None:

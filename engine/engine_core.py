@@ -12,6 +12,7 @@ two talk through pipes, outputs pickled once per step.
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import logging
 import multiprocessing
@@ -19,14 +20,20 @@ import queue
 import signal
 import threading
 import traceback
-from typing import Any, Protocol
+from typing import TYPE_CHECKING, Any, Protocol
 
 from engine.config import EngineConfig
-from engine.llm_engine import LLMEngine
 from engine.outputs import RequestOutput
-from engine.scheduler import SchedulerStats
+from engine.scheduler import QueueFullError, SchedulerStats
+
+if TYPE_CHECKING:  # the server process imports this module without JAX
+    from engine.llm_engine import LLMEngine
 
 logger = logging.getLogger(__name__)
+
+# Adds and aborts applied between two steps at most: a steady stream of them must not keep
+# the requests already running from stepping.
+_MAX_MESSAGES_PER_STEP = 256
 
 
 class CoreSink(Protocol):
@@ -43,17 +50,35 @@ class EngineStartError(RuntimeError):
     """The engine process failed while loading or compiling."""
 
 
-def _handle(engine: LLMEngine, message: tuple) -> BaseException | None:
-    """Apply one message; for an add, the error the caller should get (None if it was added)."""
+def _handle(engine: LLMEngine, message: tuple) -> tuple[BaseException | None, list]:
+    """Apply one message. Returns the error an add's caller should get (None: added), and
+    the final outputs of an aborted request (for a consumer still iterating, if any)."""
     if message[0] == "abort":
-        engine.abort_request(message[1])
-        return None
+        return None, engine.abort_request(message[1])
     _, request_id, prompt, params, priority = message
     try:
         engine.add_request(request_id, prompt, params, priority=priority)
     except Exception as e:  # bad input or a full queue: the caller's error
-        return e
-    return None
+        return e, []
+    return None, []
+
+
+def _portable(error: BaseException | None) -> tuple[str, str] | None:
+    """An add's error as (kind, message): any exception pickles that way, and the server
+    only needs to tell bad input (400) and a full queue (503) from the rest."""
+    if error is None:
+        return None
+    kind = "queue_full" if isinstance(error, QueueFullError) else (
+        "value" if isinstance(error, ValueError) else "other"
+    )  # fmt: skip
+    return kind, str(error)
+
+
+def _rebuild(error: tuple[str, str] | None) -> BaseException | None:
+    if error is None:
+        return None
+    kind, message = error
+    return {"queue_full": QueueFullError, "value": ValueError}.get(kind, RuntimeError)(message)
 
 
 class ThreadCore:
@@ -88,14 +113,16 @@ class ThreadCore:
         engine = self.engine
         try:
             while not self._stop.is_set():
-                while True:
+                for _ in range(_MAX_MESSAGES_PER_STEP):
                     try:
                         message = self._inbox.get_nowait()
                     except queue.Empty:
                         break
-                    error = _handle(engine, message)
+                    error, final = _handle(engine, message)
                     if message[0] == "add":
                         self._sink.added(message[1], error)
+                    elif final:
+                        self._sink.deliver(final)
                 if not engine.has_unfinished_requests():
                     self._wake.wait(timeout=0.5)
                     self._wake.clear()
@@ -104,12 +131,17 @@ class ThreadCore:
         except Exception as e:  # a bug: fail every request in flight, loudly
             logger.exception("engine step failed")
             self._sink.died(e)
+            return
+        self._sink.died(RuntimeError("the engine was shut down"))
 
 
 class ProcessCore:
     """The engine in a child process (spawned: a fresh interpreter, since a forked JAX runtime
     is unsafe). The child builds its `EngineConfig` and loads the model itself, so this
-    process never initialises a JAX backend and leaves the accelerator to the child."""
+    process never initialises a JAX backend and leaves the accelerator to the child.
+
+    Messages go out through a sender thread (a burst of adds must not block the event loop on
+    a full pipe while the child is in a step); a reader thread hands back what comes in."""
 
     def __init__(self, model: str | None, engine_kwargs: dict[str, Any], sink: CoreSink):
         ctx = multiprocessing.get_context("spawn")
@@ -126,41 +158,40 @@ class ProcessCore:
         requests_recv.close()  # the child's ends
         outputs_send.close()
         self._sink = sink
-        self._send_lock = threading.Lock()
-        self._dead = False
+        self._outbox: queue.SimpleQueue = queue.SimpleQueue()
+        self._dead = threading.Event()
         self.config: EngineConfig | None = None
         self.vocab_size = 0
         self._stats: SchedulerStats | None = None
-        self._reader: threading.Thread | None = None
+        self._threads: list[threading.Thread] = []
 
     def wait_ready(self) -> None:
-        """Block until the child has loaded and compiled; raise EngineStartError if it failed."""
+        """Block until the child has loaded and compiled; raise EngineStartError if it failed.
+        Then `start()` the message threads (once the sink can take reports)."""
         try:
             message = self._outputs.recv()
-        except EOFError:
+        except (EOFError, OSError):
             message = ("failed", f"the engine process exited (code {self._process.exitcode})")
         if message[0] == "failed":
             self._process.join(timeout=10)
             raise EngineStartError(message[1])
         _, self.config, self.vocab_size, self._stats = message
-        self._reader = threading.Thread(target=self._read, name="pagejax-core-reader", daemon=True)
-        self._reader.start()
+
+    def start(self) -> None:
+        for target, name in ((self._read, "reader"), (self._send, "sender")):
+            thread = threading.Thread(target=target, name=f"pagejax-core-{name}", daemon=True)
+            thread.start()
+            self._threads.append(thread)
 
     def post(self, message: tuple) -> None:
-        with self._send_lock:
-            try:
-                self._requests.send(message)
-            except (BrokenPipeError, OSError) as e:
-                if not self._dead:
-                    self._dead = True
-                    self._sink.died(RuntimeError(f"the engine process is gone: {e}"))
+        self._outbox.put(message)
 
     def stats(self) -> SchedulerStats:
         """The counts the child sent with its latest step or message."""
         return self._stats
 
     def is_alive(self) -> bool:
-        return not self._dead and self._process.is_alive()
+        return not self._dead.is_set() and self._process.is_alive()
 
     def shutdown(self) -> None:
         self.post(("stop",))
@@ -168,28 +199,47 @@ class ProcessCore:
         if self._process.is_alive():
             self._process.terminate()
             self._process.join(timeout=5)
-        self._requests.close()
+        self._die("the engine was shut down")
+        self._outbox.put(None)  # ends the sender
+
+    def _die(self, reason: str) -> None:
+        if not self._dead.is_set():
+            self._dead.set()
+            self._sink.died(RuntimeError(reason))
+
+    def _send(self) -> None:
+        while (message := self._outbox.get()) is not None:
+            try:
+                self._requests.send(message)
+            except (OSError, ValueError) as e:  # the child is gone (or the pipe closed)
+                self._die(f"the engine process is gone: {e}")
+                return
 
     def _read(self) -> None:
-        while True:
-            try:
-                message = self._outputs.recv()
-            except (EOFError, OSError):
-                message = ("dead", f"the engine process exited (code {self._process.exitcode})")
-            kind = message[0]
-            if kind == "outputs":
-                self._stats = message[2]
-                self._sink.deliver(message[1])
-            elif kind == "added":
-                self._sink.added(message[1], message[2])
-            elif kind == "stats":
-                self._stats = message[1]
-            elif kind == "stopped":
-                return
-            else:  # "dead"
-                self._dead = True
-                self._sink.died(RuntimeError(message[1]))
-                return
+        try:
+            while True:
+                try:
+                    message = self._outputs.recv()
+                except (EOFError, OSError):
+                    code = self._process.exitcode
+                    message = ("dead", f"the engine process exited (code {code})")
+                kind = message[0]
+                if kind == "outputs":
+                    self._stats = message[2]
+                    self._sink.deliver(message[1])
+                elif kind == "added":
+                    self._sink.added(message[1], _rebuild(message[2]))
+                elif kind == "stats":
+                    self._stats = message[1]
+                elif kind == "stopped":
+                    return
+                else:  # "dead"
+                    self._die(message[1])
+                    return
+        except BaseException as e:  # a bug here would leave every request waiting
+            logger.exception("reading the engine process's messages failed")
+            self._die(f"lost the engine process: {e}")
+            self._process.terminate()
 
 
 def run_engine_process(model, engine_kwargs, requests, outputs, log_level) -> None:
@@ -202,6 +252,7 @@ def run_engine_process(model, engine_kwargs, requests, outputs, log_level) -> No
         logging.getLogger(name).setLevel(log_level)
     try:
         from engine.llm import build_engine_config
+        from engine.llm_engine import LLMEngine
 
         engine = LLMEngine(build_engine_config(model, **engine_kwargs))
     except Exception as e:
@@ -211,11 +262,12 @@ def run_engine_process(model, engine_kwargs, requests, outputs, log_level) -> No
     outputs.send(("ready", engine.config, engine.inputs.vocab_size, engine.scheduler.stats()))
     try:
         _serve(engine, requests, outputs)
-    except EOFError:  # the server went away
+    except (EOFError, OSError):  # the server went away
         return
     except Exception as e:  # a bug: tell the server, which fails the requests in flight
         logger.exception("engine step failed")
-        outputs.send(("dead", "".join(traceback.format_exception_only(e)).strip()))
+        with contextlib.suppress(OSError):  # the server may be gone too
+            outputs.send(("dead", "".join(traceback.format_exception_only(e)).strip()))
 
 
 def _without_known_prompts(outputs: list[RequestOutput], sent: set[str]) -> list[RequestOutput]:
@@ -240,18 +292,21 @@ def _serve(engine: LLMEngine, requests, outputs) -> None:
     prompt_sent: set[str] = set()
     while True:
         busy = engine.has_unfinished_requests()
-        handled = False
-        while requests.poll(0 if busy or handled else None):  # idle: block for a message
+        handled = 0
+        # Idle: block for a message. Busy: take what is there, a bounded number, then step.
+        while handled < _MAX_MESSAGES_PER_STEP and requests.poll(0 if busy or handled else None):
             message = requests.recv()
             if message[0] == "stop":
                 outputs.send(("stopped",))
                 return
-            error = _handle(engine, message)
+            error, final = _handle(engine, message)
             if message[0] == "add":
-                outputs.send(("added", message[1], error))
+                outputs.send(("added", message[1], _portable(error)))
             else:
                 prompt_sent.discard(message[1])
-            handled = True
+                if final:
+                    outputs.send(("outputs", final, engine.scheduler.stats()))
+            handled += 1
         if engine.has_unfinished_requests():
             step_outputs = _without_known_prompts(engine.step(delta=True), prompt_sent)
             outputs.send(("outputs", step_outputs, engine.scheduler.stats()))
