@@ -163,7 +163,6 @@ class ProcessCore:
         self.config: EngineConfig | None = None
         self.vocab_size = 0
         self._stats: SchedulerStats | None = None
-        self._threads: list[threading.Thread] = []
 
     def wait_ready(self) -> None:
         """Block until the child has loaded and compiled; raise EngineStartError if it failed.
@@ -179,9 +178,7 @@ class ProcessCore:
 
     def start(self) -> None:
         for target, name in ((self._read, "reader"), (self._send, "sender")):
-            thread = threading.Thread(target=target, name=f"pagejax-core-{name}", daemon=True)
-            thread.start()
-            self._threads.append(thread)
+            threading.Thread(target=target, name=f"pagejax-core-{name}", daemon=True).start()
 
     def post(self, message: tuple) -> None:
         self._outbox.put(message)

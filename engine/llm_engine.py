@@ -127,7 +127,7 @@ class LLMEngine:
         self.inputs = InputProcessor(tokenizer, max_len, mc.vocab_size)
         self._inflight: tuple | None = None  # (SchedulerOutput, Dispatched) of the step in flight
         trace = config.step_trace_path
-        self._trace = StepTrace(trace, self.runner.token_buckets) if trace else None
+        self._trace = StepTrace(trace) if trace else None
 
     # -- requests ---------------------------------------------------------------------------
     def add_request(
@@ -216,7 +216,8 @@ class LLMEngine:
                 self.scheduler.finish_requests(cid, "stop", stop_str)
         self._inflight = None if dispatched is None else (sched, dispatched)
         if self._trace is not None:
-            self._trace.record(sched, (t0, t1, t2, t3, time.perf_counter()), len(outputs))
+            bucket = 0 if sched.is_empty else self.runner.layout_for(sched).num_tokens
+            self._trace.record(sched, bucket, (t0, t1, t2, t3, time.perf_counter()), len(outputs))
         return outputs
 
 
@@ -228,12 +229,11 @@ class StepTrace:
     milliseconds turning N into outputs; then step N + 1's size: tokens, its token bucket,
     requests and prefill tokens."""
 
-    def __init__(self, path: str, token_buckets: tuple[int, ...]):
+    def __init__(self, path: str):
         self._file = open(path, "a", buffering=1 << 16)  # noqa: SIM115 - open for the run
         atexit.register(self._file.flush)
-        self._buckets = token_buckets
 
-    def record(self, sched, times: tuple[float, ...], num_outputs: int) -> None:
+    def record(self, sched, bucket: int, times: tuple[float, ...], num_outputs: int) -> None:
         t0, t1, t2, t3, t4 = times
         n = sched.num_batched_tokens
         line = {
@@ -243,7 +243,7 @@ class StepTrace:
             "wait_ms": round(1e3 * (t3 - t2), 3),
             "outputs_ms": round(1e3 * (t4 - t3), 3),
             "tokens": n,
-            "bucket": next((b for b in self._buckets if b >= n), n) if n else 0,
+            "bucket": bucket,
             "requests": len(sched.requests),
             "prefill_tokens": sum(r.num_tokens for r in sched.requests if r.num_tokens > 1),
             "outputs": num_outputs,

@@ -109,6 +109,12 @@ class ModelRunner:
         top = next((r for r in ladder if r >= min(t, self.max_num_seqs)), ladder[-1])
         return tuple(sorted({r for r in ladder if t / 4 <= r <= t} | {top}))
 
+    def layout_for(self, sched: SchedulerOutput) -> StepLayout:
+        """The compiled (T, R) bucket a scheduled step runs in."""
+        t = pick_bucket(self.token_buckets, sched.num_batched_tokens)
+        r = pick_bucket(self.request_buckets_for(t), len(sched.requests))
+        return StepLayout(t, r, self.pages_per_request)
+
     def layouts(self) -> list[StepLayout]:
         """Every (T, R) bucket pair the engine can meet."""
         return [
@@ -156,7 +162,6 @@ class ModelRunner:
             _abstract(self.rows_state),
             _abstract(self.kv_caches),
         )
-        i32 = _i32
         forward = jax.jit(
             forward_fn,
             static_argnames=("model_def", "layout"),
@@ -171,7 +176,7 @@ class ModelRunner:
         dtype = self.kv_caches[0].dtype
         for layout in layouts:
             lowered = forward.lower(
-                self.model_def, params, kv, rows, i32(layout.size), layout=layout
+                self.model_def, params, kv, rows, _i32(layout.size), layout=layout
             )
             yield self._forward, layout, lowered
         for r in sorted({lay.num_requests for lay in layouts}):
@@ -179,12 +184,12 @@ class ModelRunner:
             logits = jax.ShapeDtypeStruct((r, v), jnp.float32)
             for variant in (GREEDY, SAMPLE, FULL):
                 lowered = sampler.lower(
-                    rows, logits, i32(lay.sample_size), layout=lay, variant=variant
+                    rows, logits, _i32(lay.sample_size), layout=lay, variant=variant
                 )
                 yield self._sampler, (r, variant), lowered
         for t in sorted({lay.num_tokens for lay in layouts}):
             hidden = jax.ShapeDtypeStruct((t, d), dtype)
-            yield self._prompt_lp, t, prompt_lp.lower(self.model_def, params, hidden, i32(t))
+            yield self._prompt_lp, t, prompt_lp.lower(self.model_def, params, hidden, _i32(t))
 
     def warm_up(self) -> None:
         """Run every executable once on an all-padding batch. The first run of an executable
@@ -264,9 +269,7 @@ class ModelRunner:
                 self._release([req.request_id])
         rows = [self._row_for(req) for req in sched.requests]
         seeds = [self._seeds[req.request_id] for req in sched.requests]
-        t = pick_bucket(self.token_buckets, sched.num_batched_tokens)
-        r = pick_bucket(self.request_buckets_for(t), len(sched.requests))
-        layout = StepLayout(t, r, self.pages_per_request)
+        layout = self.layout_for(sched)
         bufs = build_step_input(
             sched,
             layout,
@@ -280,10 +283,12 @@ class ModelRunner:
             self.params, self.kv_caches, self.rows_state, model_buf
         )
         variant = pick_variant([req.sampling_params for req in sched.requests])
-        self.rows_state, sampled = self._sampler[r, variant](self.rows_state, logits, sample_buf)
+        self.rows_state, sampled = self._sampler[layout.num_requests, variant](
+            self.rows_state, logits, sample_buf
+        )
         prompt = None
         if any(req.sampling_params.prompt_logprobs is not None for req in sched.requests):
-            prompt = self._prompt_lp[t](self.params, hidden, bufs.next_token_ids)
+            prompt = self._prompt_lp[layout.num_tokens](self.params, hidden, bufs.next_token_ids)
         return Dispatched(sampled, prompt)
 
     def collect(self, sched: SchedulerOutput, dispatched: Dispatched) -> StepOutput:

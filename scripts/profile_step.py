@@ -31,7 +31,7 @@ def _median_ms(fn, reps: int) -> float:
 def profile(llm, batch: int, input_len: int, reps: int) -> dict:
     from engine import SamplingParams
     from engine.step_fns import GREEDY
-    from engine.step_input import StepLayout, build_step_input, pick_bucket
+    from engine.step_input import build_step_input
 
     eng = llm.engine
     rng = np.random.default_rng(0)
@@ -56,12 +56,7 @@ def profile(llm, batch: int, input_len: int, reps: int) -> dict:
     sched = eng.scheduler.schedule()
     rows = [runner._row_for(r) for r in sched.requests]
     seeds = [runner._seeds[r.request_id] for r in sched.requests]
-    layout_t = pick_bucket(runner.token_buckets, sched.num_batched_tokens)
-    layout = StepLayout(
-        layout_t,
-        pick_bucket(runner.request_buckets_for(layout_t), len(sched.requests)),
-        runner.pages_per_request,
-    )
+    layout = runner.layout_for(sched)
     build = lambda: build_step_input(
         sched,
         layout,
