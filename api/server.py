@@ -85,9 +85,13 @@ def _generation_route(handler: Callable[[Any], Awaitable[Response]]):
     return endpoint
 
 
-def _json_route(handler: Callable[[Any], dict]):
+def _tokenizer_route(serving: OpenAIServing, handler: Callable[[Any], dict]):
+    """/tokenize and /detokenize: run in the serving's tokenizer thread, with the prompts' own
+    tokenizing (off the event loop, and never two encodes at once)."""
+
     async def endpoint(request: Request) -> Response:
-        return JSONResponse(handler(await _read_json(request)))
+        body = await _read_json(request)
+        return JSONResponse(await serving.in_tokenizer_thread(handler, body))
 
     return endpoint
 
@@ -140,8 +144,8 @@ def build_app(engine: AsyncEngine, config: ServerConfig) -> Starlette:
         Route("/v1/completions", _generation_route(serving.completions), methods=["POST"]),
         Route("/v1/chat/completions", _generation_route(serving.chat), methods=["POST"]),
         Route("/v1/models", models, methods=["GET"]),
-        Route("/tokenize", _json_route(serving.tokenize), methods=["POST"]),
-        Route("/detokenize", _json_route(serving.detokenize), methods=["POST"]),
+        Route("/tokenize", _tokenizer_route(serving, serving.tokenize), methods=["POST"]),
+        Route("/detokenize", _tokenizer_route(serving, serving.detokenize), methods=["POST"]),
         Route("/health", health, methods=["GET"]),
         Route("/metrics", metrics_route, methods=["GET"]),
         Route("/version", version_route, methods=["GET"]),

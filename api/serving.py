@@ -68,11 +68,13 @@ class OpenAIServing:
         self.metrics = metrics
         self.tokenizer = engine.tokenizer
         self.max_model_len = engine.config.scheduler.max_model_len
-        # Prompts are tokenized off the event loop (a 1k-token prompt takes milliseconds),
-        # one at a time: a fast tokenizer must not be used by two threads at once.
+        # Prompts are tokenized off the event loop (a 1k-token prompt takes milliseconds), one
+        # at a time: encoding may reset a fast tokenizer's truncation (a mutable borrow, which
+        # fails if another thread is encoding).
         self._tokenizer_thread = ThreadPoolExecutor(1, thread_name_prefix="pagejax-tokenizer")
 
-    async def _off_loop(self, fn, *args, **kwargs):
+    async def in_tokenizer_thread(self, fn, *args, **kwargs):
+        """`fn(*args, **kwargs)` in the tokenizer thread, awaited."""
         loop = asyncio.get_running_loop()
         return await loop.run_in_executor(
             self._tokenizer_thread, functools.partial(fn, *args, **kwargs)
@@ -169,7 +171,7 @@ class OpenAIServing:
         req = parse(CompletionRequest, body)
         model = self.model_name(req.model)
         params = self._params(req)
-        prompts = await self._off_loop(lambda: [self._tokenize(p) for p in req.prompts()])
+        prompts = await self.in_tokenizer_thread(lambda: [self._tokenize(p) for p in req.prompts()])
         gen, first = await self._start("cmpl", prompts, params, req.priority)
         fmt = CompletionFormatter(req, params, prompts, model, self.tokenizer)
         return await self._respond(req.stream, gen, first, fmt)
@@ -179,7 +181,7 @@ class OpenAIServing:
         req = parse(ChatCompletionRequest, body)
         model = self.model_name(req.model)
         params = self._params(req)
-        prompt = await self._off_loop(
+        prompt = await self.in_tokenizer_thread(
             self._chat_prompt,
             req.messages,
             req.add_generation_prompt,
