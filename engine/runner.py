@@ -23,6 +23,7 @@ import numpy as np
 from flax import nnx
 from tqdm import tqdm
 
+from engine import step_fns
 from engine.config import EngineConfig, bucket_ladder
 from engine.row_state import RowState, set_row_fn
 from engine.step_fns import (
@@ -73,7 +74,9 @@ class ModelRunner:
         self.model_def = (self.graphdef, treedef)
         dtype = model.model.embed_tokens.embedding[...].dtype
         shape = kv_cache_shape(num_pages, self.page_size, cfg.num_kv_heads, cfg.head_dim)
-        self.kv_caches = [jnp.zeros(shape, dtype) for _ in range(cfg.num_layers)]
+        # Allocated by `compile`, after XLA's autotuning has had the memory to itself.
+        self._kv_specs = [jax.ShapeDtypeStruct(shape, dtype)] * cfg.num_layers
+        self.kv_caches: list[jax.Array] = []
         self.rows_state = RowState.zeros(self.max_num_seqs + 1, cfg.vocab_size)
         self.scratch_row = self.max_num_seqs
         self._free_rows = list(range(self.max_num_seqs - 1, -1, -1))
@@ -154,13 +157,14 @@ class ModelRunner:
             "%d executables: traced and lowered in %.1f s, all compiled %.1f s later",
             len(futures) + 1, t1 - t0, time.perf_counter() - t1,
         )  # fmt: skip
+        self.kv_caches = [jnp.zeros(k.shape, k.dtype) for k in self._kv_specs]
 
     def _lowered_jobs(self) -> Iterator[tuple[dict, object, object]]:
         """(table, key, lowered) for each executable, lowered one at a time."""
         params, rows, kv = (
             _abstract(self.params),
             _abstract(self.rows_state),
-            _abstract(self.kv_caches),
+            self._kv_specs,
         )
         forward = jax.jit(
             forward_fn,
@@ -170,10 +174,10 @@ class ModelRunner:
         sampler = jax.jit(
             sample_fn, static_argnames=("layout", "variant"), donate_argnames=("rows_state",)
         )
-        prompt_lp = jax.jit(prompt_logprobs_fn, static_argnames=("model_def",))
+        prompt_lp = jax.jit(prompt_logprobs_fn, static_argnames=("model_def", "chunk"))
         layouts = self.layouts()
         d, v = self.model_config.hidden_size, self.model_config.vocab_size
-        dtype = self.kv_caches[0].dtype
+        dtype = self._kv_specs[0].dtype
         for layout in layouts:
             lowered = forward.lower(
                 self.model_def, params, kv, rows, _i32(layout.size), layout=layout
@@ -189,7 +193,10 @@ class ModelRunner:
                 yield self._sampler, (r, variant), lowered
         for t in sorted({lay.num_tokens for lay in layouts}):
             hidden = jax.ShapeDtypeStruct((t, d), dtype)
-            yield self._prompt_lp, t, prompt_lp.lower(self.model_def, params, hidden, _i32(t))
+            lowered = prompt_lp.lower(
+                self.model_def, params, hidden, _i32(t), chunk=step_fns.PROMPT_LOGPROBS_CHUNK
+            )
+            yield self._prompt_lp, t, lowered
 
     def warm_up(self) -> None:
         """Run every executable once on an all-padding batch. The first run of an executable

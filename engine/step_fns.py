@@ -142,8 +142,20 @@ def sample_fn(
     )
 
 
-def prompt_logprobs_fn(model_def, params, hidden, next_ids):
+PROMPT_LOGPROBS_CHUNK = 512
+
+
+def prompt_logprobs_fn(model_def, params, hidden, next_ids, chunk: int = PROMPT_LOGPROBS_CHUNK):
     """Logprob stats of prompt token p + 1 at every position p: hidden [T, D], next_ids [T].
-    Rare (only requests asking for prompt_logprobs), so run as its own call."""
+    Rare (only requests asking for prompt_logprobs), so run as its own call, `chunk` positions
+    at a time: whole, an 8k-token step's f32 logits over a 128k vocabulary would take 4 GiB."""
     model = _merge(model_def, params)
-    return _logprob_stats(model.logits(hidden), next_ids, MAX_LOGPROBS)
+    t = hidden.shape[0]
+    c = min(t, chunk)
+    n = -(-t // c)
+    hidden = jnp.pad(hidden, ((0, n * c - t), (0, 0))).reshape(n, c, -1)
+    next_ids = jnp.pad(next_ids, (0, n * c - t)).reshape(n, c)
+    stats = jax.lax.map(
+        lambda x: _logprob_stats(model.logits(x[0]), x[1], MAX_LOGPROBS), (hidden, next_ids)
+    )
+    return tuple(s.reshape(n * c, *s.shape[2:])[:t] for s in stats)

@@ -222,6 +222,33 @@ def test_logprobs_match_transformers(llm, folder, prompts):
         assert entry[prompt[p]].logprob == pytest.approx(ref[p - 1][prompt[p]], abs=1e-4)
 
 
+def test_prompt_logprobs_in_chunks_match_numpy(folder):
+    """A long step's prompt logprobs run `chunk` positions at a time (the last chunk padded):
+    each position's stats equal numpy's log-softmax of the model's logits."""
+    from flax import nnx
+
+    from engine.step_fns import prompt_logprobs_fn
+    from models.loader import load_model
+
+    model = load_model(str(folder), dtype="float32")
+    graphdef, state = nnx.split(model)
+    params, treedef = jax.tree.flatten(state)
+    rng = np.random.default_rng(3)
+    t, d = 40, model.config.hidden_size
+    hidden = rng.normal(size=(t, d)).astype(np.float32)
+    ids = rng.integers(0, model.config.vocab_size, t).astype(np.int32)
+    fn = jax.jit(prompt_logprobs_fn, static_argnames=("model_def", "chunk"))
+    lp, ranks, top_ids, top_lp = fn((graphdef, treedef), params, hidden, ids, chunk=16)
+    logits = np.asarray(model.logits(jax.numpy.asarray(hidden)), np.float64)
+    ref = logits - logits.max(-1, keepdims=True)
+    ref -= np.log(np.exp(ref).sum(-1, keepdims=True))
+    want = ref[np.arange(t), ids]
+    np.testing.assert_allclose(lp, want, atol=1e-4)
+    np.testing.assert_array_equal(ranks, (ref >= want[:, None] - 1e-6).sum(-1))
+    np.testing.assert_array_equal(top_ids[:, 0], ref.argmax(-1))
+    np.testing.assert_allclose(top_lp[:, 0], ref.max(-1), atol=1e-4)
+
+
 def test_penalties_match_numpy_reference(llm, folder, prompts):
     """Greedy with repetition/presence/frequency penalties, step by step against transformers'
     logits with the penalties applied in numpy (vLLM's definitions)."""
