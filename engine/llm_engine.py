@@ -12,6 +12,7 @@ from collections.abc import Sequence
 from typing import Any
 
 import jax
+from flax import nnx
 
 from engine.config import EngineConfig
 from engine.inputs import InputProcessor, PromptType
@@ -75,6 +76,7 @@ class LLMEngine:
     def __init__(self, config: EngineConfig, *, model=None, tokenizer=None):
         from models.loader import load_model
 
+        t_start = time.perf_counter()
         load = config.load
         if config.compile.compilation_cache_dir:
             jax.config.update("jax_compilation_cache_dir", config.compile.compilation_cache_dir)
@@ -102,6 +104,8 @@ class LLMEngine:
         self.config = config
         self.model_config = mc
         self.tokenizer = tokenizer
+        jax.block_until_ready(jax.tree.leaves(nnx.state(model)))  # so the log times the load
+        t_loaded = time.perf_counter()
         itemsize = model.model.embed_tokens.embedding[...].dtype.itemsize
         num_pages = num_kv_pages(config, mc, itemsize)
         self.allocator = PageAllocator(
@@ -112,17 +116,18 @@ class LLMEngine:
             model, config, num_pages=num_pages, eos_token_ids=self.eos_token_ids
         )
         self.scheduler = Scheduler(config.scheduler, self.allocator, self.runner.token_buckets)
-        t0 = time.perf_counter()
+        t_compile = time.perf_counter()
         self.runner.compile()
+        t_warm = time.perf_counter()
         if jax.default_backend() != "cpu":  # first-run kernel loading, off the request path
             self.runner.warm_up()
+        t_end = time.perf_counter()
         logger.info(
-            "KV cache: %d pages of %d tokens; compiled %d buckets in %.1f s",
-            num_pages,
-            config.cache.page_size,
-            len(self.runner.layouts()),
-            time.perf_counter() - t0,
-        )
+            "KV cache: %d pages of %d tokens; %d buckets. Start-up %.1f s: load %.1f s, "
+            "set-up %.1f s, compile %.1f s, warm-up %.1f s",
+            num_pages, config.cache.page_size, len(self.runner.layouts()), t_end - t_start,
+            t_loaded - t_start, t_compile - t_loaded, t_warm - t_compile, t_end - t_warm,
+        )  # fmt: skip
         self.outputs = OutputProcessor(tokenizer)
         self.inputs = InputProcessor(tokenizer, max_len, mc.vocab_size)
         self._inflight: tuple | None = None  # (SchedulerOutput, Dispatched) of the step in flight
