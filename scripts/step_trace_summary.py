@@ -1,11 +1,13 @@
 """Summarise a step trace (`PAGEJAX_STEP_TRACE=steps.jsonl pagejax serve|bench ...`) per token
-bucket, as the tables of docs/BENCHMARKS.md: how many steps, their median period (start to the
-next step's start), host milliseconds to schedule and dispatch, milliseconds waiting on the
-device, host milliseconds for outputs, requests and prefill tokens.
+bucket, as the tables of docs/BENCHMARKS.md: how many steps, their median period, host
+milliseconds to schedule and dispatch, milliseconds waiting on the device, host milliseconds for
+outputs, requests and prefill tokens.
 
 A line's timings describe two steps (async scheduling): it schedules and dispatches step N + 1
 (whose size it records) and then waits for step N. So the wait of the *next* line is the one
-spent on this line's step, and that is what is attributed to its bucket.
+spent on this line's step, and that is what is attributed to its bucket. A step's period runs
+from the previous step's completion to its own, as the host saw them (the end of each wait):
+while the device is never idle, that is the step's device time.
 
     python scripts/step_trace_summary.py steps.jsonl [--idle-ms 1000]
 """
@@ -24,14 +26,17 @@ COLUMNS = ("steps", "period_ms", "host_ms", "wait_ms", "outputs_ms", "requests",
 def summarize(lines: list[dict], idle_ms: float = 1000.0) -> dict[int, dict[str, float]]:
     """Per bucket: step count and the median of each column (see the module docstring).
     Steps followed by an idle gap longer than `idle_ms` (no next step yet) are left out."""
+
+    def done(line: dict) -> float:  # when the host saw the step before this line's finish
+        return line["t"] + (line["schedule_ms"] + line["dispatch_ms"] + line["wait_ms"]) / 1e3
+
     rows = defaultdict(list)
     for line, nxt in zip(lines, lines[1:], strict=False):
-        period = 1e3 * (nxt["t"] - line["t"])
-        if line["tokens"] == 0 or period > idle_ms:
+        if line["tokens"] == 0 or 1e3 * (nxt["t"] - line["t"]) > idle_ms:
             continue
         rows[line["bucket"]].append(
             (
-                period,
+                1e3 * (done(nxt) - done(line)),
                 line["schedule_ms"] + line["dispatch_ms"],
                 nxt["wait_ms"],
                 nxt["outputs_ms"],

@@ -3,6 +3,9 @@ device time per step by kernel, device idle gaps, and host time per step.
 
     python scripts/trace_step.py --model scripts/configs/llama-3.1-8b --batch 64 --out /tmp/t
 
+With `--prefill-len P`, every traced step also carries the first P tokens of a new prompt
+(a mixed step of batch + P tokens, as serving under load runs).
+
 Writes the Perfetto trace (`*.trace.json.gz`) under --out and prints a JSON summary.
 """
 
@@ -93,22 +96,30 @@ def main() -> None:
     ap.add_argument("--batch", type=int, default=64)
     ap.add_argument("--input-len", type=int, default=512)
     ap.add_argument("--steps", type=int, default=10)
+    ap.add_argument("--prefill-len", type=int, default=0)
     ap.add_argument("--out", required=True)
     args = ap.parse_args()
-    from engine import LLM
+    from engine import LLM, SamplingParams
 
-    b = args.batch
+    b, p = args.batch, args.prefill_len
+    step_tokens = max(16, b) if not p else b + p
     llm = LLM(
         args.model,
         load_format="dummy",
         skip_tokenizer_init=True,
-        max_num_seqs=max(8, b),
-        max_num_batched_tokens=2048,
-        max_model_len=args.input_len + 512,
-        token_buckets=tuple(sorted({max(16, b), 2048})),
-        request_buckets=(max(8, b),),
+        max_num_seqs=max(8, b + 1),
+        max_num_batched_tokens=max(2048, step_tokens),
+        max_model_len=max(args.input_len + 512, p * (args.steps + 4)),
+        token_buckets=tuple(sorted({max(16, b), step_tokens, 2048})),
+        request_buckets=tuple(sorted({max(8, b), -(-(b + 1) // 8) * 8})),
+        long_prefill_token_threshold=p,
     )
     _fill(llm, b, args.input_len)
+    if p:  # one long prompt: with the threshold at p, every step takes p of its tokens
+        prompt = np.random.default_rng(1).integers(0, 20000, p * (args.steps + 3)).tolist()
+        prefill = SamplingParams(temperature=0.0, max_tokens=1, ignore_eos=True)
+        llm.engine.add_request("long", {"prompt_token_ids": prompt}, prefill)
+        llm.engine.step()
     jax.effects_barrier()
     with jax.profiler.trace(args.out, create_perfetto_trace=True):
         t = time.perf_counter()
@@ -117,7 +128,7 @@ def main() -> None:
         host_ms = (time.perf_counter() - t) * 1e3 / args.steps
     files = glob.glob(f"{args.out}/**/*.trace.json.gz", recursive=True)
     out = summarize(files[0], args.steps) if files else {"error": "no perfetto trace"}
-    out.update(batch=b, engine_step_ms_under_trace=round(host_ms, 3))
+    out.update(batch=b, prefill_len=p, engine_step_ms_under_trace=round(host_ms, 3))
     print(json.dumps(out), flush=True)
 
 
