@@ -243,6 +243,9 @@ def run_engine_process(model, engine_kwargs, requests, outputs, log_level) -> No
     """The child's main: build the engine, report ready, then loop: drain messages, step, send
     the step's outputs with the scheduler's counts. Exits on "stop" or when the parent's end
     of the pipe closes (the server died)."""
+    from models.tokenizer import block_torch_import
+
+    block_torch_import()
     signal.signal(signal.SIGINT, signal.SIG_IGN)  # Ctrl-C is the server's to handle
     logging.basicConfig(format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     for name in ("engine", "models"):

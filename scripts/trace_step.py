@@ -3,8 +3,9 @@ device time per step by kernel, device idle gaps, and host time per step.
 
     python scripts/trace_step.py --model scripts/configs/llama-3.1-8b --batch 64 --out /tmp/t
 
-With `--prefill-len P`, every traced step also carries the first P tokens of a new prompt
-(a mixed step of batch + P tokens, as serving under load runs).
+With `--prefill-len P`, every traced step also carries P tokens of a long prompt (a mixed step
+of batch + P tokens, as serving under load runs); with `--batch 0` as well, each step is a
+fresh prompt of P tokens (pure prefill).
 
 Writes the Perfetto trace (`*.trace.json.gz`) under --out and prints a JSON summary.
 """
@@ -108,6 +109,7 @@ def main() -> None:
         load_format="dummy",
         skip_tokenizer_init=True,
         max_num_seqs=max(8, b + 1),
+        enable_prefix_caching=False,
         max_num_batched_tokens=max(2048, step_tokens),
         max_model_len=max(args.input_len + 512, p * (args.steps + 4)),
         token_buckets=tuple(sorted({max(16, b), step_tokens, 2048})),
@@ -115,15 +117,26 @@ def main() -> None:
         long_prefill_token_threshold=p,
     )
     _fill(llm, b, args.input_len)
-    if p:  # one long prompt: with the threshold at p, every step takes p of its tokens
-        prompt = np.random.default_rng(1).integers(0, 20000, p * (args.steps + 3)).tolist()
-        prefill = SamplingParams(temperature=0.0, max_tokens=1, ignore_eos=True)
-        llm.engine.add_request("long", {"prompt_token_ids": prompt}, prefill)
+    rng = np.random.default_rng(1)
+    prefill = SamplingParams(temperature=0.0, max_tokens=1, ignore_eos=True)
+    fresh = p and not b
+
+    def add_prompt(name: str, length: int) -> None:
+        prompt = rng.integers(0, 20000, length).tolist()
+        llm.engine.add_request(name, {"prompt_token_ids": prompt}, prefill)
+
+    if p and b:  # one long prompt: with the threshold at p, every step takes p of its tokens
+        add_prompt("long", p * (args.steps + 3))
+        llm.engine.step()
+    for i in range(2 if fresh else 0):  # warm: the first steps of a bucket run slower
+        add_prompt(f"warm{i}", p)
         llm.engine.step()
     jax.effects_barrier()
     with jax.profiler.trace(args.out, create_perfetto_trace=True):
         t = time.perf_counter()
-        for _ in range(args.steps):
+        for i in range(args.steps):
+            if fresh:
+                add_prompt(f"fresh{i}", p)
             llm.engine.step()
         host_ms = (time.perf_counter() - t) * 1e3 / args.steps
     files = glob.glob(f"{args.out}/**/*.trace.json.gz", recursive=True)
