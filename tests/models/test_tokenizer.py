@@ -29,7 +29,8 @@ def test_tokenizer_loads_with_torch_blocked_and_encodes_like_transformers(tmp_pa
         "block_torch_import()\n"
         f"tok = load_tokenizer({str(tmp_path)!r})\n"
         f"ids = [tok.encode(t) for t in {TEXTS!r}]\n"
-        f"chat = tok.apply_chat_template({messages!r}, tokenize=False, add_generation_prompt=True)\n"
+        f"chat = tok.apply_chat_template({messages!r}, tokenize=False,"
+        " add_generation_prompt=True)\n"
         "print(json.dumps([ids, chat, sys.modules.get('torch') is None]))\n"
     )
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300)
