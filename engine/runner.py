@@ -61,14 +61,14 @@ class Dispatched(NamedTuple):
 class ModelRunner:
     """Owns device state; turns a `SchedulerOutput` into a `StepOutput`."""
 
-    def __init__(self, model, config: EngineConfig, *, num_pages: int, eos_token_ids=()):
+    def __init__(self, model, config: EngineConfig, *, num_pages: int):
         cfg = model.config
         self.config = config
         self.model_config = cfg
         self.page_size = config.cache.page_size
         self.max_num_seqs = config.scheduler.max_num_seqs
         self.pages_per_request = -(-config.scheduler.max_model_len // self.page_size)
-        self.eos_token_ids = tuple(eos_token_ids)
+        self.eos_token_ids: tuple[int, ...] = ()  # the engine's, set once its tokenizer loads
         self.graphdef, state = nnx.split(model)
         self.params, treedef = jax.tree.flatten(state)
         self.model_def = (self.graphdef, treedef)
@@ -178,7 +178,8 @@ class ModelRunner:
         layouts = self.layouts()
         d, v = self.model_config.hidden_size, self.model_config.vocab_size
         dtype = self._kv_specs[0].dtype
-        for layout in layouts:
+        # The biggest steps first: they take longest to compile, so they should not be the tail.
+        for layout in sorted(layouts, key=lambda lay: -lay.num_tokens):
             lowered = forward.lower(
                 self.model_def, params, kv, rows, _i32(layout.size), layout=layout
             )
@@ -191,7 +192,7 @@ class ModelRunner:
                     rows, logits, _i32(lay.sample_size), layout=lay, variant=variant
                 )
                 yield self._sampler, (r, variant), lowered
-        for t in sorted({lay.num_tokens for lay in layouts}):
+        for t in sorted({lay.num_tokens for lay in layouts}, reverse=True):
             hidden = jax.ShapeDtypeStruct((t, d), dtype)
             lowered = prompt_lp.lower(
                 self.model_def, params, hidden, _i32(t), chunk=step_fns.PROMPT_LOGPROBS_CHUNK
