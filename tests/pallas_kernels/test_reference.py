@@ -89,9 +89,10 @@ def test_reference_matches_numpy_loop(q_lens, kv_lens, heads, window, cap):
 
 def test_write_kv_reference_places_tokens_at_slots():
     cache = jnp.zeros(kv_cache_shape(num_pages=4, page_size=2, num_kv_heads=3, head_dim=5))
-    k = np.arange(1, 2 * 3 * 5 + 1, dtype=np.float32).reshape(2, 3, 5)
+    k = np.arange(1, 4 * 3 * 5 + 1, dtype=np.float32).reshape(4, 3, 5)
     v = -k
-    out = np.asarray(write_kv_reference(cache, jnp.asarray(k), jnp.asarray(v), jnp.array([5, 2])))
+    slots = jnp.array([5, 2, 0, 0])  # two padding tokens: page 0, never written
+    out = np.asarray(write_kv_reference(cache, jnp.asarray(k), jnp.asarray(v), slots))
     np.testing.assert_array_equal(out[0, :, 2, 1], k[0])  # slot 5 = page 2, offset 1
     np.testing.assert_array_equal(out[1, :, 1, 0], v[1])  # slot 2 = page 1, offset 0
-    assert np.count_nonzero(out) == np.count_nonzero(k) + np.count_nonzero(v)
+    assert np.count_nonzero(out) == np.count_nonzero(k[:2]) + np.count_nonzero(v[:2])
