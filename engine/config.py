@@ -64,10 +64,15 @@ class EngineConfig:
     step_trace_path: str | None = None
 
 
-def bucket_ladder(smallest: int, largest: int, factor: int = 2) -> tuple[int, ...]:
-    """`smallest * factor**i` up to `largest`, which is always the last rung."""
+def bucket_ladder(
+    smallest: int, largest: int, factor: int = 2, *, midpoints_from: int | None = None
+) -> tuple[int, ...]:
+    """`smallest * factor**i` up to `largest`, which is always the last rung; from the rung
+    `midpoints_from` on, also 1.5x each rung (between it and the next)."""
     ladder, size = [], smallest
     while size < largest:
         ladder.append(size)
+        if midpoints_from is not None and size >= midpoints_from and size * 3 // 2 < largest:
+            ladder.append(size * 3 // 2)
         size *= factor
     return (*ladder, largest)

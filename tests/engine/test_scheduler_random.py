@@ -158,7 +158,7 @@ def test_random_workload(
         policy=policy,
     )
     allocator = PageAllocator(num_pages, page_size, enable_prefix_caching=prefix_caching)
-    buckets = bucket_ladder(2, cfg.max_num_batched_tokens) if fit_buckets else ()
+    buckets = bucket_ladder(2, cfg.max_num_batched_tokens, midpoints_from=8) if fit_buckets else ()
     scheduler = Scheduler(cfg, allocator, buckets)
     workload = Workload(scheduler, FakeRunner(num_pages, page_size), random.Random(seed))
     workload.asynchronous = asynchronous
