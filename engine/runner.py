@@ -135,14 +135,9 @@ class ModelRunner:
 
     def compile(self) -> None:
         """Compile every bucket ahead of time (with a progress bar): the forward pass per
-        (T, R) bucket and each sampler variant per R bucket. Tracing runs in this thread; XLA
-        compiles in a thread pool, one bucket per core, each as soon as it is lowered
-        (compiling overlaps the tracing of the next ones).
-
-        Prompt logprobs (one executable per T bucket, used only by requests that ask for
-        them) are traced and compiled in a background thread once this returns: off the
-        start-up, and ready long before any request is likely to need them (`_prompt_lp_fn`
-        waits if one does)."""
+        (T, R) bucket, each sampler variant per R bucket, prompt logprobs per T bucket.
+        Tracing runs in this thread; XLA compiles in a thread pool, one bucket per core, each
+        as soon as it is lowered (compiling overlaps the tracing of the next ones)."""
         t0 = time.perf_counter()
         with concurrent.futures.ThreadPoolExecutor(os.cpu_count() or 1) as pool:
             futures = {
@@ -166,14 +161,9 @@ class ModelRunner:
             .compile()
         )
         logger.info(
-            "%d executables: traced and lowered in %.1f s, all compiled %.1f s later "
-            "(prompt logprobs: %d more, compiling in the background)",
-            len(futures) + 1, t1 - t0, time.perf_counter() - t1, len(self._prompt_lp_sizes()),
+            "%d executables: traced and lowered in %.1f s, all compiled %.1f s later",
+            len(futures) + 1, t1 - t0, time.perf_counter() - t1,
         )  # fmt: skip
-        background = concurrent.futures.ThreadPoolExecutor(1, thread_name_prefix="compile")
-        for t in self._prompt_lp_sizes():
-            self._prompt_lp[t] = background.submit(self._compile_prompt_lp, t)
-        background.shutdown(wait=False)
         self.kv_caches = [jnp.zeros(k.shape, k.dtype) for k in self._kv_specs]
 
     def _lowered_jobs(self) -> Iterator[tuple[dict, object, object]]:
@@ -191,8 +181,10 @@ class ModelRunner:
         sampler = jax.jit(
             sample_fn, static_argnames=("layout", "variant"), donate_argnames=("rows_state",)
         )
+        prompt_lp = jax.jit(prompt_logprobs_fn, static_argnames=("model_def", "chunk"))
         layouts = self.layouts()
-        v = self.model_config.vocab_size
+        d, v = self.model_config.hidden_size, self.model_config.vocab_size
+        dtype = self._kv_specs[0].dtype
         # The biggest steps first: they take longest to compile, so they should not be the tail.
         for layout in sorted(layouts, key=lambda lay: -lay.num_tokens):
             lowered = forward.lower(
@@ -207,30 +199,12 @@ class ModelRunner:
                     rows, logits, _i32(lay.sample_size), layout=lay, variant=variant
                 )
                 yield self._sampler, (r, variant), lowered
-
-    def _prompt_lp_sizes(self) -> list[int]:
-        return sorted({lay.num_tokens for lay in self.layouts()})
-
-    def _compile_prompt_lp(self, t: int):
-        hidden = jax.ShapeDtypeStruct((t, self.model_config.hidden_size), self._kv_specs[0].dtype)
-        return (
-            jax.jit(prompt_logprobs_fn, static_argnames=("model_def", "chunk"))
-            .lower(
-                self.model_def,
-                _abstract(self.params),
-                hidden,
-                _i32(t),
-                chunk=step_fns.PROMPT_LOGPROBS_CHUNK,
+        for t in sorted({lay.num_tokens for lay in layouts}, reverse=True):
+            hidden = jax.ShapeDtypeStruct((t, d), dtype)
+            lowered = prompt_lp.lower(
+                self.model_def, params, hidden, _i32(t), chunk=step_fns.PROMPT_LOGPROBS_CHUNK
             )
-            .compile()
-        )
-
-    def _prompt_lp_fn(self, t: int):
-        """The prompt-logprobs executable for T bucket `t`, once its background compile is done."""
-        fn = self._prompt_lp[t]
-        if isinstance(fn, concurrent.futures.Future):
-            fn = self._prompt_lp[t] = fn.result()
-        return fn
+            yield self._prompt_lp, t, lowered
 
     def warm_up(self) -> None:
         """Run every executable once on an all-padding batch. The first run of an executable
@@ -252,6 +226,7 @@ class ModelRunner:
             for variant in (GREEDY, SAMPLE, FULL):
                 sampler = self._sampler[layout.num_requests, variant]
                 self.rows_state, _ = sampler(self.rows_state, logits, bufs.sample)
+            self._prompt_lp[layout.num_tokens](self.params, hidden, bufs.next_token_ids)
         jax.block_until_ready(self.kv_caches)
 
     # -- per-request rows -------------------------------------------------------------------
@@ -328,7 +303,7 @@ class ModelRunner:
         )
         prompt = None
         if any(req.sampling_params.prompt_logprobs is not None for req in sched.requests):
-            prompt = self._prompt_lp_fn(layout.num_tokens)(self.params, hidden, bufs.next_token_ids)
+            prompt = self._prompt_lp[layout.num_tokens](self.params, hidden, bufs.next_token_ids)
         return Dispatched(sampled, prompt)
 
     def collect(self, sched: SchedulerOutput, dispatched: Dispatched) -> StepOutput:
