@@ -144,5 +144,15 @@ def main(argv: list[str] | None = None) -> int:
         return 130
 
 
+def entry() -> int:
+    """The `pagejax` command (and `python -m api.cli`): `main` in a process that blocks torch,
+    which no command uses but transformers imports for any tokenizer when it is installed
+    (10 s with CUDA's libraries). Callers of `main` in their own process keep their torch."""
+    from models.tokenizer import block_torch_import
+
+    block_torch_import()
+    return main()
+
+
 if __name__ == "__main__":
-    sys.exit(main())
+    sys.exit(entry())

@@ -79,9 +79,6 @@ def _build_engine(args: argparse.Namespace, model: str | None):
 
 
 def serve(args: argparse.Namespace) -> int:
-    from models.tokenizer import block_torch_import
-
-    block_torch_import()  # before anything imports transformers
     import uvicorn
 
     from api.server import build_app

@@ -9,10 +9,10 @@ from pathlib import Path
 def block_torch_import() -> None:
     """Make `import torch` fail in this process from now on, unless it is imported already.
 
-    For processes that never run torch (the server and its engine process): transformers
-    imports torch whenever it is installed, even for a tokenizer, and that import took 10 s of
-    an 8B model's 23 s warm start-up on an H100 machine (torch with CUDA's libraries).
-    transformers then treats torch as not installed."""
+    For processes that never run torch (the `pagejax` command, the server's engine process):
+    transformers imports torch whenever it is installed, even for a tokenizer, and that import
+    took 10 s of an 8B model's 23 s warm start-up on an H100 machine (torch with CUDA's
+    libraries). transformers then treats torch as not installed."""
     sys.modules.setdefault("torch", None)
 
 
