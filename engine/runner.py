@@ -23,7 +23,6 @@ import numpy as np
 from flax import nnx
 from tqdm import tqdm
 
-from engine import step_fns
 from engine.config import EngineConfig, bucket_ladder
 from engine.row_state import RowState, set_row_fn
 from engine.step_fns import (
@@ -201,10 +200,7 @@ class ModelRunner:
                 yield self._sampler, (r, variant), lowered
         for t in sorted({lay.num_tokens for lay in layouts}, reverse=True):
             hidden = jax.ShapeDtypeStruct((t, d), dtype)
-            lowered = prompt_lp.lower(
-                self.model_def, params, hidden, _i32(t), chunk=step_fns.PROMPT_LOGPROBS_CHUNK
-            )
-            yield self._prompt_lp, t, lowered
+            yield self._prompt_lp, t, prompt_lp.lower(self.model_def, params, hidden, _i32(t))
 
     def warm_up(self) -> None:
         """Run every executable once on an all-padding batch. The first run of an executable
