@@ -127,8 +127,11 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
-def main(argv: list[str] | None = None) -> int:
+def main(argv: list[str] | None = None, *, owns_process: bool = False) -> int:
+    """Run one command. `owns_process`: nothing else runs in this process (the `pagejax`
+    command), so the benchmarks may freeze its heap after start-up (`freeze_heap`)."""
     args = build_parser().parse_args(argv)
+    args.owns_process = owns_process
     logging.basicConfig(
         level=args.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s"
     )
@@ -147,11 +150,15 @@ def main(argv: list[str] | None = None) -> int:
 def entry() -> int:
     """The `pagejax` command (and `python -m api.cli`): `main` in a process that blocks torch,
     which no command uses but transformers imports for any tokenizer when it is installed
-    (10 s with CUDA's libraries). Callers of `main` in their own process keep their torch."""
+    (10 s with CUDA's libraries), and whose jax takes 92 % of the GPU. Callers of `main` in
+    their own process keep their torch and their jax settings."""
     from models.tokenizer import block_torch_import
 
     block_torch_import()
-    return main()
+    # jax takes 75 % of a GPU for its memory pool unless told otherwise, and the KV cache is
+    # sized from that pool (`--gpu-memory-utilization` of it): give the engine 92 % of the card.
+    os.environ.setdefault("XLA_PYTHON_CLIENT_MEM_FRACTION", "0.92")
+    return main(owns_process=True)
 
 
 if __name__ == "__main__":

@@ -23,7 +23,7 @@ import traceback
 from typing import TYPE_CHECKING, Any, Protocol
 
 from engine.config import EngineConfig
-from engine.outputs import RequestOutput
+from engine.outputs import OutputKind, RequestOutput
 from engine.scheduler import QueueFullError, SchedulerStats
 
 if TYPE_CHECKING:  # the server process imports this module without JAX
@@ -127,7 +127,7 @@ class ThreadCore:
                     self._wake.wait(timeout=0.5)
                     self._wake.clear()
                     continue
-                self._sink.deliver(engine.step(delta=True))
+                self._sink.deliver(engine.step(kind=OutputKind.DELTA))
         except Exception as e:  # a bug: fail every request in flight, loudly
             logger.exception("engine step failed")
             self._sink.died(e)
@@ -252,9 +252,10 @@ def run_engine_process(model, engine_kwargs, requests, outputs, log_level) -> No
         logging.getLogger(name).setLevel(log_level)
     try:
         from engine.llm import build_engine_config
-        from engine.llm_engine import LLMEngine
+        from engine.llm_engine import LLMEngine, freeze_heap
 
-        engine = LLMEngine(build_engine_config(model, **engine_kwargs))
+        engine = LLMEngine(build_engine_config(model, usage="server", **engine_kwargs))
+        freeze_heap()
     except Exception as e:
         logger.exception("the engine failed to start")
         outputs.send(("failed", f"{type(e).__name__}: {e}"))
@@ -308,7 +309,7 @@ def _serve(engine: LLMEngine, requests, outputs) -> None:
                     outputs.send(("outputs", final, engine.scheduler.stats()))
             handled += 1
         if engine.has_unfinished_requests():
-            step_outputs = _without_known_prompts(engine.step(delta=True), prompt_sent)
+            step_outputs = _without_known_prompts(engine.step(kind=OutputKind.DELTA), prompt_sent)
             outputs.send(("outputs", step_outputs, engine.scheduler.stats()))
         elif handled:  # e.g. the last abort: the counts changed without a step
             outputs.send(("stats", engine.scheduler.stats()))

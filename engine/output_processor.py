@@ -7,7 +7,7 @@ import dataclasses
 from typing import Any
 
 from engine.detokenizer import IncrementalDetokenizer
-from engine.outputs import CompletionOutput, RequestOutput, to_logprob_dict
+from engine.outputs import CompletionOutput, OutputKind, RequestOutput, to_logprob_dict
 from engine.sampling_params import SamplingParams
 from engine.types import RequestUpdate
 
@@ -109,10 +109,16 @@ class OutputProcessor:
         )
 
     def process(
-        self, updates: list[RequestUpdate], *, delta: bool, num_cached: dict[str, int] | None = None
+        self,
+        updates: list[RequestUpdate],
+        *,
+        kind: OutputKind,
+        num_cached: dict[str, int] | None = None,
     ) -> tuple[list[RequestOutput], list]:
-        """Apply updates. Returns (outputs of changed requests, [(child id, stop string)] of
-        completions a stop string finished, which the scheduler must finish too)."""
+        """Apply updates. Returns (outputs of the changed requests, or with FINAL_ONLY of the
+        finished ones; [(child id, stop string)] of completions a stop string finished, which
+        the scheduler must finish too). FINAL_ONLY builds no output for a running request: at
+        a thousand running requests that is most of the host's work per step."""
         changed: dict[str, _Parent] = {}
         stopped = []
         for up in updates:
@@ -128,9 +134,13 @@ class OutputProcessor:
                 parent.num_cached_tokens = num_cached[up.request_id]
             self._apply(comp, up, stopped, up.request_id)
             changed[parent.request_id] = parent
-        outputs = [self._output(p, delta) for p in changed.values()]
+        delta = kind == OutputKind.DELTA
+        outputs = []
         for p in changed.values():
-            if p.finished:
+            finished = p.finished
+            if finished or kind != OutputKind.FINAL_ONLY:
+                outputs.append(self._output(p, delta))
+            if finished:
                 self._forget(p)
         return outputs, stopped
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import enum
 from collections.abc import Callable
 from dataclasses import dataclass
 
@@ -15,6 +16,14 @@ class Logprob:
     logprob: float
     rank: int | None = None
     decoded_token: str | None = None
+
+
+class OutputKind(enum.Enum):
+    """Which outputs an engine step returns (vLLM's `RequestOutputKind`)."""
+
+    CUMULATIVE = 0  # every request that changed, with everything so far
+    DELTA = 1  # every request that changed, with only what is new (streaming)
+    FINAL_ONLY = 2  # finished requests only, with everything (offline `LLM.generate`)
 
 
 # vLLM's shapes: one dict per generated token; prompt ones start with None (no first-token logprob).

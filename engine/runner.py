@@ -37,6 +37,7 @@ from engine.step_fns import (
     sample_fn,
 )
 from engine.step_input import (
+    BufferPool,
     StepLayout,
     build_step_input,
     pick_bucket,
@@ -88,6 +89,7 @@ class ModelRunner:
         self._sampler: dict[tuple[int, SampleVariant], object] = {}
         self._prompt_lp: dict[int, object] = {}
         self._set_row = None
+        self._buffers = BufferPool()
 
     def _ladders(self) -> tuple[tuple[int, ...], tuple[int, ...]]:
         c, s = self.config.compile, self.config.scheduler
@@ -271,7 +273,9 @@ class ModelRunner:
 
     # -- the step ---------------------------------------------------------------------------
     def dispatch(self, sched: SchedulerOutput) -> Dispatched | None:
-        """Start the step on the device and return at once (None for an empty step)."""
+        """Start the step on the device and return at once (None for an empty step). Collect
+        each step before dispatching the one after the next: its input buffers are refilled
+        then (`BufferPool`; on the CPU, jax reads them in place)."""
         self._release(sched.finished_request_ids | sched.preempted_request_ids)
         if sched.is_empty:
             return None
@@ -288,6 +292,7 @@ class ModelRunner:
             rows=rows,
             seeds=seeds,
             scratch_row=self.scratch_row,
+            buffers=self._buffers.get(layout),
         )
         model_buf, sample_buf = jax.device_put([bufs.model, bufs.sample])  # one transfer
         self.kv_caches, self.rows_state, logits, hidden = self._forward[layout](

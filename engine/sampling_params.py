@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 from dataclasses import dataclass
 
 # Most top log-probabilities a request may ask for, per token (vLLM's default `max_logprobs`).
@@ -120,6 +121,22 @@ class SamplingParams:
                 f"min_tokens must be less than or equal to max_tokens={self.max_tokens}, "
                 f"got {self.min_tokens}."
             )
+
+    @functools.cached_property
+    def sampler_values(self) -> tuple[float, ...]:
+        """The sampler's per-request inputs, in `step_input.SAMPLER_VALUES` order: computed
+        once, since the batch builder reads them for every request at every step."""
+        greedy = self.temperature <= SAMPLING_EPS
+        return (
+            self.min_tokens,
+            max(self.top_k or 0, 0),
+            0.0 if greedy else self.temperature,
+            self.top_p,
+            self.min_p,
+            self.presence_penalty,
+            self.frequency_penalty,
+            self.repetition_penalty,
+        )
 
     def _verify_logprobs(self) -> None:
         for name in ("logprobs", "prompt_logprobs"):

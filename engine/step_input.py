@@ -34,6 +34,17 @@ MODEL_FIELDS: tuple[tuple[str, str, bool], ...] = (
     ("num_seqs", "1", False),  # [1]
     ("page_table", "RP", False),  # [R, P]
 )
+# `SamplingParams.sampler_values`, in this order.
+SAMPLER_VALUES = (
+    "min_tokens",
+    "top_k",
+    "temperature",
+    "top_p",
+    "min_p",
+    "presence_penalty",
+    "frequency_penalty",
+    "repetition_penalty",
+)
 SAMPLE_FIELDS: tuple[tuple[str, str, bool], ...] = (
     ("rows", "R", False),  # [R] persistent row (padding: scratch)
     ("output_lens", "R", False),  # [R] output tokens before this step's sample
@@ -98,6 +109,32 @@ class StepBuffers:
     next_token_ids: np.ndarray  # [T] prompt token p + 1 at position p (prompt logprobs), else 0
 
 
+class BufferPool:
+    """Two pairs of packed buffers per layout, handed out in turn. A fresh buffer each step
+    costs page faults: 2.5 ms to zero and pack the [R, P] page table at R = 1,024, P = 512
+    (max_model_len 8,192), against 0.1 ms to refill one. A pair is refilled two dispatches
+    after its last use, when the step that read it has been collected (`LLMEngine.step`)."""
+
+    def __init__(self) -> None:
+        self._pairs: dict[StepLayout, list[tuple[np.ndarray, np.ndarray]]] = {}
+
+    def get(self, layout: StepLayout) -> tuple[np.ndarray, np.ndarray]:
+        pairs = self._pairs.get(layout)
+        if pairs is None:
+            pairs = self._pairs[layout] = [
+                (np.zeros(layout.size, np.int32), np.zeros(layout.sample_size, np.int32))
+                for _ in range(2)
+            ]
+        pairs.reverse()
+        return pairs[0]
+
+
+def _views(buffer: np.ndarray, sizes: dict[str, int]) -> dict[str, np.ndarray]:
+    """Each field's slice of a packed buffer (fields in `sizes` order)."""
+    bounds = np.cumsum([0, *sizes.values()])
+    return {name: buffer[bounds[i] : bounds[i + 1]] for i, name in enumerate(sizes)}
+
+
 def build_step_input(
     sched: SchedulerOutput,
     layout: StepLayout,
@@ -106,8 +143,10 @@ def build_step_input(
     rows: list[int],
     seeds: list[int],
     scratch_row: int,
+    buffers: tuple[np.ndarray, np.ndarray] | None = None,
 ) -> StepBuffers:
-    """Fill this step's packed buffers. `rows`/`seeds` are per scheduled request.
+    """Fill this step's packed buffers. `rows`/`seeds` are per scheduled request; `buffers`
+    (model, sample), e.g. from a `BufferPool`, are overwritten (default: new ones).
 
     Vectorised over requests and tokens (a Python loop of numpy calls per request costs ~2 ms
     per step at 64 requests, a third of a decode step): lists are gathered once, then each
@@ -116,11 +155,26 @@ def build_step_input(
     t, r, p = layout.num_tokens, layout.num_requests, layout.pages_per_request
     reqs = sched.requests
     n = len(reqs)
-    f = {name: np.zeros(k, np.int32) for name, k in layout.sizes().items()}
-    f.update({name: np.zeros(k, np.int32) for name, k in layout.sizes(SAMPLE_FIELDS).items()})
-    lens = np.fromiter((q.num_tokens for q in reqs), np.int64, n)
-    starts = np.fromiter((q.start_position for q in reqs), np.int64, n)
-    prompt_lens = np.fromiter((q.num_prompt_tokens for q in reqs), np.int64, n)
+    if buffers is None:
+        buffers = np.empty(layout.size, np.int32), np.empty(layout.sample_size, np.int32)
+    model, sample = buffers
+    model.fill(0)
+    sample.fill(0)
+    f = _views(model, layout.sizes())
+    sample_f = _views(sample, layout.sizes(SAMPLE_FIELDS))
+    f.update((name, v) for name, v in sample_f.items() if name != "rows")  # rows: in both
+    # One pass over the requests for their scalars: [n, 5] of (tokens, start position, prompt
+    # length, pages, next prompt token).
+    per_request = np.fromiter(
+        itertools.chain.from_iterable(
+            (len(q.token_ids), q.start_position, q.num_prompt_tokens, len(q.page_ids),
+             q.next_prompt_token_id)
+            for q in reqs
+        ),
+        np.int64,
+        5 * n,
+    ).reshape(n, 5)  # fmt: skip
+    lens, starts, prompt_lens, num_pages, next_prompt_ids = per_request.T
     ends = np.cumsum(lens)
     total = int(ends[-1]) if n else 0
     assert total <= t, f"{total} tokens exceed the bucket {t}"
@@ -129,12 +183,12 @@ def build_step_input(
     pos = np.repeat(starts, lens) + offsets
 
     page_table = f["page_table"].reshape(r, p)
-    num_pages = np.fromiter((len(q.page_ids) for q in reqs), np.int64, n)
+    total_pages = int(num_pages.sum())
     page_rows = np.repeat(np.arange(n), num_pages)
-    page_cols = np.arange(int(num_pages.sum())) - np.repeat(
-        np.cumsum(num_pages) - num_pages, num_pages
+    page_cols = np.arange(total_pages) - np.repeat(np.cumsum(num_pages) - num_pages, num_pages)
+    page_table[page_rows, page_cols] = np.fromiter(
+        itertools.chain.from_iterable(q.page_ids for q in reqs), np.int32, total_pages
     )
-    page_table[page_rows, page_cols] = list(itertools.chain.from_iterable(q.page_ids for q in reqs))
 
     tokens = np.fromiter(itertools.chain.from_iterable(q.token_ids for q in reqs), np.int32, total)
     f["token_ids"][:total] = tokens
@@ -148,8 +202,9 @@ def build_step_input(
     f["is_output"][:total] = ~is_prompt
     f["kv_lens"][:n] = starts + lens
     f["logits_index"][:n] = ends - 1
-    f["rows"][:] = scratch_row
-    f["rows"][:n] = row_arr
+    for rows_field in (f["rows"], sample_f["rows"]):
+        rows_field[:] = scratch_row
+        rows_field[:n] = row_arr
     f["reset_rows"][:n] = starts == 0
     f["output_lens"][:n] = starts + lens - prompt_lens
     f["query_start"][1 : n + 1] = ends
@@ -161,28 +216,22 @@ def build_step_input(
     next_ids = np.zeros(t, np.int32)
     if total:
         nxt = np.append(tokens[1:], 0)
-        nxt[ends - 1] = [max(q.next_prompt_token_id, 0) for q in reqs]
+        nxt[ends - 1] = np.maximum(next_prompt_ids, 0)
         next_ids[:total] = np.where(pos + 1 < prompt_lens[req_of_token], nxt, 0)
 
-    sps = [q.sampling_params for q in reqs]
-    f["min_tokens"][:n] = [sp.min_tokens for sp in sps]
+    # [n, 8] in SAMPLER_VALUES order, each request's row cached on its SamplingParams.
+    values = np.fromiter(
+        itertools.chain.from_iterable(q.sampling_params.sampler_values for q in reqs),
+        np.float64,
+        len(SAMPLER_VALUES) * n,
+    ).reshape(n, len(SAMPLER_VALUES))
     f["seeds"][:n] = np.asarray(seeds, np.uint32).view(np.int32)
-    f["top_k"][:n] = [max(sp.top_k or 0, 0) for sp in sps]
-    floats = {
-        "temperature": [sp.temperature if sp.temperature > 1e-5 else 0.0 for sp in sps],
-        "top_p": [sp.top_p for sp in sps],
-        "min_p": [sp.min_p for sp in sps],
-        "presence_penalty": [sp.presence_penalty for sp in sps],
-        "frequency_penalty": [sp.frequency_penalty for sp in sps],
-        "repetition_penalty": [sp.repetition_penalty for sp in sps],
-    }
     pad = {"top_p": 1.0, "repetition_penalty": 1.0}  # padding rows: greedy, no penalties
-    for name, values in floats.items():
-        arr = np.full(r, pad.get(name, 0.0), np.float32)
-        arr[:n] = values
-        f[name] = arr.view(np.int32)
-    return StepBuffers(
-        model=np.concatenate([f[name] for name, _, _ in MODEL_FIELDS]),
-        sample=np.concatenate([f[name] for name, _, _ in SAMPLE_FIELDS]),
-        next_token_ids=next_ids,
-    )
+    for j, name in enumerate(SAMPLER_VALUES):
+        if name in ("min_tokens", "top_k"):
+            f[name][:n] = values[:, j]
+            continue
+        as_float = f[name].view(np.float32)  # bit-cast back inside the jit (`unpack`)
+        as_float[:] = pad.get(name, 0.0)
+        as_float[:n] = values[:, j]
+    return StepBuffers(model=model, sample=sample, next_token_ids=next_ids)

@@ -75,6 +75,8 @@ class Request:
     # Tokens sampled by steps still on the device (async scheduling): the request's next step
     # reads them there, so the host can schedule it before they come back.
     num_inflight: int = 0
+    # Prompt plus the most output tokens it may get (set by the scheduler when added).
+    max_total_tokens: int = 0
 
     @property
     def num_prompt_tokens(self) -> int:
@@ -110,9 +112,10 @@ class Request:
         return head + tail
 
 
-@dataclass(frozen=True)
+@dataclass(slots=True)
 class ScheduledRequest:
-    """One request's work in a step.
+    """One request's work in a step (read-only once built; not `frozen`, because a frozen
+    dataclass costs 2.3 us to build against 0.5 us, per request and step).
 
     token_ids: the tokens to compute now, at positions start_position + i: a prompt chunk, the
         last output token (decode), or prompt+outputs being recomputed after preemption.
@@ -187,9 +190,10 @@ class StepOutput:
     prompt_logprobs: Mapping[str, Sequence[TokenLogprobs]] = field(default_factory=dict)
 
 
-@dataclass(frozen=True)
+@dataclass(slots=True)
 class RequestUpdate:
-    """One request's news from a step (`Scheduler.update`), before detokenization."""
+    """One request's news from a step (`Scheduler.update`), before detokenization; read-only
+    (not `frozen`, for the cost of building one per request and step)."""
 
     request_id: str
     new_token_ids: tuple[int, ...]

@@ -17,6 +17,7 @@ import numpy as np
 from tqdm import tqdm
 
 from api.cli import add_engine_args, engine_kwargs
+from engine.outputs import OutputKind
 
 if TYPE_CHECKING:
     from engine.llm_engine import LLMEngine
@@ -66,7 +67,7 @@ def has_tokenizer(model: str | None) -> bool:
 def start_engine(args: argparse.Namespace) -> tuple[LLMEngine, float]:
     """Load, size the KV cache and compile every bucket; returns (engine, seconds it took)."""
     from engine.llm import build_engine_config, model_max_len
-    from engine.llm_engine import LLMEngine
+    from engine.llm_engine import LLMEngine, freeze_heap
     from models.tokenizer import load_tokenizer
 
     t0 = time.perf_counter()
@@ -80,6 +81,8 @@ def start_engine(args: argparse.Namespace) -> tuple[LLMEngine, float]:
         logger.info("no tokenizer: outputs are token ids only (no detokenization cost)")
         kwargs["skip_tokenizer_init"] = True
     engine = LLMEngine(build_engine_config(args.model, **kwargs), tokenizer=tokenizer)
+    if getattr(args, "owns_process", False):
+        freeze_heap()
     return engine, time.perf_counter() - t0
 
 
@@ -132,8 +135,11 @@ def run_batch(
     params: SamplingParams,
     *,
     desc: str | None = None,
+    first_token_times: bool = True,
 ) -> BatchRun:
-    """Add every prompt, step the engine until all finish; `desc` shows a progress bar."""
+    """Add every prompt, step the engine until all finish; `desc` shows a progress bar.
+    Without `first_token_times` the engine returns finished requests only (as `LLM.generate`
+    does, and vLLM's bench throughput), so `ttft` is the whole run."""
     tag = uuid.uuid4().hex[:8]
     ids = [f"bench-{tag}-{i}" for i in range(len(prompts))]
     bar = tqdm(total=len(prompts), desc=desc, disable=desc is None, leave=False)
@@ -142,8 +148,9 @@ def run_batch(
     t0 = time.perf_counter()
     for rid, prompt in zip(ids, prompts, strict=True):
         engine.add_request(rid, {"prompt_token_ids": prompt}, params)
+    kind = OutputKind.CUMULATIVE if first_token_times else OutputKind.FINAL_ONLY
     while engine.has_unfinished_requests():
-        for out in engine.step():
+        for out in engine.step(kind=kind):
             if out.request_id not in first and any(c.token_ids for c in out.outputs):
                 first[out.request_id] = time.perf_counter() - t0
             if out.finished:

@@ -46,7 +46,13 @@ def main(args: argparse.Namespace) -> int:
     if args.num_prompts < 1:
         raise ValueError("--num-prompts must be at least 1")
     engine, startup, prompts, params = prepare_run(args, args.num_prompts)
-    run = run_batch(engine, prompts, params, desc=None if args.disable_tqdm else "requests")
+    run = run_batch(
+        engine,
+        prompts,
+        params,
+        desc=None if args.disable_tqdm else "requests",
+        first_token_times=False,
+    )
     num_prompt = sum(len(o.prompt_token_ids) for o in run.outputs)
     num_output = sum(len(c.token_ids) for o in run.outputs for c in o.outputs)
     result = throughput_result(run.elapsed, len(run.outputs), num_prompt, num_output)

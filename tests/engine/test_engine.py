@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 
 from engine import LLM, SamplingParams
-from engine.outputs import merge_deltas
+from engine.outputs import OutputKind, merge_deltas
 from tests.hf_models import hf_greedy, write_checkpoint
 
 ENGINE_ARGS = dict(
@@ -155,7 +155,7 @@ def test_streamed_deltas_merge_into_the_final_output(llm, prompts):
     engine.add_request("streamed", prompt, params)
     deltas = []
     while engine.has_unfinished_requests():
-        deltas += engine.step(delta=True)
+        deltas += engine.step(kind=OutputKind.DELTA)
     assert len(deltas) >= 9 and all(d.request_id == "streamed" for d in deltas)
     merged = functools.reduce(merge_deltas, deltas)
     assert merged.finished and merged.prompt_logprobs == final.prompt_logprobs

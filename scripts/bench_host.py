@@ -1,0 +1,110 @@
+"""Host time of one decode step at N running requests, without a device: the scheduler's
+`schedule`, the batch build (`build_step_input`), `Scheduler.update` and output processing.
+These run in Python on every engine step; at a large batch they must stay under the device's
+step time to stay hidden (see docs/BENCHMARKS.md).
+
+    python scripts/bench_host.py --requests 256 1024 [--tokenizer FOLDER] [--kind cumulative]
+"""
+
+from __future__ import annotations
+
+import argparse
+import itertools
+import time
+
+import numpy as np
+
+from engine.output_processor import OutputProcessor
+from engine.outputs import OutputKind
+from engine.page_allocator import PageAllocator
+from engine.sampling_params import SamplingParams
+from engine.scheduler import Scheduler, SchedulerConfig
+from engine.step_input import BufferPool, StepLayout, build_step_input, pick_bucket
+from engine.types import Request, StepOutput
+
+
+def time_steps(args: argparse.Namespace, num_requests: int, tokenizer) -> dict[str, float]:
+    """Median milliseconds of each host phase over `args.steps` decode steps."""
+    page_size, max_len = 16, args.max_model_len
+    pages = num_requests * (-(-(args.input_len + args.output_len) // page_size)) + 1
+    allocator = PageAllocator(pages, page_size)
+    scheduler = Scheduler(
+        SchedulerConfig(
+            max_num_seqs=num_requests,
+            max_num_batched_tokens=max(16384, num_requests),
+            max_model_len=max_len,
+        ),
+        allocator,
+    )
+    outputs = OutputProcessor(tokenizer)
+    rng = np.random.default_rng(0)
+    params = SamplingParams(max_tokens=args.output_len, ignore_eos=True)
+    for i in range(num_requests):
+        prompt = rng.integers(3, 1000, args.input_len).tolist()
+        outputs.add_request(f"r{i}", None, prompt, params)
+        scheduler.add_request(Request(f"r{i}", prompt, params, float(i)))
+    pages_per_request = -(-max_len // page_size)
+    kind = OutputKind[args.kind.upper()]
+    pool = BufferPool()
+    phases: dict[str, list[float]] = {"schedule": [], "build": [], "update": [], "outputs": []}
+    prev = None
+    for step in itertools.count():
+        if step >= args.steps + 2 or not scheduler.has_unfinished_requests():
+            break
+        t0 = time.perf_counter()
+        sched = scheduler.schedule()
+        t1 = time.perf_counter()
+        n = len(sched.requests)
+        layout = StepLayout(
+            pick_bucket((16, 64, 256, 1024, 4096, 16384), sched.num_batched_tokens),
+            pick_bucket((8, 16, 32, 64, 128, 256, 512, 1024, 2048, 4096), n),
+            pages_per_request,
+        )
+        build_step_input(
+            sched,
+            layout,
+            page_size=page_size,
+            rows=list(range(n)),
+            seeds=[0] * n,
+            scratch_row=n,
+            buffers=pool.get(layout),
+        )
+        t2 = time.perf_counter()
+        if prev is not None:
+            sampled = rng.integers(3, 1000, len(prev.requests)).tolist()
+            updates = scheduler.update(prev, StepOutput(sampled))
+            t3 = time.perf_counter()
+            outputs.process(updates, kind=kind)
+            t4 = time.perf_counter()
+            if step >= 2 and n == num_requests:  # decode steps only (the prompts went first)
+                for name, dt in zip(phases, (t1 - t0, t2 - t1, t3 - t2, t4 - t3), strict=True):
+                    phases[name].append(1e3 * dt)
+        prev = sched
+    return {name: float(np.median(v)) for name, v in phases.items() if v}
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--requests", type=int, nargs="+", default=[256, 1024])
+    p.add_argument("--input-len", type=int, default=128)
+    p.add_argument("--output-len", type=int, default=128)
+    p.add_argument("--max-model-len", type=int, default=8192, help="sets the page table width")
+    p.add_argument("--steps", type=int, default=60, help="decode steps timed")
+    p.add_argument("--kind", default="cumulative", choices=[k.name.lower() for k in OutputKind])
+    p.add_argument("--tokenizer", default=None, help="detokenize with this tokenizer folder")
+    args = p.parse_args()
+    tokenizer = None
+    if args.tokenizer:
+        from models.tokenizer import load_tokenizer
+
+        tokenizer = load_tokenizer(args.tokenizer)
+    print("| requests | schedule | build | update | outputs | total (ms, medians) |")
+    print("| --- | --- | --- | --- | --- | --- |")
+    for n in args.requests:
+        t = time_steps(args, n, tokenizer)
+        cells = " | ".join(f"{t[k]:.2f}" for k in ("schedule", "build", "update", "outputs"))
+        print(f"| {n} | {cells} | {sum(t.values()):.2f} |")
+
+
+if __name__ == "__main__":
+    main()
