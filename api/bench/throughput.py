@@ -56,7 +56,13 @@ def main(args: argparse.Namespace) -> int:
     num_prompt = sum(len(o.prompt_token_ids) for o in run.outputs)
     num_output = sum(len(c.token_ids) for o in run.outputs for c in o.outputs)
     result = throughput_result(run.elapsed, len(run.outputs), num_prompt, num_output)
-    result.update(startup_time=startup, **environment_info(), args=json_args(args))
+    result.update(
+        startup_time=startup,
+        num_kv_pages=engine.allocator.num_pages,
+        num_preemptions=engine.scheduler.num_preemptions,
+        **environment_info(),
+        args=json_args(args),
+    )
     print(f"Engine start-up: {startup:.2f} s (not timed below)")
     print(
         f"Throughput: {result['requests_per_second']:.2f} requests/s, "
@@ -65,6 +71,7 @@ def main(args: argparse.Namespace) -> int:
     )
     print(f"Total num prompt tokens:  {num_prompt}")
     print(f"Total num output tokens:  {num_output}")
+    print(f"KV cache pages: {result['num_kv_pages']}, preemptions: {result['num_preemptions']}")
     if args.output_json:
         write_json(args.output_json, result)
     return 0
