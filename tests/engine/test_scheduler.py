@@ -241,6 +241,20 @@ def test_admission_leaves_a_page_per_running_request() -> None:
         assert (tokens[rid], reasons[rid]) == want
 
 
+def test_admission_reserves_the_rest_of_a_chunked_prompt() -> None:
+    # 5 usable pages, 8 tokens a step. "b" (13 tokens, 4 pages) would start with a chunk that
+    # fits beside "a"; its later chunks would then take the page "a" needs and preempt.
+    scheduler, runner = make_scheduler(num_pages=6, max_num_batched_tokens=8)
+    prompts = {"a": ([2] * 3, 8), "b": ([3] * 13, 4)}
+    for rid, (prompt, n) in prompts.items():
+        scheduler.add_request(make_request(rid, prompt, max_tokens=n, ignore_eos=True))
+    tokens, reasons = run_all(scheduler, runner)
+    assert scheduler.num_preemptions == 0
+    for rid, (prompt, n) in prompts.items():
+        want = reference_generate(prompt, SamplingParams(max_tokens=n, ignore_eos=True), 64)
+        assert (tokens[rid], reasons[rid]) == want
+
+
 def test_priority_preempts_least_important_even_if_already_scheduled() -> None:
     scheduler, runner = make_scheduler(num_pages=5, max_num_batched_tokens=32, policy="priority")
     scheduler.add_request(make_request("low", [2] * 3, priority=5, max_tokens=8, ignore_eos=True))
