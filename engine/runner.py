@@ -95,14 +95,10 @@ class ModelRunner:
         c, s = self.config.compile, self.config.scheduler
         cpu = jax.default_backend() == "cpu"
         # On the CPU every bucket costs seconds of compile time: fewer, coarser rungs.
-        # Big steps (prefill) cost in proportion to their padded size: from 2,048 tokens on,
-        # 1.5x rungs too. A rate-inf serving run spent most of its prefill in 6,300-token steps
-        # padded to 8,192 (the parent delivered about 6 new prompts a step).
-        tokens = c.token_buckets or (
-            bucket_ladder(16, s.max_num_batched_tokens, 4)
-            if cpu
-            else bucket_ladder(16, s.max_num_batched_tokens, midpoints_from=2048)
-        )
+        # 1.5x rungs from 2,048 tokens (`bucket_ladder(..., midpoints_from=2048)`) save ~40 ms
+        # a prefill step that would run padded to 8,192, but cost 13-15 s of cold start-up
+        # on an H100 (two A/Bs, docs/BENCHMARKS.md): pass them as --token-buckets if wanted.
+        tokens = c.token_buckets or bucket_ladder(16, s.max_num_batched_tokens, 4 if cpu else 2)
         if c.request_buckets:
             requests = c.request_buckets
         elif cpu:
