@@ -43,6 +43,12 @@ class SchedulerConfig:
     # At most this many prompt tokens of one request per step (0 = no cap). Small chunks let
     # the running requests decode inside the time the prompt takes anyway (see BENCHMARKS.md).
     long_prefill_token_threshold: int = 0
+    # A waiting request is admitted only if the pages that the running ones (and it) need for
+    # the rest of their prompts and their next `admission_horizon` tokens (at most their
+    # max_tokens) stay free. 0 admits whenever the chunk fits, as vLLM does: the running
+    # requests then preempt each other as they grow, and each preemption redoes a prompt
+    # (62 of them cost 7 % of a 1000 x 1024-in / 128-out run at 1,024 requests a step).
+    admission_horizon: int = 128
 
     def __post_init__(self) -> None:
         for name in ("max_num_seqs", "max_num_batched_tokens", "max_model_len"):
@@ -50,6 +56,8 @@ class SchedulerConfig:
                 raise ValueError(f"{name} must be at least 1, got {getattr(self, name)}.")
         if self.long_prefill_token_threshold < 0:
             raise ValueError("long_prefill_token_threshold must be >= 0 (0 = no cap).")
+        if self.admission_horizon < 0:
+            raise ValueError("admission_horizon must be >= 0 (0 = no reserve).")
         if self.policy not in ("fcfs", "priority"):
             raise ValueError(f"policy must be 'fcfs' or 'priority', got {self.policy!r}.")
         if not self.enable_chunked_prefill and self.max_num_batched_tokens < self.max_model_len:
@@ -224,8 +232,19 @@ class Scheduler:
                 num_tokens[request.request_id] = num_new
                 plan.budget -= num_new
 
+    def _future_pages(self, request: Request, num_held_tokens: int) -> int:
+        """Pages the request will need beyond those covering `num_held_tokens`, for the rest of
+        its prompt and its next `admission_horizon` tokens (at most its max_tokens)."""
+        size, horizon = self.allocator.page_size, self.config.admission_horizon
+        want = min(request.max_total_tokens, request.num_tokens + request.num_inflight + horizon)
+        return max(-(-want // size) - -(-num_held_tokens // size), 0)
+
     def _schedule_waiting(self, plan: _StepPlan) -> None:
         cfg = self.config
+        reserve = 0
+        if cfg.admission_horizon and self.waiting:  # computed once a step, then kept up to date
+            size = self.allocator.page_size
+            reserve = sum(self._future_pages(r, len(r.page_ids) * size) for r in self.running)
         while self.waiting and plan.budget > 0 and len(self.running) < cfg.max_num_seqs:
             request = self.waiting[0]
             page_ids, num_hit = [], 0
@@ -236,16 +255,12 @@ class Scheduler:
             if not cfg.enable_chunked_prefill and num_new > plan.budget:
                 break
             num_new = min(num_new, plan.budget, self._cap)
-            # Admit only if one free page per running request (its next page) and the pages for
-            # the rest of this prompt (when only a chunk runs now) stay free: admissions that
-            # take the last pages make the next steps preempt, which redoes whole prompts (62
-            # preemptions cost 7 % of a 1000 x 1024-in run at 1,024 requests a step).
-            size = self.allocator.page_size
-            rest = -(-request.num_tokens // size) - -(-(num_hit + num_new) // size)
-            if not self.allocator.allocate_slots(
-                request, num_new, page_ids, reserve=len(self.running) + rest
-            ):
+            own = self._future_pages(request, num_hit + num_new) if cfg.admission_horizon else 0
+            # With nothing running, admit anyway: the request fits the cache (add_request).
+            keep_free = reserve + own if self.running else 0
+            if not self.allocator.allocate_slots(request, num_new, page_ids, reserve=keep_free):
                 break
+            reserve += own
             self.waiting.popleft()
             if request.status == RequestStatus.WAITING:
                 request.num_cached_tokens = num_hit

@@ -60,11 +60,13 @@ def expected(folder, prompts):
 def test_greedy_matches_transformers_under_preemption(
     folder, cache_dir, prompts, expected, prefix_caching
 ):
-    """All 16 prompts at once in a KV cache of 48 pages (384 tokens): the scheduler must chunk
-    prefills and preempt, and every output must still equal transformers' greedy."""
+    """All 16 prompts at once in a KV cache of 48 pages (384 tokens), admitted whenever their
+    chunk fits (no admission reserve): the scheduler must chunk prefills and preempt, and every
+    output must still equal transformers' greedy."""
     llm = LLM(
         str(folder),
         num_pages=48,
+        admission_horizon=0,
         enable_prefix_caching=prefix_caching,
         compilation_cache_dir=cache_dir,
         **ENGINE_ARGS,

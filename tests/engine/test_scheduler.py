@@ -196,7 +196,7 @@ def test_prefix_caching_reduces_computed_tokens() -> None:
 
 def test_preemption_recomputes_and_finishes_with_right_outputs() -> None:
     # 6 usable pages; 3 requests that each grow to 3 pages cannot all stay resident.
-    scheduler, runner = make_scheduler(num_pages=7, max_num_batched_tokens=32)
+    scheduler, runner = make_scheduler(num_pages=7, max_num_batched_tokens=32, admission_horizon=0)
     prompts = {str(i): [i + 2] * 4 for i in range(3)}
     for rid, prompt in prompts.items():
         scheduler.add_request(make_request(rid, prompt, max_tokens=8, ignore_eos=True))
@@ -209,14 +209,12 @@ def test_preemption_recomputes_and_finishes_with_right_outputs() -> None:
 
 
 def test_fcfs_preempts_newest_and_reports_it() -> None:
-    # 5 usable pages: "new" is admitted beside "old" only because one page stays free for
-    # the running request's next page (the admission reserve).
-    scheduler, runner = make_scheduler(num_pages=6, max_num_batched_tokens=32)
+    scheduler, runner = make_scheduler(num_pages=5, max_num_batched_tokens=32, admission_horizon=0)
     scheduler.add_request(make_request("old", [2] * 7, max_tokens=8, ignore_eos=True))
     scheduler.add_request(make_request("new", [3] * 7, max_tokens=8, ignore_eos=True))
-    step(scheduler, runner)  # both prefilled: 2 pages each, 4 of 5 used
+    step(scheduler, runner)  # both prefilled: 2 pages each, all 4 used
     step(scheduler, runner)  # position 7 still fits in 2 pages
-    out, _ = step(scheduler, runner)  # position 8 needs a third page: one is left, "old" gets it
+    out, _ = step(scheduler, runner)  # position 8 needs a third page
     assert out.preempted_request_ids == {"new"}
     assert [r.request_id for r in out.requests] == ["old"]
     assert [r.request_id for r in scheduler.waiting] == ["new"]
@@ -224,15 +222,15 @@ def test_fcfs_preempts_newest_and_reports_it() -> None:
     assert scheduler.waiting[0].num_output_tokens == 2  # kept, to be recomputed
 
 
-def test_admission_leaves_a_page_per_running_request() -> None:
-    # 5 usable pages. "b" would fit in the 3 that "a" leaves, but then "a" could not grow
-    # (its 9th token needs a third page) and "b" would be preempted and recomputed.
+def test_admission_keeps_free_the_pages_running_requests_grow_into() -> None:
+    # 5 usable pages. "b" (3 pages) would fit in the 3 that "a" leaves, but "a" grows into
+    # 2 more (15 tokens): with "b" in, "b" would be preempted and recomputed.
     scheduler, runner = make_scheduler(num_pages=6, max_num_batched_tokens=32)
     scheduler.add_request(make_request("a", [2] * 7, max_tokens=8, ignore_eos=True))
     _, first = step(scheduler, runner)
     scheduler.add_request(make_request("b", [3] * 12, max_tokens=4, ignore_eos=True))
     out, second = step(scheduler, runner)
-    assert [r.request_id for r in out.requests] == ["a"]  # "b" waits: 3 + 1 reserved > 3
+    assert [r.request_id for r in out.requests] == ["a"]  # "b" waits: 3 + 2 reserved > 3
     tokens, reasons = run_all(scheduler, runner)
     tokens["a"] = [*first[0].new_token_ids, *second[0].new_token_ids, *tokens["a"]]
     assert scheduler.num_preemptions == 0
@@ -243,7 +241,7 @@ def test_admission_leaves_a_page_per_running_request() -> None:
 
 def test_admission_reserves_the_rest_of_a_chunked_prompt() -> None:
     # 5 usable pages, 8 tokens a step. "b" (13 tokens, 4 pages) would start with a chunk that
-    # fits beside "a"; its later chunks would then take the page "a" needs and preempt.
+    # fits beside "a"; its later chunks would then take the pages "a" needs and preempt.
     scheduler, runner = make_scheduler(num_pages=6, max_num_batched_tokens=8)
     prompts = {"a": ([2] * 3, 8), "b": ([3] * 13, 4)}
     for rid, (prompt, n) in prompts.items():
@@ -256,12 +254,14 @@ def test_admission_reserves_the_rest_of_a_chunked_prompt() -> None:
 
 
 def test_priority_preempts_least_important_even_if_already_scheduled() -> None:
-    scheduler, runner = make_scheduler(num_pages=5, max_num_batched_tokens=32, policy="priority")
-    scheduler.add_request(make_request("low", [2] * 3, priority=5, max_tokens=8, ignore_eos=True))
+    scheduler, runner = make_scheduler(
+        num_pages=5, max_num_batched_tokens=32, admission_horizon=0, policy="priority"
+    )
+    scheduler.add_request(make_request("low", [2] * 5, priority=5, max_tokens=8, ignore_eos=True))
     step(scheduler, runner)
     scheduler.add_request(make_request("high", [3] * 7, priority=0, max_tokens=8, ignore_eos=True))
-    step(scheduler, runner)  # 3 pages used ("low" 1, "high" 2): 1 left for "low"'s next page
-    step(scheduler, runner)  # "low" takes it at position 4: all 4 used
+    step(scheduler, runner)  # 4 pages used: "low" at 7 tokens, "high" at 8
+    step(scheduler, runner)  # both still fit
     # "low" (first in the batch) fits again, "high" needs a third page: "low" gives way.
     out, _ = step(scheduler, runner)
     assert out.preempted_request_ids == {"low"}

@@ -136,6 +136,7 @@ class Workload:
     policy=st.sampled_from(["fcfs", "priority"]),
     asynchronous=st.booleans(),
     fit_buckets=st.booleans(),
+    admission_horizon=st.sampled_from([0, 1, 8, 128]),
     seed=st.integers(0, 2**32 - 1),
 )
 def test_random_workload(
@@ -148,6 +149,7 @@ def test_random_workload(
     policy: str,
     asynchronous: bool,
     fit_buckets: bool,
+    admission_horizon: int,
     seed: int,
 ) -> None:
     cfg = SchedulerConfig(
@@ -156,6 +158,7 @@ def test_random_workload(
         max_model_len=MAX_MODEL_LEN,
         enable_chunked_prefill=chunked,
         policy=policy,
+        admission_horizon=admission_horizon,
     )
     allocator = PageAllocator(num_pages, page_size, enable_prefix_caching=prefix_caching)
     buckets = bucket_ladder(2, cfg.max_num_batched_tokens, midpoints_from=8) if fit_buckets else ()
