@@ -363,7 +363,7 @@ class Scheduler:
         logprobs, sampled = step_output.logprobs, step_output.sampled_token_ids
         requests, running = self.requests, RequestStatus.RUNNING
         cache_full_pages = self.allocator.cache_full_pages
-        finished_ids = []
+        any_finished = False
         for i, scheduled in enumerate(scheduler_output.requests):
             request = requests.get(scheduled.request_id)
             if request is None or request.status is not running:
@@ -393,7 +393,7 @@ class Scheduler:
                     )
                 )
                 continue
-            finished_ids.append(request.request_id)
+            any_finished = True
             self._finish(request, status)
             updates.append(
                 RequestUpdate(
@@ -406,9 +406,8 @@ class Scheduler:
                     prompt_lps,
                 )
             )
-        if finished_ids:  # one pass over the running list, not one `remove` per request
-            gone = set(finished_ids)
-            self.running = [r for r in self.running if r.request_id not in gone]
+        if any_finished:  # one pass over the running list, not one `remove` per request
+            self.running = [r for r in self.running if r.status is running]
         return updates
 
     def _new_prompt_logprobs(
