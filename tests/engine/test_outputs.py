@@ -1,9 +1,12 @@
-"""vLLM-shaped logprob dicts built from the runner's TokenLogprobs."""
+"""vLLM-shaped logprob dicts built from the runner's TokenLogprobs, and which outputs the output
+processor returns for each `OutputKind`."""
 
 from __future__ import annotations
 
-from engine.outputs import CompletionOutput, Logprob, to_logprob_dict
-from engine.types import TokenLogprobs
+from engine.output_processor import OutputProcessor
+from engine.outputs import CompletionOutput, Logprob, OutputKind, to_logprob_dict
+from engine.sampling_params import SamplingParams
+from engine.types import RequestUpdate, TokenLogprobs
 
 
 def test_sampled_token_outside_top_k_comes_first() -> None:
@@ -24,3 +27,27 @@ def test_completion_finished_is_a_method() -> None:
     out = CompletionOutput(0, "hi", [5], None, None)
     assert not out.finished()
     assert CompletionOutput(0, "hi", [5], None, None, finish_reason="length").finished()
+
+
+def test_final_only_returns_each_request_once_when_all_its_completions_finish() -> None:
+    """FINAL_ONLY (what `LLM.generate` asks for) builds no output for a running request, and the
+    one it returns at the end equals the cumulative output of the same step."""
+    steps = [  # per step: (completion id, token, finished) updates
+        [("a", 5, False), ("0_b", 6, False), ("1_b", 7, False)],
+        [("a", 8, True), ("0_b", 9, True), ("1_b", 10, False)],
+        [("1_b", 11, True)],
+    ]
+    processors = {kind: OutputProcessor(None) for kind in OutputKind}
+    for proc in processors.values():
+        proc.add_request("a", None, [1, 2], SamplingParams(max_tokens=2))
+        proc.add_request("b", None, [3], SamplingParams(n=2, max_tokens=3))
+    seen = []
+    for step in steps:
+        updates = [
+            RequestUpdate(cid, (t,), done, "length" if done else None) for cid, t, done in step
+        ]
+        final, _ = processors[OutputKind.FINAL_ONLY].process(updates, kind=OutputKind.FINAL_ONLY)
+        full, _ = processors[OutputKind.CUMULATIVE].process(updates, kind=OutputKind.CUMULATIVE)
+        assert final == [out for out in full if out.finished]
+        seen += [out.request_id for out in final]
+    assert seen == ["a", "b"]
