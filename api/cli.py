@@ -36,6 +36,12 @@ def add_engine_args(p: argparse.ArgumentParser) -> None:
         help="at most this many prompt tokens of one request per step (0 = no cap)",
     )
     p.add_argument(
+        "--admission-horizon",
+        type=int,
+        help="admit a request only while the pages for the running requests' next N tokens "
+        "stay free (default 128; 0 = admit whenever the chunk fits, as vLLM does)",
+    )
+    p.add_argument(
         "--compilation-cache-dir",
         default=None,
         help="persistent XLA compilation cache (default ~/.cache/pagejax/xla)",
@@ -58,6 +64,7 @@ def engine_kwargs(args: argparse.Namespace) -> dict:
         enable_prefix_caching=args.enable_prefix_caching,
         scheduling_policy=args.scheduling_policy,
         long_prefill_token_threshold=args.long_prefill_token_threshold,
+        admission_horizon=args.admission_horizon,
     )
     if args.compilation_cache_dir is not None:
         kw["compilation_cache_dir"] = args.compilation_cache_dir

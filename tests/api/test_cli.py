@@ -47,3 +47,16 @@ def test_generate_reports_a_bad_model_path(tmp_path):
     out = subprocess.run(cmd, capture_output=True, text=True, timeout=120)
     assert out.returncode == 2
     assert "does not exist" in out.stderr and "Traceback" not in out.stderr
+
+
+def test_scheduler_flags_reach_the_engine_config():
+    """`--admission-horizon` and `--long-prefill-token-threshold` land in SchedulerConfig."""
+    from api.cli import build_parser, engine_kwargs
+    from engine.llm import build_engine_config
+
+    argv = ["serve", "--admission-horizon", "0", "--long-prefill-token-threshold", "256"]
+    config = build_engine_config(None, **engine_kwargs(build_parser().parse_args(argv)))
+    assert config.scheduler.admission_horizon == 0
+    assert config.scheduler.long_prefill_token_threshold == 256
+    default = build_engine_config(None, **engine_kwargs(build_parser().parse_args(["serve"])))
+    assert default.scheduler.admission_horizon == 128
