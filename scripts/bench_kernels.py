@@ -314,6 +314,9 @@ def bench_mixed(args) -> list[dict]:
         "31 dec@2048+512@1024": ([1] * 31 + [512], [2048] * 31 + [1024]),
         "63 dec@4096+2x256@2048": ([1] * 63 + [256] * 2, [4096] * 63 + [2048] * 2),
         "1 prefill 4096": ([4096], [4096]),
+        # The steady state of 1000 x 1024-in / 128-out at 256 requests: 248 decodes at ~1,100
+        # tokens of context beside 8 fresh prompts (an 8,192-token step).
+        "248 dec@1100+8x968": ([1] * 248 + [968] * 8, [1100] * 248 + [968] * 8),
     }
     rows = []
     for name, (q_lens, kv_lens) in cases.items():
