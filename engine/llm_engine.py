@@ -59,11 +59,14 @@ def num_kv_pages(config: EngineConfig, model_config, itemsize: int) -> int:
     # sampler at 1,024 rows 2.9 GiB, six f32 [R, V] copies; prompt logprobs 1.5 GiB, six f32
     # [512, V] copies. The executables run one after another, so the largest one counts, plus
     # the f32 [R, V] logits that the forward hands to the sampler. About 2x margin on each.
+    # The runner's per-row state (penalty counts, bias, masks: 10 bytes per [R + 1, V] entry,
+    # 1.3 GB at 1,024 rows of a 128k vocabulary) is allocated after this, so it counts too.
     qkv = (c.num_heads + 2 * c.num_kv_heads) * c.head_dim
     forward = 4 * t * (2 * c.hidden_size + 2 * c.intermediate_size + qkv)
     sampler = 12 * r * c.vocab_size * 4
     prompt_logprobs = 12 * PROMPT_LOGPROBS_CHUNK * c.vocab_size * 4
-    act = max(forward, sampler, prompt_logprobs) + r * c.vocab_size * 4 + (1 << 30)
+    rows_state = (r + 1) * c.vocab_size * 10
+    act = max(forward, sampler, prompt_logprobs) + r * c.vocab_size * 4 + rows_state + (1 << 30)
     budget = stats["bytes_limit"] * cache.gpu_memory_utilization - stats["bytes_in_use"] - act
     if budget < per_page * 2:
         raise ValueError(
@@ -213,8 +216,12 @@ class LLMEngine:
         dispatched = self.runner.dispatch(sched)
         t2 = t3 = time.perf_counter()
         outputs = []
-        if self._inflight is not None:
-            prev_sched, prev = self._inflight
+        # Record step N + 1 as in flight before collecting step N, so that an error below does
+        # not lose it (its input buffers are reused two dispatches on: `BufferPool`).
+        previous = self._inflight
+        self._inflight = None if dispatched is None else (sched, dispatched)
+        if previous is not None:
+            prev_sched, prev = previous
             step_out = self.runner.collect(prev_sched, prev)
             t3 = time.perf_counter()
             updates = self.scheduler.update(prev_sched, step_out)
@@ -227,7 +234,6 @@ class LLMEngine:
             outputs, stopped = self.outputs.process(updates, kind=kind, num_cached=cached)
             for cid, stop_str in stopped:
                 self.scheduler.finish_requests(cid, "stop", stop_str)
-        self._inflight = None if dispatched is None else (sched, dispatched)
         if self._trace is not None:
             bucket = 0 if sched.is_empty else self.runner.layout_for(sched).num_tokens
             self._trace.record(sched, bucket, (t0, t1, t2, t3, time.perf_counter()), len(outputs))

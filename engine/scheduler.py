@@ -234,9 +234,12 @@ class Scheduler:
 
     def _future_pages(self, request: Request, num_held_tokens: int) -> int:
         """Pages the request will need beyond those covering `num_held_tokens`, for the rest of
-        its prompt and its next `admission_horizon` tokens (at most its max_tokens)."""
+        its prompt and its next `admission_horizon` tokens (at most its max_tokens; its last
+        sampled token is never computed, so it needs no slot)."""
         size, horizon = self.allocator.page_size, self.config.admission_horizon
-        want = min(request.max_total_tokens, request.num_tokens + request.num_inflight + horizon)
+        want = min(
+            request.max_total_tokens - 1, request.num_tokens + request.num_inflight + horizon
+        )
         return max(-(-want // size) - -(-num_held_tokens // size), 0)
 
     def _schedule_waiting(self, plan: _StepPlan) -> None:
