@@ -14,6 +14,7 @@ import time
 
 import numpy as np
 
+from engine.config import bucket_ladder
 from engine.output_processor import OutputProcessor
 from engine.outputs import OutputKind
 from engine.page_allocator import PageAllocator
@@ -46,6 +47,8 @@ def time_steps(args: argparse.Namespace, num_requests: int, tokenizer) -> dict[s
     pages_per_request = -(-max_len // page_size)
     kind = OutputKind[args.kind.upper()]
     pool = BufferPool()
+    token_ladder = bucket_ladder(16, scheduler.config.max_num_batched_tokens)  # the GPU's
+    request_ladder = bucket_ladder(8, num_requests)
     phases: dict[str, list[float]] = {"schedule": [], "build": [], "update": [], "outputs": []}
     prev = None
     for step in itertools.count():
@@ -56,8 +59,8 @@ def time_steps(args: argparse.Namespace, num_requests: int, tokenizer) -> dict[s
         t1 = time.perf_counter()
         n = len(sched.requests)
         layout = StepLayout(
-            pick_bucket((16, 64, 256, 1024, 4096, 16384), sched.num_batched_tokens),
-            pick_bucket((8, 16, 32, 64, 128, 256, 512, 1024, 2048, 4096), n),
+            pick_bucket(token_ladder, sched.num_batched_tokens),
+            pick_bucket(request_ladder, n),
             pages_per_request,
         )
         build_step_input(

@@ -3,7 +3,7 @@
     python scripts/profile_step.py --model scripts/configs/llama-3.1-8b --batch 1 64
 
 For each batch size: fills the engine with `batch` requests at decode, then times
-  - `engine.step()` end to end (what users get),
+  - `engine.step()` end to end (as `LLM.generate` runs it: finished outputs only),
   - the host part alone (schedule + build the packed input),
   - the compiled step alone, called back to back on one input (device time + dispatch),
 and prints one JSON line each, with the weight-streaming roofline for comparison.
@@ -30,6 +30,7 @@ def _median_ms(fn, reps: int) -> float:
 
 def profile(llm, batch: int, input_len: int, reps: int) -> dict:
     from engine import SamplingParams
+    from engine.outputs import OutputKind
     from engine.step_fns import GREEDY
     from engine.step_input import build_step_input
 
@@ -50,7 +51,7 @@ def profile(llm, batch: int, input_len: int, reps: int) -> dict:
         eng.step()
     for _ in range(3):
         eng.step()
-    step_ms = _median_ms(eng.step, reps)
+    step_ms = _median_ms(lambda: eng.step(kind=OutputKind.FINAL_ONLY), reps)
 
     runner = eng.runner
     sched = eng.scheduler.schedule()

@@ -101,6 +101,7 @@ def main() -> None:
     ap.add_argument("--out", required=True)
     args = ap.parse_args()
     from engine import LLM, SamplingParams
+    from engine.outputs import OutputKind
 
     b, p = args.batch, args.prefill_len
     step_tokens = max(16, b) if not p else b + p
@@ -127,17 +128,17 @@ def main() -> None:
 
     if p and b:  # one long prompt: with the threshold at p, every step takes p of its tokens
         add_prompt("long", p * (args.steps + 3))
-        llm.engine.step()
+        llm.engine.step(kind=OutputKind.FINAL_ONLY)
     for i in range(2 if fresh else 0):  # warm: the first steps of a bucket run slower
         add_prompt(f"warm{i}", p)
-        llm.engine.step()
+        llm.engine.step(kind=OutputKind.FINAL_ONLY)
     jax.effects_barrier()
     with jax.profiler.trace(args.out, create_perfetto_trace=True):
         t = time.perf_counter()
         for i in range(args.steps):
             if fresh:
                 add_prompt(f"fresh{i}", p)
-            llm.engine.step()
+            llm.engine.step(kind=OutputKind.FINAL_ONLY)
         host_ms = (time.perf_counter() - t) * 1e3 / args.steps
     files = glob.glob(f"{args.out}/**/*.trace.json.gz", recursive=True)
     out = summarize(files[0], args.steps) if files else {"error": "no perfetto trace"}
