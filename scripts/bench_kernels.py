@@ -55,6 +55,7 @@ class Timing:
     device_us: float | None = None  # all kernels of one call
     kernel_us: float | None = None  # the longest-running kernel name of the call
     kernels_per_call: float | None = None
+    per_kernel_us: dict | None = None  # name -> us a call, for calls of several launches
 
 
 def _gpu_segments(run) -> list[list[tuple[str, int]]] | None:
@@ -125,6 +126,7 @@ def time_entries(entries: list, *, n: int, reps: int) -> list[Timing]:
         t.device_us = sum(per_name.values()) / n / 1e3
         t.kernel_us = max(per_name.values()) / n / 1e3
         t.kernels_per_call = len(seg) / n
+        t.per_kernel_us = {k: v / n / 1e3 for k, v in sorted(per_name.items(), key=lambda x: -x[1])}
     return timings
 
 
@@ -231,6 +233,10 @@ def decode_sweep_configs(batch: int) -> list:
     if batch <= 4:
         combos = [(64, 4, 2), (64, 4, 3), (128, 4, 1), (128, 4, 2), (128, 4, 3)]
         splits = (8, 16, 32)
+    elif batch >= 512:  # short contexts (the KV capacity bounds the mean): smaller tiles too
+        combos = [(32, 4, 2), (32, 4, 3), (64, 2, 3), (64, 4, 2), (64, 4, 3), (64, 4, 4)]
+        combos += [(128, 2, 3), (128, 4, 2), (128, 4, 3), (128, 8, 3)]
+        splits = (1,)
     else:
         combos = [(64, 4, 2), (64, 4, 3), (64, 4, 4), (128, 4, 1), (128, 4, 2), (128, 4, 3)]
         combos += [(128, 8, 2), (128, 8, 3), (256, 4, 2), (256, 8, 2)]
@@ -287,6 +293,12 @@ def print_rows(rows: list[dict], extra_cols=()) -> None:
         ker = "-" if r["kernel_us"] is None else f"{r['kernel_us']:8.1f}"
         kpc = "-" if r["kernels_per_call"] is None else f"{r['kernels_per_call']:.0f}"
         more = " ".join(f"{c}={r[c]:.0f}" for c in extra_cols if r.get(c) is not None)
+        if r.get("per_kernel_us"):  # the two biggest kernels of the call
+            more += (
+                " ["
+                + ", ".join(f"{k[:32]} {v:.1f}" for k, v in list(r["per_kernel_us"].items())[:2])
+                + "]"
+            )
         tqdm.write(
             f"  {r['point']:>22s} {r['config']:>26s} dev {dev} us  kern {ker} us  "
             f"wall {r['wall_us']:8.1f} us  n_k {kpc}  {r['kv_tbps']:.2f} TB/s "
@@ -317,6 +329,10 @@ def bench_mixed(args) -> list[dict]:
         # The steady state of 1000 x 1024-in / 128-out at 256 requests: 248 decodes at ~1,100
         # tokens of context beside 8 fresh prompts (an 8,192-token step).
         "248 dec@1100+8x968": ([1] * 248 + [968] * 8, [1100] * 248 + [968] * 8),
+        # 1000 x 128-in / 128-out at 1,024 requests: ~960 decodes at ~200 tokens beside a few
+        # fresh prompts; and rate 16 of the serving benchmark: ~20 decodes beside one prompt.
+        "960 dec@200+32x128": ([1] * 960 + [128] * 32, [200] * 960 + [128] * 32),
+        "20 dec@1100+1024": ([1] * 20 + [1024], [1100] * 20 + [1024]),
     }
     rows = []
     for name, (q_lens, kv_lens) in cases.items():
@@ -345,6 +361,7 @@ def bench_prefill(args) -> list[dict]:
         except Exception as e:
             tqdm.write(f"  cudnn failed: {type(e).__name__}: {str(e)[:200]}")
             extra = {}
+        extra.update(dense_pallas_baselines(q, kv))
         configs = [None] + (prefill_sweep_configs() if args.sweep else args.configs)
         arg_sets = make_inputs([length], [length], args.page_size)
         point = bench_point(args, f"prefill {length}", arg_sets, [length], configs, extra)
@@ -353,6 +370,49 @@ def bench_prefill(args) -> list[dict]:
         print_rows(point, extra_cols=("tflops",))
         rows += point
     return rows
+
+
+def dense_pallas_baselines(q: jax.Array, kv: jax.Array) -> dict:
+    """jax's own dense causal attention kernels on the same prefill: the Triton flash attention
+    (`pallas.ops.gpu.attention.mha`, k/v repeated to every q head) and the FlashAttention-3
+    port on Mosaic GPU (`attention_mgpu`, Hopper: TMA, wgmma, warp specialization). What a
+    Pallas kernel reaches with each lowering, without pages."""
+    out = {}
+    scale = HEAD_DIM**-0.5
+    try:
+        from jax.experimental.pallas.ops.gpu import attention as triton_attn
+
+        kv_rep = jnp.repeat(kv, GROUP, axis=2)
+        for stages in (2, 3):
+            fn = jax.jit(
+                functools.partial(
+                    triton_attn.mha,
+                    segment_ids=None,
+                    sm_scale=scale,
+                    causal=True,
+                    num_stages=stages,
+                )
+            )
+            jax.block_until_ready(fn(q, kv_rep, kv_rep))
+            out[f"jax_triton_mha_st{stages}"] = (fn, [(q, kv_rep, kv_rep)])
+    except Exception as e:
+        tqdm.write(f"  jax triton mha failed: {type(e).__name__}: {str(e)[:300]}")
+    try:
+        from jax.experimental.pallas.ops.gpu import attention_mgpu as mgpu
+
+        for block_kv in (64, 128):
+            cfg = mgpu.TuningConfig(
+                block_q=64, block_kv=block_kv, max_concurrent_steps=2, causal=True
+            )
+            fn = jax.jit(functools.partial(mgpu.attention, config=cfg))
+            # float16: its shared-memory tiles are float16 (same MMA rate as bfloat16); it
+            # takes no scale (softmax(q k^T)), which changes no timing
+            args16 = (q.astype(jnp.float16), kv.astype(jnp.float16), kv.astype(jnp.float16))
+            jax.block_until_ready(fn(*args16))
+            out[f"jax_mgpu_fa3_kv{block_kv}"] = (fn, [args16])
+    except Exception as e:
+        tqdm.write(f"  jax mosaic gpu attention failed: {type(e).__name__}: {str(e)[:300]}")
+    return out
 
 
 def bench_kv_write(args) -> list[dict]:
