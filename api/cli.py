@@ -42,6 +42,13 @@ def add_engine_args(p: argparse.ArgumentParser) -> None:
         "stay free (default 128; 0 = admit whenever the chunk fits, as vLLM does)",
     )
     p.add_argument(
+        "--compute-bound-tokens",
+        type=int,
+        help="from this token bucket on, padded decode rows cost matmul time: running "
+        "requests stop at the bucket below when the KV cache would fill less than 3/4 of it "
+        "(default 512; 0 = never)",
+    )
+    p.add_argument(
         "--compilation-cache-dir",
         default=None,
         help="persistent XLA compilation cache (default ~/.cache/pagejax/xla)",
@@ -65,6 +72,7 @@ def engine_kwargs(args: argparse.Namespace) -> dict:
         scheduling_policy=args.scheduling_policy,
         long_prefill_token_threshold=args.long_prefill_token_threshold,
         admission_horizon=args.admission_horizon,
+        compute_bound_tokens=args.compute_bound_tokens,
     )
     if args.compilation_cache_dir is not None:
         kw["compilation_cache_dir"] = args.compilation_cache_dir

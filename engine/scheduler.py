@@ -9,6 +9,7 @@ under the priority policy, least important) running request is preempted by reco
 from __future__ import annotations
 
 import bisect
+import itertools
 from collections import deque
 from collections.abc import Iterable
 from dataclasses import dataclass, field
@@ -49,6 +50,14 @@ class SchedulerConfig:
     # requests then preempt each other as they grow, and each preemption redoes a prompt
     # (62 of them cost 7 % of a 1000 x 1024-in / 128-out run at 1,024 requests a step).
     admission_horizon: int = 128
+    # Decode steps run padded to the next token bucket, and from this many tokens the padded
+    # rows cost matmul time (the matmuls turn compute-bound: ~260 tokens for bf16 weights on
+    # an H100, 789 TFLOP/s against 3.0 TB/s). So when the KV cache would stop admission just
+    # past a bucket B (fewer than 3/4 of the next bucket, itself at least this size), running
+    # requests stop at B: 1000 x 1024-in / 128-out at 1,024 requests a step ran ~298 at once,
+    # padded to 512, and 4.5 % slower than at 256 (BENCHMARKS.md). 0: no such stop. Needs
+    # token buckets and admission_horizon > 0.
+    compute_bound_tokens: int = 512
 
     def __post_init__(self) -> None:
         for name in ("max_num_seqs", "max_num_batched_tokens", "max_model_len"):
@@ -58,6 +67,8 @@ class SchedulerConfig:
             raise ValueError("long_prefill_token_threshold must be >= 0 (0 = no cap).")
         if self.admission_horizon < 0:
             raise ValueError("admission_horizon must be >= 0 (0 = no reserve).")
+        if self.compute_bound_tokens < 0:
+            raise ValueError("compute_bound_tokens must be >= 0 (0 = no stop at buckets).")
         if self.policy not in ("fcfs", "priority"):
             raise ValueError(f"policy must be 'fcfs' or 'priority', got {self.policy!r}.")
         if not self.enable_chunked_prefill and self.max_num_batched_tokens < self.max_model_len:
@@ -248,7 +259,8 @@ class Scheduler:
         if cfg.admission_horizon and self.waiting:  # computed once a step, then kept up to date
             size = self.allocator.page_size
             reserve = sum(self._future_pages(r, len(r.page_ids) * size) for r in self.running)
-        while self.waiting and plan.budget > 0 and len(self.running) < cfg.max_num_seqs:
+        limit = self._running_limit(reserve)
+        while self.waiting and plan.budget > 0 and len(self.running) < limit:
             request = self.waiting[0]
             page_ids, num_hit = [], 0
             # Cached prefixes have no prompt logprobs to report, so such requests compute all.
@@ -273,6 +285,27 @@ class Scheduler:
             self.running.append(request)
             plan.num_tokens[request.request_id] = num_new
             plan.budget -= num_new
+
+    def _running_limit(self, reserve: int) -> int:
+        """max_num_seqs, or the first token bucket B at or above the running count where the
+        KV cache would stop admission between B and 3/4 of the next bucket (see
+        `SchedulerConfig.compute_bound_tokens`). The estimate: the pages free beyond `reserve`
+        hold that many more requests like the head of the queue (its prompt and horizon), up
+        to the number waiting."""
+        cfg, buckets, n = self.config, self.token_buckets, len(self.running)
+        if not (cfg.compute_bound_tokens and cfg.admission_horizon and buckets and self.waiting):
+            return cfg.max_num_seqs
+        per_request = max(1, self._future_pages(self.waiting[0], 0))
+        room = max(self.allocator.num_free_pages - reserve, 0) // per_request
+        predicted = n + min(room, len(self.waiting))
+        i = bisect.bisect_left(buckets, n)  # the first bucket >= n
+        for bound, nxt in itertools.pairwise(buckets[i:]):
+            if bound >= min(predicted, cfg.max_num_seqs):
+                break
+            # Padding up to a bucket below compute_bound_tokens costs no matmul time.
+            if nxt >= cfg.compute_bound_tokens and predicted < 3 * nxt // 4:
+                return bound
+        return cfg.max_num_seqs
 
     def _fit_bucket(self, plan: _StepPlan) -> None:
         """Trim prefill chunks so that the step fills a token bucket rather than spilling just

@@ -50,13 +50,17 @@ def test_generate_reports_a_bad_model_path(tmp_path):
 
 
 def test_scheduler_flags_reach_the_engine_config():
-    """`--admission-horizon` and `--long-prefill-token-threshold` land in SchedulerConfig."""
+    """`--admission-horizon`, `--long-prefill-token-threshold` and `--compute-bound-tokens`
+    land in SchedulerConfig."""
     from api.cli import build_parser, engine_kwargs
     from engine.llm import build_engine_config
 
     argv = ["serve", "--admission-horizon", "0", "--long-prefill-token-threshold", "256"]
+    argv += ["--compute-bound-tokens", "0"]
     config = build_engine_config(None, **engine_kwargs(build_parser().parse_args(argv)))
     assert config.scheduler.admission_horizon == 0
     assert config.scheduler.long_prefill_token_threshold == 256
+    assert config.scheduler.compute_bound_tokens == 0
     default = build_engine_config(None, **engine_kwargs(build_parser().parse_args(["serve"])))
     assert default.scheduler.admission_horizon == 128
+    assert default.scheduler.compute_bound_tokens == 512

@@ -253,6 +253,42 @@ def test_admission_reserves_the_rest_of_a_chunked_prompt() -> None:
         assert (tokens[rid], reasons[rid]) == want
 
 
+@pytest.mark.parametrize(
+    ("num_pages", "compute_bound_tokens", "most_running"),
+    [
+        (11, 8, 4),  # room for 5: stop at the bucket 4, not 5 padded to 8
+        (11, 0, 5),  # the stop turned off: as many as the cache holds
+        (13, 8, 6),  # room for 6 = 3/4 of the bucket 8: worth its padding
+        (11, 16, 5),  # the bucket 8 is below compute_bound_tokens: padding to it is free
+    ],
+)
+def test_running_requests_stop_at_a_bucket_the_cache_would_barely_pass(
+    num_pages: int, compute_bound_tokens: int, most_running: int
+) -> None:
+    # Each request: 3 prompt + 4 output tokens, 2 pages of 4 reserved from admission.
+    scheduler, runner = make_scheduler(
+        num_pages=num_pages,
+        token_buckets=(2, 4, 8, 16, 64),
+        max_num_seqs=16,
+        compute_bound_tokens=compute_bound_tokens,
+    )
+    prompts = {f"r{i}": [2 + i] * 3 for i in range(12)}
+    for rid, prompt in prompts.items():
+        scheduler.add_request(make_request(rid, prompt, max_tokens=4, ignore_eos=True))
+    tokens: dict[str, list[int]] = {}
+    seen = 0
+    while scheduler.has_unfinished_requests():
+        _, updates = step(scheduler, runner)
+        seen = max(seen, len(scheduler.running) + sum(u.finished for u in updates))
+        for u in updates:
+            tokens.setdefault(u.request_id, []).extend(u.new_token_ids)
+    assert seen == most_running
+    assert scheduler.num_preemptions == 0
+    for rid, prompt in prompts.items():
+        want = reference_generate(prompt, SamplingParams(max_tokens=4, ignore_eos=True), 64)
+        assert tokens[rid] == want[0]
+
+
 def test_priority_preempts_least_important_even_if_already_scheduled() -> None:
     scheduler, runner = make_scheduler(
         num_pages=5, max_num_batched_tokens=32, admission_horizon=0, policy="priority"

@@ -137,6 +137,7 @@ class Workload:
     asynchronous=st.booleans(),
     fit_buckets=st.booleans(),
     admission_horizon=st.sampled_from([0, 1, 8, 128]),
+    compute_bound_tokens=st.sampled_from([0, 2, 4, 512]),
     seed=st.integers(0, 2**32 - 1),
 )
 def test_random_workload(
@@ -150,6 +151,7 @@ def test_random_workload(
     asynchronous: bool,
     fit_buckets: bool,
     admission_horizon: int,
+    compute_bound_tokens: int,
     seed: int,
 ) -> None:
     cfg = SchedulerConfig(
@@ -159,6 +161,7 @@ def test_random_workload(
         enable_chunked_prefill=chunked,
         policy=policy,
         admission_horizon=admission_horizon,
+        compute_bound_tokens=compute_bound_tokens,
     )
     allocator = PageAllocator(num_pages, page_size, enable_prefix_caching=prefix_caching)
     buckets = bucket_ladder(2, cfg.max_num_batched_tokens, midpoints_from=8) if fit_buckets else ()
