@@ -39,7 +39,11 @@ def _fill(llm, batch: int, input_len: int) -> None:
         eng.step()
 
 
-def summarize(trace_file: str, num_steps: int) -> dict:
+def summarize(trace_file: str, num_steps: int, num_layers: int | None = None) -> dict:
+    """Per-step figures over the steps the device ran inside the trace. With async scheduling
+    that is not the number of `step()` calls: the step in flight when the trace starts, and
+    the one dispatched last, run inside it too. Given `num_layers`, the steps are counted on
+    the device (attention launches / layers); else `num_steps` is taken as is."""
     with gzip.open(trace_file) as f:
         events = json.load(f)["traceEvents"]
     names = {}
@@ -63,12 +67,17 @@ def summarize(trace_file: str, num_steps: int) -> dict:
             busy += stop - end
             end = stop
     wall = (spans[-1][1] - spans[0][0]) if spans else 0.0
+    num_calls = num_steps
+    launches = sum(1 for e in kernels if e["name"].startswith("ragged_paged_attention"))
+    if num_layers and launches:
+        num_steps = launches / num_layers
     host = collections.Counter()
     for e in events:
         if e.get("ph") == "X" and e.get("pid") not in gpu_pids:
             host[e["name"][:60]] += e["dur"]
     return {
         "steps": num_steps,
+        "step_calls_in_trace": num_calls,
         "device_busy_ms_per_step": round(busy / num_steps / 1e3, 3),
         "device_span_ms_per_step": round(wall / num_steps / 1e3, 3),
         "num_kernels_per_step": round(len(kernels) / num_steps, 1),
@@ -141,7 +150,8 @@ def main() -> None:
             llm.engine.step(kind=OutputKind.FINAL_ONLY)
         host_ms = (time.perf_counter() - t) * 1e3 / args.steps
     files = glob.glob(f"{args.out}/**/*.trace.json.gz", recursive=True)
-    out = summarize(files[0], args.steps) if files else {"error": "no perfetto trace"}
+    num_layers = llm.engine.model_config.num_layers
+    out = summarize(files[0], args.steps, num_layers) if files else {"error": "no perfetto trace"}
     out.update(batch=b, prefill_len=p, engine_step_ms_under_trace=round(host_ms, 3))
     print(json.dumps(out), flush=True)
 
