@@ -54,9 +54,9 @@ class SchedulerConfig:
     # rows cost matmul time (the matmuls turn compute-bound: ~260 tokens for bf16 weights on
     # an H100, 789 TFLOP/s against 3.0 TB/s). So when the KV cache would stop admission just
     # past a bucket B (fewer than 3/4 of the next bucket, itself at least this size), running
-    # requests stop at B: 1000 x 1024-in / 128-out at 1,024 requests a step ran ~298 at once,
-    # padded to 512, and 4.5 % slower than at 256 (BENCHMARKS.md). 0: no such stop. Needs
-    # token buckets and admission_horizon > 0.
+    # requests stop at B. 1000 x 1024-in / 128-out at 1,024 requests a step ran ~298 at once,
+    # padded to 512: 32,386 tok/s on an H100, against 33,352 stopping at 256 (BENCHMARKS.md).
+    # 0: no such stop. Needs token buckets and admission_horizon > 0.
     compute_bound_tokens: int = 512
 
     def __post_init__(self) -> None:
