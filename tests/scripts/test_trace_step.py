@@ -1,0 +1,52 @@
+"""`scripts/trace_step.py`'s trace summary on a hand-written Perfetto trace."""
+
+from __future__ import annotations
+
+import gzip
+import importlib.util
+import json
+from pathlib import Path
+
+SCRIPT = Path(__file__).parents[2] / "scripts" / "trace_step.py"
+spec = importlib.util.spec_from_file_location("trace_step", SCRIPT)
+trace_step = importlib.util.module_from_spec(spec)
+spec.loader.exec_module(trace_step)
+
+LAYERS = 2
+
+
+def _trace(path: Path, num_device_steps: int) -> str:
+    """Each device step: one attention kernel a layer (10 us) and a 20 us matmul, back to back;
+    a 1 ms host event on the host process."""
+    events = [
+        {"ph": "M", "name": "process_name", "pid": 1, "args": {"name": "/device:GPU:0"}},
+        {"ph": "M", "name": "process_name", "pid": 2, "args": {"name": "/host:CPU"}},
+    ]
+    t = 0
+    for _ in range(num_device_steps):
+        for _ in range(LAYERS):
+            attention = {"name": "ragged_paged_attention", "ts": t, "dur": 10}
+            events.append({"ph": "X", "pid": 1, **attention})
+            events.append({"ph": "X", "pid": 1, "name": "nvjet_gemm", "ts": t + 10, "dur": 20})
+            t += 30
+        events.append({"ph": "X", "pid": 2, "name": "step", "ts": t, "dur": 1000})
+        t += 100  # idle between steps
+    file = path / "t.trace.json.gz"
+    with gzip.open(file, "wt") as f:
+        json.dump({"traceEvents": events}, f)
+    return str(file)
+
+
+def test_per_step_figures_count_the_steps_the_device_ran(tmp_path):
+    """Five device steps inside a trace of four `step()` calls (async scheduling: the step in
+    flight at the start runs inside it too): per-step figures divide by five."""
+    out = trace_step.summarize(_trace(tmp_path, 5), 4, num_layers=LAYERS)
+    assert out["steps"] == 5 and out["step_calls_in_trace"] == 4
+    assert out["device_busy_ms_per_step"] == 0.06  # 2 layers x 30 us
+    assert out["top_kernels_ms_per_step"]["ragged_paged_attention"] == 0.02
+    assert out["num_kernels_per_step"] == 4
+
+
+def test_without_layers_the_step_calls_are_taken_as_is(tmp_path):
+    out = trace_step.summarize(_trace(tmp_path, 5), 4)
+    assert out["steps"] == 4 and out["device_busy_ms_per_step"] == 0.075
