@@ -135,7 +135,8 @@ class Scheduler:
                 f"the prompt has {request.num_prompt_tokens} tokens, more than the maximum "
                 f"context length of {cfg.max_model_len}."
             )
-        max_len = min(self.max_total_tokens(request) - 1, cfg.max_model_len)
+        max_total = self.max_total_tokens(request)
+        max_len = max_total - 1  # the last sampled token is never computed: it needs no slot
         if -(-max_len // self.allocator.page_size) > self.allocator.num_usable_pages:
             raise ValueError(f"a request of {max_len} tokens does not fit in the KV cache.")
         # Requests the next step will admit into free running slots are not really waiting: a
@@ -145,7 +146,7 @@ class Scheduler:
         if limit is not None and len(self.waiting) >= limit + free_slots:
             raise QueueFullError(f"the waiting queue is full ({limit}).")
         request.status = RequestStatus.WAITING
-        request.max_total_tokens = self.max_total_tokens(request)
+        request.max_total_tokens = max_total
         self.requests[request.request_id] = request
         self._enqueue(request)
 
