@@ -200,10 +200,11 @@ def _attend(refs, scalars, bq: int, *, st: _Static):
     # reshape (2,048-token prefill on an H100: 164 -> 135 us). Rows past the block or past G
     # read row 0 and are never stored.
     r = jnp.arange(rows)
-    row_valid = (tok_start + r // gp < tok_end) & (r % gp < group)  # [rows]
-    row_idx = jnp.where(row_valid, (tok_start + r // gp) * st.num_heads + h * group + r % gp, 0)
+    row_tok, row_head = r // gp, r % gp  # token in the block, head in the group
+    row_valid = (tok_start + row_tok < tok_end) & (row_head < group)  # [rows]
+    row_idx = jnp.where(row_valid, (tok_start + row_tok) * st.num_heads + h * group + row_head, 0)
     q = q_ref[row_idx, :]  # [rows, H]
-    row_pos = pos_start + r // gp
+    row_pos = pos_start + row_tok
     precision = jax.lax.Precision.HIGHEST if q.dtype == jnp.float32 else None
     # Softmax in base 2 (exp2 is the native instruction). Without a cap, the scale is applied
     # inside exp2's argument (`s * c - m`: one FMA an element), and m is kept scaled.
