@@ -25,10 +25,17 @@ def num_query_blocks(num_tokens: int, num_requests: int, block_q: int) -> int:
     return -(-num_tokens // block_q) + num_requests + 1
 
 
-def _request_extents(
-    query_start: jax.Array, kv_lens: jax.Array, num_seqs: jax.Array, num_tokens: int
+def request_extents(
+    query_start: jax.Array,
+    kv_lens: jax.Array,
+    num_seqs: jax.Array,
+    num_tokens: int,
+    active: jax.Array | None = None,
 ) -> tuple[jax.Array, jax.Array, jax.Array]:
-    """Per (request + padding pseudo-request): first token, q_len, kv_len. Each [R + 1]."""
+    """Per (request + padding pseudo-request): first token, q_len, kv_len. Each [R + 1].
+
+    active: [R + 1] bool, or None (all): inactive entries get q_len 0, so a kernel makes no
+    blocks for them and leaves their rows to another kernel."""
     num_requests = kv_lens.shape[0]
     num_seqs = jnp.reshape(num_seqs, ()).astype(jnp.int32)
     real = jnp.arange(num_requests) < num_seqs
@@ -36,6 +43,8 @@ def _request_extents(
     pad_start = query_start[num_seqs]
     starts = jnp.concatenate([query_start[:-1], pad_start[None]]).astype(jnp.int32)
     lens = jnp.concatenate([q_lens, (num_tokens - pad_start)[None]]).astype(jnp.int32)
+    if active is not None:
+        lens = jnp.where(active, lens, 0)
     kv = jnp.concatenate([jnp.where(real, kv_lens, 0), jnp.zeros((1,), kv_lens.dtype)])
     return starts, lens, kv.astype(jnp.int32)
 
@@ -49,17 +58,18 @@ def query_blocks(
     block_q: int,
     block_kv: int,
     sliding_window: int | None,
+    active: jax.Array | None = None,
 ) -> jax.Array:
     """Block table: [NB, NUM_FIELDS] int32, NB = num_query_blocks(T, R, block_q).
 
     Per block: REQ (page-table row, 0 for padding blocks), TOK_START/TOK_END (its tokens),
     POS_START (position of TOK_START in its request), KV_BLK_LO/KV_BLK_HI (the range of
     `block_kv`-key blocks its tokens can see: causal and sliding-window bounds; empty for the
-    padding pseudo-request and surplus blocks).
+    padding pseudo-request and surplus blocks). active: see `request_extents`.
     """
     num_requests = kv_lens.shape[0]
     nb = num_query_blocks(num_tokens, num_requests, block_q)
-    starts, lens, kv = _request_extents(query_start, kv_lens, num_seqs, num_tokens)
+    starts, lens, kv = request_extents(query_start, kv_lens, num_seqs, num_tokens, active)
     blocks_per_req = -(-lens // block_q)
     ends = jnp.cumsum(blocks_per_req)
     b = jnp.arange(nb, dtype=jnp.int32)
@@ -97,7 +107,7 @@ def token_rows(
     block 0 and valid False.
     """
     num_requests = query_start.shape[0] - 1
-    starts, lens, _ = _request_extents(
+    starts, lens, _ = request_extents(
         query_start, jnp.zeros((num_requests,), jnp.int32), num_seqs, num_tokens
     )
     blocks_per_req = -(-lens // block_q)
