@@ -5,12 +5,15 @@ Run: `pytest -m gpu tests/pallas_kernels/test_gpu.py` on a machine with a GPU.
 
 from __future__ import annotations
 
+import functools
+
 import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
 
 from pallas_kernels import dispatch
+from pallas_kernels import gpu_prefill_mgpu as mgpu
 from pallas_kernels import gpu_ragged_paged_attention as gpu
 from pallas_kernels.reference import ragged_paged_attention_reference, write_kv_reference
 from tests.pallas_kernels.ragged_batches import make_batch
@@ -27,7 +30,7 @@ SCENARIOS = [
 HEADS = [(32, 8, 128), (8, 1, 64), (16, 16, 128), (28, 4, 128)]  # G = 4, 8, 1, 7
 
 
-def _run(scenario, heads, dtype, window, cap, config=None):
+def _run(scenario, heads, dtype, window, cap, config=None, kernel=None):
     _, q_lens, kv_lens, t, r, s, p = scenario
     n, k, h = heads
     b = make_batch(
@@ -47,7 +50,10 @@ def _run(scenario, heads, dtype, window, cap, config=None):
     kv = write_kv_reference(b.kv_cache, b.k, b.v, m.slot_ids)
     args = (b.q, kv, m.kv_lens, m.page_table, m.query_start, m.num_seqs)
     kw = dict(sm_scale=h**-0.5, sliding_window=window, soft_cap=cap)
-    out = gpu.ragged_paged_attention(*args, **kw, config=config)
+    if kernel is None:
+        out = gpu.ragged_paged_attention(*args, **kw, config=config)
+    else:
+        out = jax.jit(functools.partial(kernel, sm_scale=kw["sm_scale"]))(*args)
     with jax.default_matmul_precision("float32"):  # not TF32: the reference is the truth
         ref = ragged_paged_attention_reference(*args, **kw)
     tol = 2e-2 if dtype == jnp.bfloat16 else 2e-5
@@ -87,6 +93,37 @@ def test_gpu_kernel_window_and_cap(scenario):
 )
 def test_gpu_kernel_configs(config):
     _run(SCENARIOS[3], (32, 8, 128), jnp.bfloat16, None, None, config)
+
+
+# Requests starting off the 8-row grid, ragged ends, decodes, chunks with context, padding.
+MGPU_SCENARIOS = SCENARIOS + [
+    ("ragged", [300, 77, 129], [300, 77, 129], 512, 8, 16, 32),
+    ("page32", [150, 90], [500, 90], 256, 4, 32, 32),
+    (
+        "many",
+        [613, 1, 1, 250, 999, 7, 64, 1, 333],
+        [700, 50, 2000, 250, 1500, 7, 64, 900, 333],
+        2304,
+        12,
+        16,
+        128,
+    ),
+]
+
+
+@pytest.mark.parametrize("scenario", MGPU_SCENARIOS, ids=lambda s: s[0])
+@pytest.mark.parametrize("heads", HEADS, ids=lambda x: f"n{x[0]}k{x[1]}h{x[2]}")
+def test_mgpu_kernel(scenario, heads):
+    if scenario[0] == "many" and heads[0] > 8:
+        pytest.skip("the reference's dense scores would not fit the card")
+    _run(scenario, heads, jnp.bfloat16, None, None, kernel=mgpu.ragged_paged_prefill)
+
+
+@pytest.mark.parametrize("scenario", MGPU_SCENARIOS[2:], ids=lambda s: s[0])
+def test_mgpu_split_with_triton(scenario):
+    """dispatch's split: prompt chunks on the Mosaic kernel, the rest on Triton, one buffer."""
+    split = lambda *a, sm_scale: dispatch.gpu_attention(a, sm_scale=sm_scale, use_mgpu=True)
+    _run(scenario, (8, 1, 64), jnp.bfloat16, None, None, kernel=split)
 
 
 def test_dispatch_on_gpu():
