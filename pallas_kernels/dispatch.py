@@ -6,18 +6,80 @@ the scatter. Told that its indices are unique, XLA's scatter beat a Pallas write
 (input_output_aliases, one program per 16 tokens and kv head) on an H100: 8.3 against 12.2 us
 a layer for 2,048 tokens, 3.9 against 5.6 us for 256; without the hint it took 40.5 and 7.6 us
 (docs/kernel_notes.md; `scripts/bench_kernels.py --parts kv_write` times the scatter).
+
+GPU kernels: the Triton kernel serves every request, except on Hopper in steps of at least
+`MGPU_MIN_STEP_TOKENS` tokens and at most `MGPU_MAX_REQUESTS` requests (prompt steps: few
+decodes beside them), where the requests with `MGPU_MIN_Q_LEN` new tokens or more go to the
+Mosaic GPU kernel (gpu_prefill_mgpu.py: 1.24-1.26x cuDNN against Triton's 1.5-1.6x on prefill,
+H100). Two launches: the Mosaic kernel writes the chunks' rows, then Triton writes the other
+rows (decodes, padding) into the same buffer (aliased). In steps with many decodes the two
+launches run one after the other where Triton's one launch overlaps the decodes' streaming
+with the chunks' compute: split there, 1000 x 1024/128 ran 0.5 % and 128/128 1.9 % slower
+(H100), so those steps keep one launch. `PAGEJAX_GPU_PREFILL=triton|mgpu|auto` overrides the
+choice (mgpu: split every step the kernel supports).
 """
 
 from __future__ import annotations
 
-import jax
+import dataclasses
+import functools
+import os
 
+import jax
+import jax.numpy as jnp
+
+from pallas_kernels import gpu_prefill_mgpu as mgpu
 from pallas_kernels import gpu_ragged_paged_attention as gpu
 from pallas_kernels import tpu_ragged_paged_attention as tpu
 from pallas_kernels.attention import AttentionMetadata
 from pallas_kernels.reference import write_kv_reference
 
 _GPU_PLATFORMS = ("gpu", "cuda")
+MGPU_MIN_STEP_TOKENS = 2048
+MGPU_MAX_REQUESTS = 16
+MGPU_MIN_Q_LEN = 128  # one Mosaic tile (two warpgroups of 64 rows)
+
+
+@functools.cache
+def _is_hopper() -> bool:
+    device = jax.devices()[0]
+    return device.platform == "gpu" and str(getattr(device, "compute_capability", "")) == "9.0"
+
+
+def _use_mgpu(
+    q: jax.Array, kv_cache: jax.Array, num_requests: int, sliding_window, soft_cap, interpret
+) -> bool:
+    choice = os.environ.get("PAGEJAX_GPU_PREFILL", "auto")
+    if choice not in ("auto", "triton", "mgpu"):
+        raise ValueError(f"PAGEJAX_GPU_PREFILL must be auto, triton or mgpu, got {choice!r}")
+    head_dim, page_size = q.shape[-1], kv_cache.shape[3]
+    fits = mgpu.supports(q.dtype, kv_cache.dtype, head_dim, page_size, sliding_window, soft_cap)
+    if interpret or not fits or choice == "triton":  # no interpreter runs Mosaic GPU kernels
+        return False
+    prompt_step = q.shape[0] >= MGPU_MIN_STEP_TOKENS and num_requests <= MGPU_MAX_REQUESTS
+    return choice == "mgpu" or (prompt_step and _is_hopper())
+
+
+def gpu_attention(args: tuple, *, sm_scale: float, use_mgpu: bool, **kwargs) -> jax.Array:
+    """The GPU kernels on (q, kv_cache, kv_lens, page_table, query_start, num_seqs): Triton
+    alone, or Triton for the short requests and Mosaic GPU for the prompt chunks."""
+    if not use_mgpu:
+        return gpu.ragged_paged_attention(*args, sm_scale=sm_scale, **kwargs)
+    _, kv_lens, _, query_start, num_seqs = args[1:]
+    real = jnp.arange(kv_lens.shape[0]) < jnp.reshape(num_seqs, ())
+    long = real & (query_start[1:] - query_start[:-1] >= MGPU_MIN_Q_LEN)
+    long = jnp.concatenate([long, jnp.zeros((1,), bool)])  # the padding rows stay with Triton
+    out = mgpu.ragged_paged_prefill(*args, sm_scale=sm_scale, active=long, min_q_len=MGPU_MIN_Q_LEN)
+    # What Triton gets is mostly decodes: decode tiles (16 rows, 128 keys a step), unsplit.
+    # With the tiles of the whole mixed step it read them at half the bandwidth (H100).
+    num_requests = kv_lens.shape[0]
+    _, num_heads, _ = args[0].shape
+    _, num_kv_heads, _, page_size, _ = args[1].shape
+    cfg = gpu.default_config(num_requests, num_requests, num_heads, num_kv_heads, page_size)
+    cfg = kwargs.pop("config", None) or dataclasses.replace(cfg, num_splits=1)
+    return gpu.ragged_paged_attention(
+        *args, sm_scale=sm_scale, active=~long, out=out, config=cfg, **kwargs
+    )
 
 
 def paged_attention(
@@ -55,7 +117,9 @@ def paged_attention(
         else:
             out = tpu.ragged_paged_attention(*args, **kwargs)
     elif platform in _GPU_PLATFORMS:
-        out = gpu.ragged_paged_attention(*args, **kwargs, interpret=interpret)
+        num_requests = meta.kv_lens.shape[0]
+        use_mgpu = _use_mgpu(q, kv_cache, num_requests, sliding_window, soft_cap, interpret)
+        out = gpu_attention(args, **kwargs, use_mgpu=use_mgpu, interpret=interpret)
     else:
         raise ValueError(
             f"no Pallas kernel for platform {platform!r}: use the reference backend, or pass "
