@@ -23,12 +23,12 @@ import jax
 import numpy as np
 
 
-def _fill(llm, batch: int, input_len: int) -> None:
+def _fill(llm, batch: int, input_len: int, temperature: float) -> None:
     from engine import SamplingParams
 
     eng = llm.engine
     rng = np.random.default_rng(0)
-    params = SamplingParams(temperature=0.0, max_tokens=100_000, ignore_eos=True)
+    params = SamplingParams(temperature=temperature, max_tokens=100_000, ignore_eos=True)
     vocab = eng.model_config.vocab_size
     for i in range(batch):
         prompt = rng.integers(0, min(20000, vocab), input_len).tolist()
@@ -107,6 +107,9 @@ def main() -> None:
     ap.add_argument("--input-len", type=int, default=512)
     ap.add_argument("--steps", type=int, default=10)
     ap.add_argument("--prefill-len", type=int, default=0)
+    ap.add_argument(
+        "--temperature", type=float, default=0.0, help="of the decoding requests (0 = greedy)"
+    )
     ap.add_argument("--out", required=True)
     args = ap.parse_args()
     from engine import LLM, SamplingParams
@@ -126,7 +129,7 @@ def main() -> None:
         request_buckets=tuple(sorted({max(8, b), -(-(b + 1) // 8) * 8})),
         long_prefill_token_threshold=p,
     )
-    _fill(llm, b, args.input_len)
+    _fill(llm, b, args.input_len, args.temperature)
     rng = np.random.default_rng(1)
     prefill = SamplingParams(temperature=0.0, max_tokens=1, ignore_eos=True)
     fresh = p and not b
@@ -152,7 +155,12 @@ def main() -> None:
     files = glob.glob(f"{args.out}/**/*.trace.json.gz", recursive=True)
     num_layers = llm.engine.model_config.num_layers
     out = summarize(files[0], args.steps, num_layers) if files else {"error": "no perfetto trace"}
-    out.update(batch=b, prefill_len=p, engine_step_ms_under_trace=round(host_ms, 3))
+    out.update(
+        batch=b,
+        prefill_len=p,
+        temperature=args.temperature,
+        engine_step_ms_under_trace=round(host_ms, 3),
+    )
     print(json.dumps(out), flush=True)
 
 
