@@ -13,6 +13,7 @@ from scipy import stats
 from engine.sampler import (
     SamplingTensors,
     apply_token_bitmask,
+    categorical,
     filter_logits,
     process_logits,
     request_keys,
@@ -319,3 +320,36 @@ def test_static_feature_variants_match_the_full_sampler():
     mixed = [P(0.7), P(0.0), P(1.3, min_p=0.2)] * 2
     no_sort = SamplerFeatures(random=True, sort=False, penalties=False)
     np.testing.assert_array_equal(run(mixed, no_sort), run(mixed, ALL_FEATURES))
+
+
+def test_inverse_cdf_draw_matches_softmax_across_blocks() -> None:
+    """`categorical` with blocks of 4 ids over 10 (the last block padded): the drawn frequencies
+    follow softmax, excluded ids (-inf) never come, and mass in one block only is found."""
+    rng = np.random.default_rng(11)
+    cases = [rng.normal(size=10).astype(np.float32) for _ in range(2)]
+    cases[1][[0, 3, 4, 9]] = -np.inf  # excluded ids, in the first, middle and last block
+    last_only = np.full(10, -np.inf, np.float32)
+    last_only[[8, 9]] = [0.0, 1.0]  # all the mass in the padded last block
+    first_only = np.full(10, -np.inf, np.float32)
+    first_only[0] = 3.0
+    draws = 4000
+    draw = jax.jit(lambda k, x: categorical(k, x, block=4))
+    for row in [*cases, last_only, first_only]:
+        logits = jnp.asarray(np.tile(row, (draws, 1)))
+        keys = jax.random.key_data(
+            jax.vmap(lambda i: jax.random.key(i, impl="threefry2x32"))(jnp.arange(draws))
+        )
+        ids = np.asarray(draw(keys, logits))
+        probs = np.exp(row.astype(np.float64) - row.max())
+        probs /= probs.sum()
+        counts = np.bincount(ids, minlength=10)
+        assert len(counts) == 10 and counts[probs == 0].sum() == 0
+        live = probs > 0
+        if live.sum() > 1:
+            expected = probs[live] / probs[live].sum() * counts.sum()
+            p_value = stats.chisquare(counts[live], expected).pvalue
+            assert p_value > 1e-3, (row, counts, p_value)
+        else:
+            assert counts[live][0] == draws
+    again = np.asarray(draw(keys, logits))  # the same keys draw the same ids
+    np.testing.assert_array_equal(again, ids)
