@@ -9,11 +9,12 @@ of `max_concurrent_steps` shared-memory slots. The Triton kernel gathers K/V by 
 plain loads; here each `block_kv` step is `block_kv / S` TMA copies, one per page (a page of
 one head is a contiguous `[S, H]` box), all counted on the slot's barrier.
 
-Ragged rows: a CTA's rows never straddle requests (`ragged_blocks.query_blocks` with
-`2 * block_q`), q tiles past the request's end are loaded (TMA fills rows past T with zeros)
-but never stored: the output leaves shared memory in TMA copies of 64, 32, ..., 1 rows, the
-binary digits of the row count (the "ladder" of jax's `ragged_dot_mgpu`), so no row of the
-next request is overwritten.
+Ragged rows: a CTA's rows never straddle requests (`tile_table`). Its q tile starts on the
+8-row grid (TMA into a tiled tile needs it), at or before the request's first row, and may run
+past its end; the rows outside the request are computed but never stored: the output leaves
+shared memory in TMA copies of 64, 32, ..., 1 rows, the binary digits of the row count (the
+"ladder" of jax's `ragged_dot_mgpu`), so no row of another request is overwritten. The engine
+uses this kernel for prompt chunks in prompt steps only, beside Triton (see dispatch.py).
 
 Causal masking runs only on the key blocks that cross a compute warpgroup's diagonal. Rows of
 the padding pseudo-request see no keys and are written as zeros. Not supported here (the
