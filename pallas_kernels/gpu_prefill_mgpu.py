@@ -61,12 +61,15 @@ class MgpuConfig:
 def supports(
     q_dtype, cache_dtype, head_dim: int, page_size: int, sliding_window, soft_cap, cfg=None
 ) -> bool:
-    """Whether this kernel serves the call (else the Triton kernel does)."""
+    """Whether this kernel serves the call (else the Triton kernel does). Pages land in the
+    (8, 64)-tiled K/V tiles at multiples of their size, so a page is 8 rows or more; head_dim
+    above 128 would take more shared memory than a CTA has (1,536 bytes a unit of head_dim)."""
     cfg = cfg or MgpuConfig()
     return (
         jnp.dtype(q_dtype) in (jnp.dtype(jnp.bfloat16), jnp.dtype(jnp.float16))
         and jnp.dtype(q_dtype) == jnp.dtype(cache_dtype)
-        and head_dim % 64 == 0
+        and head_dim in (64, 128)
+        and page_size % _ROW_ALIGN == 0
         and cfg.block_kv % page_size == 0
         and sliding_window is None
         and soft_cap is None

@@ -188,6 +188,8 @@ def test_mgpu_support_and_choice(monkeypatch):
     assert not mgpu.supports(jnp.float32, jnp.float32, 128, 16, None, None)
     assert not mgpu.supports(q.dtype, cache.dtype, 128, 16, 512, None)  # sliding window
     assert not mgpu.supports(q.dtype, cache.dtype, 96, 16, None, None)
+    assert not mgpu.supports(q.dtype, cache.dtype, 256, 16, None, None)  # shared memory
+    assert not mgpu.supports(q.dtype, cache.dtype, 128, 4, None, None)  # pages off the 8-row grid
     monkeypatch.setenv("PAGEJAX_GPU_PREFILL", "mgpu")
     assert dispatch._use_mgpu(q, cache, 8, None, None, interpret=False)
     assert not dispatch._use_mgpu(q, cache, 8, None, None, interpret=True)
