@@ -10,7 +10,7 @@ a layer for 2,048 tokens, 3.9 against 5.6 us for 256; without the hint it took 4
 GPU kernels: the Triton kernel serves every request, except on Hopper in steps of at least
 `MGPU_MIN_STEP_TOKENS` tokens and at most `MGPU_MAX_REQUESTS` requests (prompt steps: few
 decodes beside them), where the requests with `MGPU_MIN_Q_LEN` new tokens or more go to the
-Mosaic GPU kernel (gpu_prefill_mgpu.py: 1.24-1.26x cuDNN against Triton's 1.5-1.6x on prefill,
+Mosaic GPU kernel (gpu_prefill_mgpu.py: 1.26-1.29x cuDNN against Triton's 1.5-1.6x on prefill,
 H100). Two launches: the Mosaic kernel writes the chunks' rows, then Triton writes the other
 rows (decodes, padding) into the same buffer (aliased). In steps with many decodes the two
 launches run one after the other where Triton's one launch overlaps the decodes' streaming
@@ -70,12 +70,10 @@ def gpu_attention(args: tuple, *, sm_scale: float, use_mgpu: bool, **kwargs) -> 
     long = real & (query_start[1:] - query_start[:-1] >= MGPU_MIN_Q_LEN)
     long = jnp.concatenate([long, jnp.zeros((1,), bool)])  # the padding rows stay with Triton
     out = mgpu.ragged_paged_prefill(*args, sm_scale=sm_scale, active=long, min_q_len=MGPU_MIN_Q_LEN)
-    # What Triton gets is mostly decodes: decode tiles (16 rows, 128 keys a step), unsplit.
-    # With the tiles of the whole mixed step it read them at half the bandwidth (H100).
-    num_requests = kv_lens.shape[0]
-    _, num_heads, _ = args[0].shape
+    # Triton keeps its tiles for the step's shape, unsplit (it writes into `out`).
+    num_tokens, num_heads, _ = args[0].shape
     _, num_kv_heads, _, page_size, _ = args[1].shape
-    cfg = gpu.default_config(num_requests, num_requests, num_heads, num_kv_heads, page_size)
+    cfg = gpu.default_config(num_tokens, kv_lens.shape[0], num_heads, num_kv_heads, page_size)
     cfg = kwargs.pop("config", None) or dataclasses.replace(cfg, num_splits=1)
     return gpu.ragged_paged_attention(
         *args, sm_scale=sm_scale, active=~long, out=out, config=cfg, **kwargs
