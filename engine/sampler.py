@@ -330,10 +330,15 @@ def _draw(
     return jnp.where(greedy, jnp.argmax(logits, axis=-1), drawn).astype(jnp.int32)
 
 
-def _last_positive(x: jax.Array) -> jax.Array:
-    """Index of the last entry > 0 along the last axis of x [..., n] (0 if none)."""
-    n = x.shape[-1]
-    return n - 1 - jnp.argmax(x[..., ::-1] > 0, axis=-1)
+def _pick(cdf: jax.Array, weights: jax.Array, u: jax.Array) -> jax.Array:
+    """Per row of cdf [R, n] (the cumulative sum of weights [R, n] >= 0): the first index whose
+    CDF passes u * total and whose weight is positive, so a zero-weight (excluded) entry is never
+    picked even if a parallel cumsum is not exactly flat across it; where rounding puts u * total
+    at or past the end, the last positive entry."""
+    n = weights.shape[-1]
+    hit = (cdf > (u * cdf[:, -1])[:, None]) & (weights > 0)
+    last = n - 1 - jnp.argmax(weights[:, ::-1] > 0, axis=-1)
+    return jnp.where(hit.any(axis=-1), jnp.argmax(hit, axis=-1), last)
 
 
 def categorical(keys: jax.Array, logits: jax.Array, block: int = _CDF_BLOCK) -> jax.Array:
@@ -356,14 +361,9 @@ def categorical(keys: jax.Array, logits: jax.Array, block: int = _CDF_BLOCK) -> 
     u = jax.vmap(lambda k: jax.random.uniform(k, (2,)))(
         jax.random.wrap_key_data(keys, impl=_KEY_IMPL)
     )
-    # The first block whose CDF passes u * total; rounding can point past the last block that
-    # has mass, so stop there (the same inside the block).
-    b = jnp.sum(block_cdf <= (u[:, 0] * block_cdf[:, -1])[:, None], axis=-1)
-    b = jnp.minimum(b, _last_positive(mass))
+    b = _pick(block_cdf, mass, u[:, 0])
     inside = jnp.take_along_axis(weights, b[:, None, None], axis=1)[:, 0]  # [R, block]
-    cdf = jnp.cumsum(inside, axis=-1)
-    j = jnp.sum(cdf <= (u[:, 1] * cdf[:, -1])[:, None], axis=-1)
-    j = jnp.minimum(j, _last_positive(inside))
+    j = _pick(jnp.cumsum(inside, axis=-1), inside, u[:, 1])
     return (b * block + j).astype(jnp.int32)
 
 

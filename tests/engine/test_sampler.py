@@ -12,6 +12,7 @@ from scipy import stats
 
 from engine.sampler import (
     SamplingTensors,
+    _pick,
     apply_token_bitmask,
     categorical,
     filter_logits,
@@ -351,5 +352,12 @@ def test_inverse_cdf_draw_matches_softmax_across_blocks() -> None:
             assert p_value > 1e-3, (row, counts, p_value)
         else:
             assert counts[live][0] == draws
-    again = np.asarray(draw(keys, logits))  # the same keys draw the same ids
-    np.testing.assert_array_equal(again, ids)
+
+
+def test_inverse_cdf_never_picks_a_zero_weight_entry() -> None:
+    """A parallel cumsum need not be flat across an excluded id: the pick skips zero weights,
+    and where rounding puts u * total past the end it takes the last positive entry."""
+    weights = jnp.asarray([[1.0, 0.0, 1.0, 0.0], [1.0, 0.0, 1.0, 0.0]])
+    cdf = jnp.asarray([[1.0, 1.0000002, 2.0, 2.0], [1.0, 1.0, 2.0, 2.0]])  # row 0: not flat
+    u = jnp.asarray([0.50000006, 1.0])  # row 0: u * 2 = 1.0000001, inside the step; row 1: end
+    np.testing.assert_array_equal(np.asarray(_pick(cdf, weights, u)), [2, 2])
