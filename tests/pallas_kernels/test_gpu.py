@@ -99,6 +99,8 @@ def test_gpu_kernel_configs(config):
 MGPU_SCENARIOS = SCENARIOS + [
     ("ragged", [300, 77, 129], [300, 77, 129], 512, 8, 16, 32),
     ("page32", [150, 90], [500, 90], 256, 4, 32, 32),
+    # T off the 8-row grid (q padded), a long request beside a decode and a short chunk
+    ("odd_t", [130, 1, 60], [130, 700, 60], 204, 4, 16, 64),
     (
         "many",
         [613, 1, 1, 250, 999, 7, 64, 1, 333],
