@@ -7,16 +7,22 @@ the scatter. Told that its indices are unique, XLA's scatter beat a Pallas write
 a layer for 2,048 tokens, 3.9 against 5.6 us for 256; without the hint it took 40.5 and 7.6 us
 (docs/kernel_notes.md; `scripts/bench_kernels.py --parts kv_write` times the scatter).
 
-GPU kernels: the Triton kernel serves every request, except on Hopper in steps of at least
-`MGPU_MIN_STEP_TOKENS` tokens and at most `MGPU_MAX_REQUESTS` requests (prompt steps: few
-decodes beside them), where the requests with `MGPU_MIN_Q_LEN` new tokens or more go to the
+GPU kernels: the Triton kernel serves every request. `PAGEJAX_GPU_PREFILL=auto` adds the
 Mosaic GPU kernel (gpu_prefill_mgpu.py: 1.26-1.29x cuDNN against Triton's 1.5-1.6x on prefill,
-H100). Two launches: the Mosaic kernel writes the chunks' rows, then Triton writes the other
-rows (decodes, padding) into the same buffer (aliased). In steps with many decodes the two
-launches run one after the other where Triton's one launch overlaps the decodes' streaming
-with the chunks' compute: split there, 1000 x 1024/128 ran 0.5 % and 128/128 1.9 % slower
-(H100), so those steps keep one launch. `PAGEJAX_GPU_PREFILL=triton|mgpu|auto` overrides the
-choice (mgpu: split every step the kernel supports).
+H100) on Hopper in prompt steps: at least `MGPU_MIN_STEP_TOKENS` tokens and at most
+`MGPU_MAX_REQUESTS` requests, where the requests with `MGPU_MIN_Q_LEN` new tokens or more go to
+it. Two launches: the Mosaic kernel writes the chunks' rows, then Triton writes the other rows
+(decodes, padding) into the same buffer (aliased). `mgpu` splits every step the kernel
+supports; `triton` (the default) never does.
+- Steps with many decodes keep one launch: there the two launches run one after the other,
+  where Triton's one launch overlaps the decodes' streaming with the chunks' compute (split
+  there, 1000 x 1024/128 ran 0.5 % and 128/128 1.9 % slower on an H100).
+- `auto` is opt-in. With the engine's bucket ladders a step of 2,048 tokens or more runs in
+  the top request bucket, so the rule fires only when max_num_seqs <= 16: not in the server
+  (256) nor in the offline default (1,024 on big cards). There it gained 1.2 % on long prompts
+  (H100), and each executable holding a Mosaic kernel added ~0.7 s to start-up, warm cache or
+  not (13.6 against 11.4 s for 3 such layouts). A static rule cannot tell prompt steps from
+  mixed ones in the top bucket: one Mosaic launch that also takes the decodes would.
 """
 
 from __future__ import annotations
@@ -49,7 +55,7 @@ def _is_hopper() -> bool:
 def _use_mgpu(
     q: jax.Array, kv_cache: jax.Array, num_requests: int, sliding_window, soft_cap, interpret
 ) -> bool:
-    choice = os.environ.get("PAGEJAX_GPU_PREFILL", "auto")
+    choice = os.environ.get("PAGEJAX_GPU_PREFILL", "triton")
     if choice not in ("auto", "triton", "mgpu"):
         raise ValueError(f"PAGEJAX_GPU_PREFILL must be auto, triton or mgpu, got {choice!r}")
     head_dim, page_size = q.shape[-1], kv_cache.shape[3]

@@ -14,7 +14,7 @@ Ragged rows: a CTA's rows never straddle requests (`tile_table`). Its q tile sta
 past its end; the rows outside the request are computed but never stored: the output leaves
 shared memory in TMA copies of 64, 32, ..., 1 rows, the binary digits of the row count (the
 "ladder" of jax's `ragged_dot_mgpu`), so no row of another request is overwritten. The engine
-uses this kernel for prompt chunks in prompt steps only, beside Triton (see dispatch.py).
+uses this kernel beside Triton for prompt chunks when asked (`PAGEJAX_GPU_PREFILL`, dispatch.py).
 
 Causal masking runs only on the key blocks that cross a compute warpgroup's diagonal. Rows of
 the padding pseudo-request see no keys and are written as zeros. Not supported here (the

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
 import tempfile
 
@@ -143,6 +144,7 @@ def main() -> int:
             big, max_num_batched_tokens=4096, max_model_len=4096, token_buckets=(16, 4096)
         )
         prompts = [rng.integers(100, 30000, size=n).tolist() for n in (2100, 900, 1500, 300)]
+        os.environ["PAGEJAX_GPU_PREFILL"] = "auto"  # read when each step is traced
         ok &= _teacher_forced(
             "llama-3.1-8b-dummy-bf16-prompt-steps", args.big, prompts, 16, **long_steps
         )

@@ -198,6 +198,9 @@ def test_mgpu_support_and_choice(monkeypatch):
     monkeypatch.setenv("PAGEJAX_GPU_PREFILL", "auto")  # the CPU is no Hopper GPU
     assert not dispatch._use_mgpu(q, cache, 8, None, None, interpret=False)
     monkeypatch.setattr(dispatch, "_is_hopper", lambda: True)
+    monkeypatch.delenv("PAGEJAX_GPU_PREFILL")  # the default: Triton alone, even on Hopper
+    assert not dispatch._use_mgpu(q, cache, 8, None, None, interpret=False)
+    monkeypatch.setenv("PAGEJAX_GPU_PREFILL", "auto")
     assert dispatch._use_mgpu(q, cache, 8, None, None, interpret=False)  # a prompt step
     assert not dispatch._use_mgpu(q, cache, 256, None, None, interpret=False)  # many decodes
     assert not dispatch._use_mgpu(q[:1024], cache, 8, None, None, interpret=False)  # small
