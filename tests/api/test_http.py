@@ -152,13 +152,15 @@ async def _open_streams(client: httpx.AsyncClient, num: int) -> list[asyncio.Tas
     return [asyncio.create_task(one(i)) for i in range(num)]
 
 
-async def _wait_for(client: httpx.AsyncClient, check, timeout: float = 60.0) -> dict:
+async def _wait_for(
+    client: httpx.AsyncClient, check, timeout: float = 60.0, poll: float = 0.1
+) -> dict:
     deadline = time.monotonic() + timeout
     while True:
         metrics = _parse_metrics((await client.get("/metrics")).text)
         if check(metrics) or time.monotonic() > deadline:
             return metrics
-        await asyncio.sleep(0.1)
+        await asyncio.sleep(poll)
 
 
 def test_full_queue_is_503_and_disconnect_frees_pages(server):
@@ -209,9 +211,21 @@ def test_full_queue_is_503_and_disconnect_frees_pages(server):
 def test_non_streamed_disconnect_aborts(server, http):
     before = _metrics(http)
     body = {**_long_request(0), "stream": False}
-    with pytest.raises(httpx.ReadTimeout):
-        httpx.post(server.base_url + "/v1/completions", json=body, headers=server.headers,
-                   timeout=1.0)  # fmt: skip
+
+    async def disconnect_while_running():
+        # Drop the connection once the request runs: a fixed client timeout (1 s) raced the
+        # engine, which can finish the 240 tokens inside it.
+        async with httpx.AsyncClient(
+            base_url=server.base_url, headers=server.headers, timeout=60
+        ) as client:
+            post = asyncio.create_task(client.post("/v1/completions", json=body))
+            running = await _wait_for(client, lambda m: m["num_requests_running"] >= 1, poll=0.01)
+            post.cancel()
+            await asyncio.gather(post, return_exceptions=True)
+            return running, post
+
+    running, post = asyncio.run(disconnect_while_running())
+    assert running["num_requests_running"] == 1 and post.cancelled(), "it finished first"
     deadline = time.monotonic() + 30
     while (m := _metrics(http))["num_requests_running"] and time.monotonic() < deadline:
         time.sleep(0.1)
