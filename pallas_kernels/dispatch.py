@@ -27,7 +27,6 @@ supports; `triton` (the default) never does.
 
 from __future__ import annotations
 
-import dataclasses
 import functools
 import os
 
@@ -76,14 +75,7 @@ def gpu_attention(args: tuple, *, sm_scale: float, use_mgpu: bool, **kwargs) -> 
     long = real & (query_start[1:] - query_start[:-1] >= MGPU_MIN_Q_LEN)
     long = jnp.concatenate([long, jnp.zeros((1,), bool)])  # the padding rows stay with Triton
     out = mgpu.ragged_paged_prefill(*args, sm_scale=sm_scale, active=long, min_q_len=MGPU_MIN_Q_LEN)
-    # Triton keeps its tiles for the step's shape, unsplit (it writes into `out`).
-    num_tokens, num_heads, _ = args[0].shape
-    _, num_kv_heads, _, page_size, _ = args[1].shape
-    cfg = gpu.default_config(num_tokens, kv_lens.shape[0], num_heads, num_kv_heads, page_size)
-    cfg = kwargs.pop("config", None) or dataclasses.replace(cfg, num_splits=1)
-    return gpu.ragged_paged_attention(
-        *args, sm_scale=sm_scale, active=~long, out=out, config=cfg, **kwargs
-    )
+    return gpu.ragged_paged_attention(*args, sm_scale=sm_scale, active=~long, out=out, **kwargs)
 
 
 def paged_attention(

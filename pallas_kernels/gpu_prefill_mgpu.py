@@ -18,7 +18,8 @@ uses this kernel beside Triton for prompt chunks when asked (`PAGEJAX_GPU_PREFIL
 
 Causal masking runs only on the key blocks that cross a compute warpgroup's diagonal. Rows of
 the padding pseudo-request see no keys and are written as zeros. Not supported here (the
-Triton kernel serves them): sliding windows, soft caps, fp32, head_dim not a multiple of 64.
+Triton kernel serves them): sliding windows, soft caps, fp32, head_dim other than 64 or 128,
+pages under 8 rows (`supports`).
 """
 
 from __future__ import annotations

@@ -323,7 +323,7 @@ def ragged_paged_attention(
     active: [R + 1] bool (the last entry: the padding rows), or None (all). The rows of
     inactive requests are left unwritten, for another kernel (see dispatch.py).
     out: [T, N, H], or None: the buffer the kernel writes into (aliased: the inactive rows keep
-    its values). Needs an unsplit config.
+    its values). The config is then unsplit (split-K partials cannot land in `out`).
 
     q: [T, N, H]; kv_cache: [2, K, num_pages, S, H]; kv_lens: [R]; page_table: [R, P];
     query_start: [R + 1]; num_seqs: [1]. Returns [T, N, H] in q's dtype.
@@ -337,6 +337,8 @@ def ragged_paged_attention(
     group = num_heads // num_kv_heads
     cfg = config or default_config(num_tokens, num_requests, num_heads, num_kv_heads, page_size)
     cfg = fit_config(cfg, group, head_dim, jnp.dtype(q.dtype).itemsize)
+    if out is not None:
+        cfg = dataclasses.replace(cfg, num_splits=1)
     assert cfg.block_kv & (cfg.block_kv - 1) == 0, f"{cfg.block_kv=} must be a power of two"
     blocks = rb.query_blocks(
         query_start,
@@ -365,7 +367,6 @@ def ragged_paged_attention(
     inputs = [blocks, page_table.astype(jnp.int32), q_rows, kv_flat]
     aliases = {}
     if out is not None:
-        assert cfg.num_splits == 1, "writing into `out` needs an unsplit config"
         aliases = {len(inputs): 0}
         inputs.append(out)
         kernel = _ignoring_aliased_input(kernel)

@@ -132,7 +132,7 @@ def test_triton_kernel_writes_only_active_rows_into_out():
     out = gpu.ragged_paged_attention(
         *args,
         sm_scale=SM_SCALE,
-        config=gpu.GpuBlockConfig(block_q=4, block_kv=8),
+        config=gpu.GpuBlockConfig(block_q=4, block_kv=8, num_splits=2),  # unsplit for `out`
         interpret=True,
         active=active,
         out=before,
