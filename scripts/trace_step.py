@@ -4,8 +4,8 @@ device time per step by kernel, device idle gaps, and host time per step.
     python scripts/trace_step.py --model scripts/configs/llama-3.1-8b --batch 64 --out /tmp/t
 
 With `--prefill-len P`, every traced step also carries P tokens of a long prompt (a mixed step
-of batch + P tokens, as serving under load runs); with `--batch 0` as well, each step is a
-fresh prompt of P tokens (pure prefill).
+of batch + P tokens, as serving under load runs); with `--batch 0` as well, each step is
+`--prompts-per-step` fresh prompts of P tokens (pure prefill, as offline 1024/128 runs it).
 
 Writes the Perfetto trace (`*.trace.json.gz`) under --out and prints a JSON summary.
 """
@@ -39,7 +39,23 @@ def _fill(llm, batch: int, input_len: int, temperature: float) -> None:
         eng.step()
 
 
-def summarize(trace_file: str, num_steps: int, num_layers: int | None = None) -> dict:
+def kernel_kind(name: str) -> str:
+    """A device kernel's kind, from the names cuBLAS, cuDNN, XLA and our kernels use."""
+    low = name.lower()
+    if "attention" in low or "prefill" in low or "flash" in low or "sdpa" in low:
+        return "attention"
+    if any(w in low for w in ("gemm", "xmma", "nvjet", "cutlass", "sm90_", "matmul", "dot")):
+        return "matmul"
+    if "scatter" in low:
+        return "kv_write"
+    if "memcpy" in low or "memset" in low:
+        return "copy"
+    return "other"
+
+
+def summarize(
+    trace_file: str, num_steps: int, num_layers: int | None = None, top: int = 15
+) -> dict:
     """Per-step figures over the steps the device ran inside the trace. With async scheduling
     that is not the number of `step()` calls: the step in flight when the trace starts, and
     the one dispatched last, run inside it too. Given `num_layers`, the steps are counted on
@@ -53,8 +69,10 @@ def summarize(trace_file: str, num_steps: int, num_layers: int | None = None) ->
     gpu_pids = {p for p, n in names.items() if "gpu" in n.lower() or "/device:" in n.lower()}
     kernels = [e for e in events if e.get("ph") == "X" and e.get("pid") in gpu_pids]
     by_name = collections.Counter()
+    by_kind = collections.Counter()
     for e in kernels:
         by_name[e["name"][:60]] += e["dur"]
+        by_kind[kernel_kind(e["name"])] += e["dur"]
     spans = sorted((e["ts"], e["ts"] + e["dur"]) for e in kernels)
     busy, end, gaps = 0.0, None, []
     for start, stop in spans:
@@ -82,8 +100,11 @@ def summarize(trace_file: str, num_steps: int, num_layers: int | None = None) ->
         "device_span_ms_per_step": round(wall / num_steps / 1e3, 3),
         "num_kernels_per_step": round(len(kernels) / num_steps, 1),
         "gaps_over_50us_per_step": round(sum(g for g in gaps if g > 50) / num_steps / 1e3, 3),
+        "kernel_kinds_ms_per_step": {
+            k: round(v / num_steps / 1e3, 3) for k, v in by_kind.most_common()
+        },
         "top_kernels_ms_per_step": {
-            k: round(v / num_steps / 1e3, 3) for k, v in by_name.most_common(15)
+            k: round(v / num_steps / 1e3, 3) for k, v in by_name.most_common(top)
         },
         "top_host_events_ms_per_step": {
             k: round(v / num_steps / 1e3, 3) for k, v in host.most_common(40)
@@ -108,6 +129,10 @@ def main() -> None:
     ap.add_argument("--steps", type=int, default=10)
     ap.add_argument("--prefill-len", type=int, default=0)
     ap.add_argument(
+        "--prompts-per-step", type=int, default=1, help="fresh prompts a step (with --batch 0)"
+    )
+    ap.add_argument("--top", type=int, default=15, help="kernels listed by name")
+    ap.add_argument(
         "--temperature", type=float, default=0.0, help="of the decoding requests (0 = greedy)"
     )
     ap.add_argument("--out", required=True)
@@ -116,17 +141,18 @@ def main() -> None:
     from engine.outputs import OutputKind
 
     b, p = args.batch, args.prefill_len
-    step_tokens = max(16, b) if not p else b + p
+    n = args.prompts_per_step if p and not b else 1
+    step_tokens = max(16, b) if not p else b + p * n
     llm = LLM(
         args.model,
         load_format="dummy",
         skip_tokenizer_init=True,
-        max_num_seqs=max(8, b + 1),
+        max_num_seqs=max(8, b + 1, n),
         enable_prefix_caching=False,
         max_num_batched_tokens=max(2048, step_tokens),
         max_model_len=max(args.input_len + 512, p * (args.steps + 4)),
         token_buckets=tuple(sorted({max(16, b), step_tokens, 2048})),
-        request_buckets=tuple(sorted({max(8, b), -(-(b + 1) // 8) * 8})),
+        request_buckets=tuple(sorted({max(8, b, n), -(-(max(b + 1, n)) // 8) * 8})),
         long_prefill_token_threshold=p,
     )
     _fill(llm, b, args.input_len, args.temperature)
@@ -142,22 +168,29 @@ def main() -> None:
         add_prompt("long", p * (args.steps + 3))
         llm.engine.step(kind=OutputKind.FINAL_ONLY)
     for i in range(2 if fresh else 0):  # warm: the first steps of a bucket run slower
-        add_prompt(f"warm{i}", p)
+        for j in range(n):
+            add_prompt(f"warm{i}_{j}", p)
         llm.engine.step(kind=OutputKind.FINAL_ONLY)
     jax.effects_barrier()
     with jax.profiler.trace(args.out, create_perfetto_trace=True):
         t = time.perf_counter()
         for i in range(args.steps):
             if fresh:
-                add_prompt(f"fresh{i}", p)
+                for j in range(n):
+                    add_prompt(f"fresh{i}_{j}", p)
             llm.engine.step(kind=OutputKind.FINAL_ONLY)
         host_ms = (time.perf_counter() - t) * 1e3 / args.steps
     files = glob.glob(f"{args.out}/**/*.trace.json.gz", recursive=True)
     num_layers = llm.engine.model_config.num_layers
-    out = summarize(files[0], args.steps, num_layers) if files else {"error": "no perfetto trace"}
+    out = (
+        summarize(files[0], args.steps, num_layers, args.top)
+        if files
+        else {"error": "no perfetto trace"}
+    )
     out.update(
         batch=b,
         prefill_len=p,
+        prompts_per_step=n,
         temperature=args.temperature,
         engine_step_ms_under_trace=round(host_ms, 3),
     )

@@ -50,3 +50,10 @@ def test_per_step_figures_count_the_steps_the_device_ran(tmp_path):
 def test_without_layers_the_step_calls_are_taken_as_is(tmp_path):
     out = trace_step.summarize(_trace(tmp_path, 5), 4)
     assert out["steps"] == 4 and out["device_busy_ms_per_step"] == 0.075
+
+
+def test_kernel_kinds_split_matmuls_from_attention(tmp_path):
+    out = trace_step.summarize(_trace(tmp_path, 5), 4, num_layers=LAYERS)
+    assert out["kernel_kinds_ms_per_step"] == {"matmul": 0.04, "attention": 0.02}
+    assert trace_step.kernel_kind("input_scatter_fusion") == "kv_write"
+    assert trace_step.kernel_kind("loop_multiply_fusion") == "other"
