@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import dataclasses
 import itertools
 import logging
 from collections import defaultdict
@@ -115,7 +114,7 @@ class AsyncEngine:
                 if isinstance(out, BaseException):
                     raise EngineDeadError(str(out)) from out
                 if out.prompt_token_ids is None:  # an engine process sends it once, first
-                    out = dataclasses.replace(out, prompt=prompt_text, prompt_token_ids=prompt_ids)
+                    out = out.with_prompt(prompt_text, prompt_ids)
                 else:
                     prompt_text, prompt_ids = out.prompt, out.prompt_token_ids
                 finished = out.finished

@@ -35,6 +35,7 @@ class _Parent:
     completions: list[_Completion]
     prompt_logprobs: list | None = None
     num_cached_tokens: int = 0
+    prompt_sent: bool = False  # with `prompt_once`: an output carried the prompt
 
     @property
     def finished(self) -> bool:
@@ -50,10 +51,15 @@ def child_id(request_id: str, index: int, n: int) -> str:
 
 
 class OutputProcessor:
-    """Owns per-request output state; `process` returns the outputs of requests that changed."""
+    """Owns per-request output state; `process` returns the outputs of requests that changed.
 
-    def __init__(self, tokenizer: Any | None):
+    prompt_once: a request's prompt (text and ids) goes out with its first output only, later
+    ones carry None. The engine process sets it: pickling a 1,024-token prompt with every delta
+    cost more than the step's own host work, and `AsyncEngine.generate` puts it back."""
+
+    def __init__(self, tokenizer: Any | None, *, prompt_once: bool = False):
         self.tokenizer = tokenizer
+        self.prompt_once = prompt_once
         self._parents: dict[str, _Parent] = {}
         self._children: dict[str, tuple[_Parent, _Completion]] = {}
         self._decode_one = (
@@ -202,10 +208,15 @@ class OutputProcessor:
                     comp.stop_reason,
                 )
             )
+        prompt, prompt_token_ids = parent.prompt, parent.prompt_token_ids
+        if self.prompt_once:
+            if parent.prompt_sent:
+                prompt = prompt_token_ids = None
+            parent.prompt_sent = True
         return RequestOutput(
             parent.request_id,
-            parent.prompt,
-            parent.prompt_token_ids,
+            prompt,
+            prompt_token_ids,
             parent.prompt_logprobs,
             outs,
             parent.finished,

@@ -65,6 +65,19 @@ class CompletionOutput:
         """True once a finish reason is set (a method, as in vLLM)."""
         return self.finish_reason is not None
 
+    def __reduce__(self):
+        # Pickled as its fields in order: the engine process sends one a request and step,
+        # and the default (a field dict) costs twice as much to load.
+        return type(self), (
+            self.index,
+            self.text,
+            self.token_ids,
+            self.cumulative_logprob,
+            self.logprobs,
+            self.finish_reason,
+            self.stop_reason,
+        )
+
 
 @dataclass(frozen=True)
 class RequestOutput:
@@ -77,6 +90,29 @@ class RequestOutput:
     outputs: list[CompletionOutput]
     finished: bool
     num_cached_tokens: int | None = None
+
+    def with_prompt(self, prompt: str | None, prompt_token_ids: list[int]) -> RequestOutput:
+        """This output with the given prompt (cheaper than `dataclasses.replace`)."""
+        return type(self)(
+            self.request_id,
+            prompt,
+            prompt_token_ids,
+            self.prompt_logprobs,
+            self.outputs,
+            self.finished,
+            self.num_cached_tokens,
+        )
+
+    def __reduce__(self):  # as CompletionOutput's
+        return type(self), (
+            self.request_id,
+            self.prompt,
+            self.prompt_token_ids,
+            self.prompt_logprobs,
+            self.outputs,
+            self.finished,
+            self.num_cached_tokens,
+        )
 
 
 def merge_deltas(first: RequestOutput, later: RequestOutput) -> RequestOutput:

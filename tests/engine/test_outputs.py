@@ -1,10 +1,14 @@
-"""vLLM-shaped logprob dicts built from the runner's TokenLogprobs, and which outputs the output
-processor returns for each `OutputKind`."""
+"""vLLM-shaped logprob dicts built from the runner's TokenLogprobs, which outputs the output
+processor returns for each `OutputKind`, and how outputs cross the engine process's pipe."""
 
 from __future__ import annotations
 
+import dataclasses
+import pickle
+from multiprocessing.reduction import ForkingPickler
+
 from engine.output_processor import OutputProcessor
-from engine.outputs import CompletionOutput, Logprob, OutputKind, to_logprob_dict
+from engine.outputs import CompletionOutput, Logprob, OutputKind, RequestOutput, to_logprob_dict
 from engine.sampling_params import SamplingParams
 from engine.types import RequestUpdate, TokenLogprobs
 
@@ -51,3 +55,37 @@ def test_final_only_returns_each_request_once_when_all_its_completions_finish() 
         assert final == [out for out in full if out.finished]
         seen += [out.request_id for out in final]
     assert seen == ["a", "b"]
+
+
+def test_outputs_pickle_and_load_equal() -> None:
+    """They cross the engine process's pipe as their fields; loaded, they equal the original."""
+    logprobs = [{7: Logprob(-0.25, 1, "x"), 3: Logprob(-2.0, 2, None)}]
+    comps = [
+        CompletionOutput(0, "a b", [7], -0.25, logprobs, "stop", "\n"),
+        CompletionOutput(1, "", [], None, None),
+    ]
+    out = RequestOutput("r", "hi", [1, 2], [None, logprobs[0]], comps, True, 3)
+    loaded = pickle.loads(ForkingPickler.dumps(out))
+    assert loaded == out and type(loaded.outputs[0]) is CompletionOutput
+    bare = dataclasses.replace(out, prompt=None, prompt_token_ids=None)
+    assert out.with_prompt(None, None) == bare and bare.with_prompt("hi", [1, 2]) == out
+
+
+def test_prompt_once_sends_each_prompt_with_the_first_output_only() -> None:
+    """As the engine process runs it: the first delta of a request carries its prompt, later
+    ones and a later abort carry None; a request aborted before any output still gets it."""
+    proc = OutputProcessor(None, prompt_once=True)
+    for rid in ("a", "b"):
+        proc.add_request(rid, f"text {rid}", [1, 2], SamplingParams(max_tokens=5))
+    first, _ = proc.process([RequestUpdate("a", (5,))], kind=OutputKind.DELTA)
+    second, _ = proc.process([RequestUpdate("a", (6,))], kind=OutputKind.DELTA)
+    assert (first[0].prompt, first[0].prompt_token_ids) == ("text a", [1, 2])
+    assert (second[0].prompt, second[0].prompt_token_ids) == (None, None)
+    assert second[0].outputs[0].token_ids == [6]
+    assert proc.abort("a").prompt_token_ids is None
+    assert proc.abort("b").prompt_token_ids == [1, 2]
+    plain = OutputProcessor(None)  # in-process engines: every output carries it
+    plain.add_request("c", "text c", [4], SamplingParams(max_tokens=5))
+    for t in (5, 6):
+        (out,), _ = plain.process([RequestUpdate("c", (t,))], kind=OutputKind.DELTA)
+        assert out.prompt_token_ids == [4]
