@@ -1,9 +1,12 @@
 """Host time of one decode step at N running requests, without a device: the scheduler's
 `schedule`, the batch build (`build_step_input`), `Scheduler.update` and output processing.
 These run in Python on every engine step; at a large batch they must stay under the device's
-step time to stay hidden (see docs/BENCHMARKS.md).
+step time to stay hidden (see docs/BENCHMARKS.md). With `--engine-process`, as the server's
+engine process runs: delta outputs that carry each prompt once, and a `send` column for
+pickling them to the server.
 
     python scripts/bench_host.py --requests 256 1024 [--tokenizer FOLDER] [--kind cumulative]
+    python scripts/bench_host.py --requests 200 --input-len 1024 --tokenizer F --engine-process
 """
 
 from __future__ import annotations
@@ -11,6 +14,7 @@ from __future__ import annotations
 import argparse
 import itertools
 import time
+from multiprocessing.reduction import ForkingPickler
 
 import numpy as np
 
@@ -37,7 +41,7 @@ def time_steps(args: argparse.Namespace, num_requests: int, tokenizer) -> dict[s
         ),
         allocator,
     )
-    outputs = OutputProcessor(tokenizer)
+    outputs = OutputProcessor(tokenizer, prompt_once=args.engine_process)
     rng = np.random.default_rng(0)
     params = SamplingParams(max_tokens=args.output_len, ignore_eos=True)
     for i in range(num_requests):
@@ -45,11 +49,13 @@ def time_steps(args: argparse.Namespace, num_requests: int, tokenizer) -> dict[s
         outputs.add_request(f"r{i}", None, prompt, params)
         scheduler.add_request(Request(f"r{i}", prompt, params, float(i)))
     pages_per_request = -(-max_len // page_size)
-    kind = OutputKind[args.kind.upper()]
+    kind = OutputKind.DELTA if args.engine_process else OutputKind[args.kind.upper()]
     pool = BufferPool()
     token_ladder = bucket_ladder(16, scheduler.config.max_num_batched_tokens)  # the GPU's
     request_ladder = bucket_ladder(8, num_requests)
     phases: dict[str, list[float]] = {"schedule": [], "build": [], "update": [], "outputs": []}
+    if args.engine_process:
+        phases["send"] = []
     prev = None
     for step in itertools.count():
         if step >= args.steps + 2 or not scheduler.has_unfinished_requests():
@@ -77,10 +83,14 @@ def time_steps(args: argparse.Namespace, num_requests: int, tokenizer) -> dict[s
             sampled = rng.integers(3, 1000, len(prev.requests)).tolist()
             updates = scheduler.update(prev, StepOutput(sampled))
             t3 = time.perf_counter()
-            outputs.process(updates, kind=kind)
+            outs, _ = outputs.process(updates, kind=kind)
             t4 = time.perf_counter()
+            if args.engine_process:  # what engine_core._serve sends
+                ForkingPickler.dumps(("outputs", outs, scheduler.stats()))
+            t5 = time.perf_counter()
             if step >= 2 and n == num_requests:  # decode steps only (the prompts went first)
-                for name, dt in zip(phases, (t1 - t0, t2 - t1, t3 - t2, t4 - t3), strict=True):
+                times = (t1 - t0, t2 - t1, t3 - t2, t4 - t3, t5 - t4)
+                for name, dt in zip(phases, times, strict=False):
                     phases[name].append(1e3 * dt)
         prev = sched
     return {name: float(np.median(v)) for name, v in phases.items() if v}
@@ -95,17 +105,19 @@ def main() -> None:
     p.add_argument("--steps", type=int, default=60, help="decode steps timed")
     p.add_argument("--kind", default="cumulative", choices=[k.name.lower() for k in OutputKind])
     p.add_argument("--tokenizer", default=None, help="detokenize with this tokenizer folder")
+    p.add_argument("--engine-process", action="store_true", help="as the server's engine runs")
     args = p.parse_args()
     tokenizer = None
     if args.tokenizer:
         from models.tokenizer import load_tokenizer
 
         tokenizer = load_tokenizer(args.tokenizer)
-    print("| requests | schedule | build | update | outputs | total (ms, medians) |")
-    print("| --- | --- | --- | --- | --- | --- |")
+    names = ["schedule", "build", "update", "outputs"] + (["send"] if args.engine_process else [])
+    print(f"| requests | {' | '.join(names)} | total (ms, medians) |")
+    print("| --- " * (len(names) + 2) + "|")
     for n in args.requests:
         t = time_steps(args, n, tokenizer)
-        cells = " | ".join(f"{t[k]:.2f}" for k in ("schedule", "build", "update", "outputs"))
+        cells = " | ".join(f"{t[k]:.2f}" for k in names)
         print(f"| {n} | {cells} | {sum(t.values()):.2f} |")
 
 
