@@ -66,8 +66,8 @@ class CompletionOutput:
         return self.finish_reason is not None
 
     def __reduce__(self):
-        # Pickled as its fields in order: the engine process sends one a request and step,
-        # and the default (a field dict) costs twice as much to load.
+        # Pickled as a tuple of its fields: the engine process sends one a request and step,
+        # and the default (a field dict) took ~25 % longer to dump (200 outputs, 2-core CPU).
         return type(self), (
             self.index,
             self.text,
