@@ -143,25 +143,29 @@ def main() -> None:
     b, p = args.batch, args.prefill_len
     n = args.prompts_per_step if p and not b else 1
     step_tokens = max(16, b) if not p else b + p * n
+    # Fresh prompts: the step in flight still holds its n requests when the next is scheduled
+    # (async scheduling), so n new ones need 2n seats, or only every other call admits any.
+    seats = max(8, b + 1, 2 * n)
     llm = LLM(
         args.model,
         load_format="dummy",
         skip_tokenizer_init=True,
-        max_num_seqs=max(8, b + 1, n),
+        max_num_seqs=seats,
         enable_prefix_caching=False,
         max_num_batched_tokens=max(2048, step_tokens),
         max_model_len=max(args.input_len + 512, p * (args.steps + 4)),
         token_buckets=tuple(sorted({max(16, b), step_tokens, 2048})),
-        request_buckets=tuple(sorted({max(8, b, n), -(-(max(b + 1, n)) // 8) * 8})),
+        request_buckets=tuple(sorted({max(8, b, n), -(-seats // 8) * 8})),
         long_prefill_token_threshold=p,
     )
     _fill(llm, b, args.input_len, args.temperature)
     rng = np.random.default_rng(1)
+    vocab = min(20000, llm.engine.model_config.vocab_size)
     prefill = SamplingParams(temperature=0.0, max_tokens=1, ignore_eos=True)
     fresh = p and not b
 
     def add_prompt(name: str, length: int) -> None:
-        prompt = rng.integers(0, 20000, length).tolist()
+        prompt = rng.integers(0, vocab, length).tolist()
         llm.engine.add_request(name, {"prompt_token_ids": prompt}, prefill)
 
     if p and b:  # one long prompt: with the threshold at p, every step takes p of its tokens
@@ -191,6 +195,8 @@ def main() -> None:
         batch=b,
         prefill_len=p,
         prompts_per_step=n,
+        # Fresh prompts left unscheduled: 0 when every step took its n prompts.
+        waiting_after=llm.engine.scheduler.stats().num_waiting,
         temperature=args.temperature,
         engine_step_ms_under_trace=round(host_ms, 3),
     )

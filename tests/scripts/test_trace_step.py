@@ -57,3 +57,24 @@ def test_kernel_kinds_split_matmuls_from_attention(tmp_path):
     assert out["kernel_kinds_ms_per_step"] == {"matmul": 0.04, "attention": 0.02}
     assert trace_step.kernel_kind("input_scatter_fusion") == "kv_write"
     assert trace_step.kernel_kind("loop_multiply_fusion") == "other"
+
+
+def test_fresh_prompts_are_all_admitted_every_step(tmp_path):
+    """`--batch 0 --prompts-per-step 5` on a tiny model on the CPU: every traced step takes its
+    5 new prompts, so none is left waiting. With 8 seats (fewer than 2 x 5) every other call
+    admitted none, while the step in flight still held its 5."""
+    import subprocess
+    import sys
+
+    from tests.hf_models import write_checkpoint
+
+    folder = write_checkpoint("llama3", tmp_path / "model")
+    args = ["--model", str(folder), "--batch", "0", "--prefill-len", "16", "--input-len", "0"]
+    args += ["--prompts-per-step", "5", "--steps", "4", "--out", str(tmp_path / "trace")]
+    proc = subprocess.run(
+        [sys.executable, str(SCRIPT), *args], capture_output=True, text=True, timeout=600
+    )
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    out = json.loads(proc.stdout.strip().splitlines()[-1])
+    assert out["prompts_per_step"] == 5
+    assert out["waiting_after"] == 0
