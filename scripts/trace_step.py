@@ -42,7 +42,7 @@ def _fill(llm, batch: int, input_len: int, temperature: float) -> None:
 def kernel_kind(name: str) -> str:
     """A device kernel's kind, from the names cuBLAS, cuDNN, XLA and our kernels use."""
     low = name.lower()
-    if "attention" in low or "prefill" in low or "flash" in low or "sdpa" in low:
+    if any(w in low for w in ("attention", "prefill", "flash", "sdpa", "mosaic")):
         return "attention"
     if any(w in low for w in ("gemm", "xmma", "nvjet", "cutlass", "sm90_", "matmul", "dot")):
         return "matmul"

@@ -57,6 +57,7 @@ def test_kernel_kinds_split_matmuls_from_attention(tmp_path):
     assert out["kernel_kinds_ms_per_step"] == {"matmul": 0.04, "attention": 0.02}
     assert trace_step.kernel_kind("input_scatter_fusion") == "kv_write"
     assert trace_step.kernel_kind("loop_multiply_fusion") == "other"
+    assert trace_step.kernel_kind("entry_mosaic_gpu_kernel") == "attention"  # the Mosaic prefill
 
 
 def test_fresh_prompts_are_all_admitted_every_step(tmp_path):
