@@ -216,7 +216,7 @@ async def first_model_id(client: Any, base_url: str) -> str:
 
     try:
         async with client.get(f"{base_url}/v1/models", raise_for_status=True) as response:
-            body = await response.json()
+            body = await response.json(content_type=None)  # whatever the server labels it
     except aiohttp.ClientError as e:
         raise ValueError(f"cannot list models at {base_url}/v1/models ({e!r}); pass --model") from e
     data = body.get("data") or []
@@ -293,8 +293,9 @@ async def benchmark(args: argparse.Namespace) -> dict[str, Any]:
         vocab_size=args.random_vocab_size,
     )
     offsets = arrival_offsets(rng, len(requests), args.request_rate, args.burstiness)
-    # aiohttp, as vLLM's client: httpx's connection pool scans every connection on each
-    # request and chunk, which at 200 streams made the client, not the server, the bottleneck.
+    # aiohttp, as vLLM's client: httpx's connection pool scans every open connection each time
+    # a request starts or a response closes (quadratic in the streams), which at 200 streams
+    # made the client, not the server, the bottleneck.
     connector = aiohttp.TCPConnector(limit=args.max_concurrency or 0, keepalive_timeout=60)
     api_key = os.environ.get("OPENAI_API_KEY")  # as vLLM's client
     headers = {"Authorization": f"Bearer {api_key}"} if api_key else None
@@ -304,7 +305,7 @@ async def benchmark(args: argparse.Namespace) -> dict[str, Any]:
         timeout=aiohttp.ClientTimeout(total=None, sock_connect=_CONNECT_TIMEOUT_S),
         headers=headers,
         trust_env=False,
-        read_bufsize=1 << 20,  # the longest SSE line it reads whole (aiohttp's default: 64 KB)
+        read_bufsize=1 << 20,  # SSE lines up to twice this are read whole; longer fail the request
     ) as client:
         model = args.model or await first_model_id(client, base_url)
         api_url = base_url + args.endpoint

@@ -58,7 +58,8 @@ def test_final_only_returns_each_request_once_when_all_its_completions_finish() 
 
 
 def test_outputs_pickle_and_load_equal() -> None:
-    """They cross the engine process's pipe as their fields; loaded, they equal the original."""
+    """They cross the engine process's pipe pickled; loaded, they equal the original, and
+    `with_prompt` (how the server puts a prompt back) equals `dataclasses.replace`."""
     logprobs = [{7: Logprob(-0.25, 1, "x"), 3: Logprob(-2.0, 2, None)}]
     comps = [
         CompletionOutput(0, "a b", [7], -0.25, logprobs, "stop", "\n"),
