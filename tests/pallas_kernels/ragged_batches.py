@@ -1,4 +1,5 @@
-"""Random ragged batches for the kernel tests (numpy; no kernel code)."""
+"""Random ragged batches for the kernel tests (numpy; no kernel code beyond the reference's
+K/V write)."""
 
 from __future__ import annotations
 
@@ -8,6 +9,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from pallas_kernels.attention import AttentionMetadata
+from pallas_kernels.reference import write_kv_reference
 
 
 @dataclasses.dataclass(frozen=True)
@@ -80,3 +82,11 @@ def make_batch(
             num_seqs=jnp.asarray([num_seqs], jnp.int32),
         ),
     )
+
+
+def kernel_args(batch: Batch) -> tuple:
+    """The attention kernels' arguments for `batch`, its new K/V written into the cache by the
+    reference write: (q, kv_cache, kv_lens, page_table, query_start, num_seqs)."""
+    m = batch.meta
+    kv = write_kv_reference(batch.kv_cache, batch.k, batch.v, m.slot_ids)
+    return (batch.q, kv, m.kv_lens, m.page_table, m.query_start, m.num_seqs)

@@ -7,8 +7,8 @@ import numpy as np
 import pytest
 
 from pallas_kernels.cpu_attention import ragged_paged_attention_blocked
-from pallas_kernels.reference import ragged_paged_attention_reference, write_kv_reference
-from tests.pallas_kernels.ragged_batches import make_batch
+from pallas_kernels.reference import ragged_paged_attention_reference
+from tests.pallas_kernels.ragged_batches import kernel_args, make_batch
 
 
 @pytest.mark.parametrize(
@@ -35,9 +35,7 @@ def test_blocked_matches_reference(q_lens, kv_lens, heads, window, cap, ppb):
         page_size=8,
         pages_per_request=17,
     )
-    m = b.meta
-    kv = write_kv_reference(b.kv_cache, b.k, b.v, m.slot_ids)
-    args = (b.q, kv, m.kv_lens, m.page_table, m.query_start, m.num_seqs)
+    args = kernel_args(b)
     kw = dict(sm_scale=0.25, sliding_window=window, soft_cap=cap)
     want = ragged_paged_attention_reference(*args, **kw)
     got = ragged_paged_attention_blocked(*args, **kw, pages_per_block=ppb)

@@ -16,7 +16,7 @@ from pallas_kernels import dispatch
 from pallas_kernels import gpu_prefill_mgpu as mgpu
 from pallas_kernels import gpu_ragged_paged_attention as gpu
 from pallas_kernels.reference import ragged_paged_attention_reference, write_kv_reference
-from tests.pallas_kernels.ragged_batches import make_batch
+from tests.pallas_kernels.ragged_batches import kernel_args, make_batch
 
 pytestmark = pytest.mark.gpu
 
@@ -46,9 +46,7 @@ def _run(scenario, heads, dtype, window, cap, config=None, kernel=None):
         pages_per_request=p,
         dtype=dtype,
     )
-    m = b.meta
-    kv = write_kv_reference(b.kv_cache, b.k, b.v, m.slot_ids)
-    args = (b.q, kv, m.kv_lens, m.page_table, m.query_start, m.num_seqs)
+    args = kernel_args(b)
     kw = dict(sm_scale=h**-0.5, sliding_window=window, soft_cap=cap)
     if kernel is None:
         out = gpu.ragged_paged_attention(*args, **kw, config=config)

@@ -16,8 +16,8 @@ import pytest
 from pallas_kernels import dispatch
 from pallas_kernels import gpu_prefill_mgpu as mgpu
 from pallas_kernels import gpu_ragged_paged_attention as gpu
-from pallas_kernels.reference import ragged_paged_attention_reference, write_kv_reference
-from tests.pallas_kernels.ragged_batches import make_batch
+from pallas_kernels.reference import ragged_paged_attention_reference
+from tests.pallas_kernels.ragged_batches import kernel_args, make_batch
 
 SM_SCALE = 0.25
 ROWS, BLOCK_Q = 16, 8  # tiles of two 8-row warpgroups: small, so requests span several tiles
@@ -44,9 +44,7 @@ def _batch(name, num_heads=4, num_kv_heads=2, head_dim=16, seed=0):
         page_size=s,
         pages_per_request=p,
     )
-    m = b.meta
-    kv = write_kv_reference(b.kv_cache, b.k, b.v, m.slot_ids)
-    return (b.q, kv, m.kv_lens, m.page_table, m.query_start, m.num_seqs)
+    return kernel_args(b)
 
 
 def _warpgroup_model(args, block_kv, active=None, min_q_len=1):
