@@ -7,22 +7,18 @@ the scatter. Told that its indices are unique, XLA's scatter beat a Pallas write
 a layer for 2,048 tokens, 3.9 against 5.6 us for 256; without the hint it took 40.5 and 7.6 us
 (docs/kernel_notes.md; `scripts/bench_kernels.py --parts kv_write` times the scatter).
 
-GPU kernels: the Triton kernel serves every request. `PAGEJAX_GPU_PREFILL=auto` adds the
-Mosaic GPU kernel (gpu_prefill_mgpu.py: 1.26-1.29x cuDNN against Triton's 1.5-1.6x on prefill,
-H100) on Hopper in prompt steps: at least `MGPU_MIN_STEP_TOKENS` tokens and at most
-`MGPU_MAX_REQUESTS` requests, where the requests with `MGPU_MIN_Q_LEN` new tokens or more go to
-it. Two launches: the Mosaic kernel writes the chunks' rows, then Triton writes the other rows
-(decodes, padding) into the same buffer (aliased). `mgpu` splits every step the kernel
-supports; `triton` (the default) never does.
-- Steps with many decodes keep one launch: there the two launches run one after the other,
-  where Triton's one launch overlaps the decodes' streaming with the chunks' compute (split
-  there, 1000 x 1024/128 ran 0.5 % and 128/128 1.9 % slower on an H100).
-- `auto` is opt-in. With the engine's bucket ladders a step of 2,048 tokens or more runs in
-  the top request bucket, so the rule fires only when max_num_seqs <= 16: not in the server
-  (256) nor in the offline default (1,024 on big cards). There it gained 1.2 % on long prompts
-  (H100), and each executable holding a Mosaic kernel added ~0.7 s to start-up, warm cache or
-  not (13.6 against 11.4 s for 3 such layouts). A static rule cannot tell prompt steps from
-  mixed ones in the top bucket: one Mosaic launch that also takes the decodes would.
+GPU kernels (`PAGEJAX_GPU_ATTENTION`): `auto`, the default, runs a step on the Mosaic GPU
+kernel on Hopper (gpu_mosaic_attention.py: one persistent launch for prompt tiles and decodes)
+when its bucket has at least `MGPU_MIN_STEP_TOKENS` tokens and at most one request per
+`MGPU_TOKENS_PER_REQUEST` of them (long prompt chunks), and every other step on the Triton
+kernel (gpu_ragged_paged_attention.py); `triton` and `mgpu` run every step on one of them
+(Triton where the Mosaic kernel does not support the call: sliding windows, soft caps, fp32,
+head groups that are no power of two). A step's kernel is fixed when its bucket compiles.
+Measured on an H100 (docs/kernel_notes.md): per layer the Mosaic kernel is 1.11-1.20x cuDNN
+on dense prefill against Triton's 1.5-1.6x, and 9 % faster on 248 decodes beside 8 prompts of
+968 tokens; Triton is faster on small steps with many decodes (split-K spreads a few long
+decodes over more SMs) and, end to end, on 128-token prompts beside ~470 decodes in 8,192-token
+steps (189 against 195 ms a step), where the Mosaic kernel's items are many and tiny.
 """
 
 from __future__ import annotations
@@ -31,9 +27,8 @@ import functools
 import os
 
 import jax
-import jax.numpy as jnp
 
-from pallas_kernels import gpu_prefill_mgpu as mgpu
+from pallas_kernels import gpu_mosaic_attention as mgpu
 from pallas_kernels import gpu_ragged_paged_attention as gpu
 from pallas_kernels import tpu_ragged_paged_attention as tpu
 from pallas_kernels.attention import AttentionMetadata
@@ -41,8 +36,7 @@ from pallas_kernels.reference import write_kv_reference
 
 _GPU_PLATFORMS = ("gpu", "cuda")
 MGPU_MIN_STEP_TOKENS = 2048
-MGPU_MAX_REQUESTS = 16
-MGPU_MIN_Q_LEN = 128  # one Mosaic tile (two warpgroups of 64 rows)
+MGPU_TOKENS_PER_REQUEST = 16
 
 
 @functools.cache
@@ -54,28 +48,36 @@ def _is_hopper() -> bool:
 def _use_mgpu(
     q: jax.Array, kv_cache: jax.Array, num_requests: int, sliding_window, soft_cap, interpret
 ) -> bool:
-    choice = os.environ.get("PAGEJAX_GPU_PREFILL", "triton")
+    choice = os.environ.get("PAGEJAX_GPU_ATTENTION", "auto")
     if choice not in ("auto", "triton", "mgpu"):
-        raise ValueError(f"PAGEJAX_GPU_PREFILL must be auto, triton or mgpu, got {choice!r}")
-    head_dim, page_size = q.shape[-1], kv_cache.shape[3]
-    fits = mgpu.supports(q.dtype, kv_cache.dtype, head_dim, page_size, sliding_window, soft_cap)
+        raise ValueError(f"PAGEJAX_GPU_ATTENTION must be auto, triton or mgpu, got {choice!r}")
+    num_heads, head_dim = q.shape[1:]
+    num_kv_heads, page_size = kv_cache.shape[1], kv_cache.shape[3]
+    fits = mgpu.supports(
+        q.dtype,
+        kv_cache.dtype,
+        head_dim,
+        page_size,
+        sliding_window,
+        soft_cap,
+        num_heads=num_heads,
+        num_kv_heads=num_kv_heads,
+    )
     if interpret or not fits or choice == "triton":  # no interpreter runs Mosaic GPU kernels
         return False
-    prompt_step = q.shape[0] >= MGPU_MIN_STEP_TOKENS and num_requests <= MGPU_MAX_REQUESTS
-    return choice == "mgpu" or (prompt_step and _is_hopper())
+    num_tokens = q.shape[0]
+    long_chunks = (
+        num_tokens >= MGPU_MIN_STEP_TOKENS and num_requests * MGPU_TOKENS_PER_REQUEST <= num_tokens
+    )
+    return choice == "mgpu" or (long_chunks and _is_hopper())
 
 
 def gpu_attention(args: tuple, *, sm_scale: float, use_mgpu: bool, **kwargs) -> jax.Array:
-    """The GPU kernels on (q, kv_cache, kv_lens, page_table, query_start, num_seqs): Triton
-    alone, or Triton for the short requests and Mosaic GPU for the prompt chunks."""
-    if not use_mgpu:
-        return gpu.ragged_paged_attention(*args, sm_scale=sm_scale, **kwargs)
-    _, kv_lens, _, query_start, num_seqs = args[1:]
-    real = jnp.arange(kv_lens.shape[0]) < jnp.reshape(num_seqs, ())
-    long = real & (query_start[1:] - query_start[:-1] >= MGPU_MIN_Q_LEN)
-    long = jnp.concatenate([long, jnp.zeros((1,), bool)])  # the padding rows stay with Triton
-    out = mgpu.ragged_paged_prefill(*args, sm_scale=sm_scale, active=long, min_q_len=MGPU_MIN_Q_LEN)
-    return gpu.ragged_paged_attention(*args, sm_scale=sm_scale, active=~long, out=out, **kwargs)
+    """The GPU kernels on (q, kv_cache, kv_lens, page_table, query_start, num_seqs): Triton,
+    or Mosaic GPU (which takes no sliding window or soft cap: `mgpu.supports`)."""
+    if use_mgpu:
+        return mgpu.ragged_paged_attention(*args, sm_scale=sm_scale)
+    return gpu.ragged_paged_attention(*args, sm_scale=sm_scale, **kwargs)
 
 
 def paged_attention(

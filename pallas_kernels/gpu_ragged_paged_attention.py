@@ -279,16 +279,6 @@ def _attend(refs, scalars, bq: int, *, st: _Static):
         plgpu.store(l_ref.at[idx[:3]], l_sum.reshape(bq, gp), mask=mask2)
 
 
-def _ignoring_aliased_input(kernel):
-    """The kernel with an extra input ref (the aliased `out`, read by no one) before its
-    outputs."""
-
-    def with_aliased_input(blocks_ref, page_table_ref, q_ref, kv_ref, _aliased_ref, *out_refs):
-        kernel(blocks_ref, page_table_ref, q_ref, kv_ref, *out_refs)
-
-    return with_aliased_input
-
-
 def _merge_splits(o: jax.Array, m: jax.Array, l_sum: jax.Array, dtype) -> jax.Array:
     """o: [splits, T, N, H], m, l_sum: [splits, T, N] (base-2 max). Returns [T, N, H] in dtype."""
     m_all = m.max(axis=0)
@@ -315,15 +305,8 @@ def ragged_paged_attention(
     soft_cap: float | None = None,
     config: GpuBlockConfig | None = None,
     interpret: bool = False,
-    active: jax.Array | None = None,
-    out: jax.Array | None = None,
 ) -> jax.Array:
     """Same contract as `ragged_paged_attention_reference` (see reference.py).
-
-    active: [R + 1] bool (the last entry: the padding rows), or None (all). The rows of
-    inactive requests are left unwritten, for another kernel (see dispatch.py).
-    out: [T, N, H], or None: the buffer the kernel writes into (aliased: the inactive rows keep
-    its values). The config is then unsplit (split-K partials cannot land in `out`).
 
     q: [T, N, H]; kv_cache: [2, K, num_pages, S, H]; kv_lens: [R]; page_table: [R, P];
     query_start: [R + 1]; num_seqs: [1]. Returns [T, N, H] in q's dtype.
@@ -337,8 +320,6 @@ def ragged_paged_attention(
     group = num_heads // num_kv_heads
     cfg = config or default_config(num_tokens, num_requests, num_heads, num_kv_heads, page_size)
     cfg = fit_config(cfg, group, head_dim, jnp.dtype(q.dtype).itemsize)
-    if out is not None:
-        cfg = dataclasses.replace(cfg, num_splits=1)
     assert cfg.block_kv & (cfg.block_kv - 1) == 0, f"{cfg.block_kv=} must be a power of two"
     blocks = rb.query_blocks(
         query_start,
@@ -348,7 +329,6 @@ def ragged_paged_attention(
         block_q=cfg.block_q,
         block_kv=cfg.block_kv,
         sliding_window=sliding_window,
-        active=active,
     )
     grid = (blocks.shape[0], num_kv_heads, cfg.num_splits)
     if cfg.num_splits == 1:
@@ -364,21 +344,14 @@ def ragged_paged_attention(
     kernel = functools.partial(_kernel, st=st)
     kv_flat = kv_cache.reshape(2, num_kv_heads, num_pages * page_size, head_dim)  # a bitcast
     q_rows = q.reshape(num_tokens * num_heads, head_dim)  # a bitcast too
-    inputs = [blocks, page_table.astype(jnp.int32), q_rows, kv_flat]
-    aliases = {}
-    if out is not None:
-        aliases = {len(inputs): 0}
-        inputs.append(out)
-        kernel = _ignoring_aliased_input(kernel)
     outs = pl.pallas_call(
         kernel,
         grid=grid,
         out_shape=out_shape,
-        input_output_aliases=aliases,
         compiler_params=plgpu.CompilerParams(num_warps=cfg.num_warps, num_stages=cfg.num_stages),
         interpret=interpret,
         name="ragged_paged_attention",
-    )(*inputs)
+    )(blocks, page_table.astype(jnp.int32), q_rows, kv_flat)
     if cfg.num_splits == 1:
         return outs[0]
     return _merge_splits(*outs, q.dtype)

@@ -58,18 +58,17 @@ def query_blocks(
     block_q: int,
     block_kv: int,
     sliding_window: int | None,
-    active: jax.Array | None = None,
 ) -> jax.Array:
     """Block table: [NB, NUM_FIELDS] int32, NB = num_query_blocks(T, R, block_q).
 
     Per block: REQ (page-table row, 0 for padding blocks), TOK_START/TOK_END (its tokens),
     POS_START (position of TOK_START in its request), KV_BLK_LO/KV_BLK_HI (the range of
     `block_kv`-key blocks its tokens can see: causal and sliding-window bounds; empty for the
-    padding pseudo-request and surplus blocks). active: see `request_extents`.
+    padding pseudo-request and surplus blocks).
     """
     num_requests = kv_lens.shape[0]
     nb = num_query_blocks(num_tokens, num_requests, block_q)
-    starts, lens, kv = request_extents(query_start, kv_lens, num_seqs, num_tokens, active)
+    starts, lens, kv = request_extents(query_start, kv_lens, num_seqs, num_tokens)
     blocks_per_req = -(-lens // block_q)
     ends = jnp.cumsum(blocks_per_req)
     b = jnp.arange(nb, dtype=jnp.int32)

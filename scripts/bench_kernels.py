@@ -9,8 +9,7 @@ the 1 GiB XLA copy this script times at start is printed too, but reads low). Al
 mixed batches, dense causal prefill through cuDNN (`jax.nn.dot_product_attention`) beside our
 kernel on the same prefill, and the deprecated `jax.experimental.pallas.ops.gpu.paged_attention`
 as a decode baseline where it imports. On prefill and mixed batches, `mgpu` is the Mosaic GPU
-prompt-chunk kernel (gpu_prefill_mgpu.py) and `split` the engine's split on Hopper (chunks on
-it, the rest on Triton; dispatch.py); the default row (`default`) is the Triton kernel alone.
+kernel (gpu_mosaic_attention.py, Hopper); the default row (`default`) is the Triton kernel.
 
 Timing: device time from a profiler trace (CUPTI kernel records): `device_us` sums every kernel
 of one call (the block-table metadata, the attention kernel, the split-K merge), `kernel_us` is
@@ -40,8 +39,7 @@ import jax.numpy as jnp
 import numpy as np
 from tqdm import tqdm
 
-from pallas_kernels import dispatch
-from pallas_kernels import gpu_prefill_mgpu as mgpu
+from pallas_kernels import gpu_mosaic_attention as mgpu
 from pallas_kernels import gpu_ragged_paged_attention as gpu
 
 NUM_HEADS, NUM_KV_HEADS, HEAD_DIM, DTYPE = 32, 8, 128, jnp.bfloat16
@@ -266,21 +264,15 @@ def mixed_sweep_configs() -> list:
     return out
 
 
-def mgpu_entries(arg_sets, *, split: bool) -> dict:
-    """The Mosaic GPU kernel alone (prefill) or the split with Triton (mixed), where it runs."""
-    scale = HEAD_DIM**-0.5
-    if split:
-        name = "split"
-        fn = jax.jit(lambda *a: dispatch.gpu_attention(a, sm_scale=scale, use_mgpu=True))
-    else:
-        name = "mgpu"
-        fn = jax.jit(functools.partial(mgpu.ragged_paged_prefill, sm_scale=scale))
+def mgpu_entries(arg_sets) -> dict:
+    """The Mosaic GPU kernel (gpu_mosaic_attention.py), where it runs."""
+    fn = jax.jit(functools.partial(mgpu.ragged_paged_attention, sm_scale=HEAD_DIM**-0.5))
     try:
         jax.block_until_ready(fn(*arg_sets[0]))
     except Exception as e:
-        tqdm.write(f"  {name} failed: {type(e).__name__}: {str(e)[:300]}")
+        tqdm.write(f"  mgpu failed: {type(e).__name__}: {str(e)[:300]}")
         return {}
-    return {name: (fn, arg_sets)}
+    return {"mgpu": (fn, arg_sets)}
 
 
 def bench_point(args, label: str, arg_sets, kv_lens, configs: list, extra: dict) -> list[dict]:
@@ -354,12 +346,14 @@ def bench_mixed(args) -> list[dict]:
         # fresh prompts; and rate 16 of the serving benchmark: ~20 decodes beside one prompt.
         "960 dec@200+32x128": ([1] * 960 + [128] * 32, [200] * 960 + [128] * 32),
         "20 dec@1100+1024": ([1] * 20 + [1024], [1100] * 20 + [1024]),
+        # Decodes alone: how the Mosaic kernel's decode items stream (Triton has split-K).
+        "128 dec@2048": ([1] * 128, [2048] * 128),
     }
     rows = []
     for name, (q_lens, kv_lens) in cases.items():
         configs = [None] + (mixed_sweep_configs() if args.sweep else args.configs)
         arg_sets = make_inputs(q_lens, kv_lens, args.page_size)
-        extra = mgpu_entries(arg_sets, split=True)
+        extra = mgpu_entries(arg_sets)
         point = bench_point(args, name, arg_sets, kv_lens, configs, extra)
         print_rows(point)
         rows += point
@@ -386,7 +380,7 @@ def bench_prefill(args) -> list[dict]:
         extra.update(dense_pallas_baselines(q, kv))
         configs = [None] + (prefill_sweep_configs() if args.sweep else args.configs)
         arg_sets = make_inputs([length], [length], args.page_size)
-        extra.update(mgpu_entries(arg_sets, split=False))
+        extra.update(mgpu_entries(arg_sets))
         point = bench_point(args, f"prefill {length}", arg_sets, [length], configs, extra)
         for r in point:
             r["tflops"] = flops / (r["device_us"] or r["wall_us"]) / 1e6

@@ -13,7 +13,7 @@ import numpy as np
 import pytest
 
 from pallas_kernels import dispatch
-from pallas_kernels import gpu_prefill_mgpu as mgpu
+from pallas_kernels import gpu_mosaic_attention as mgpu
 from pallas_kernels import gpu_ragged_paged_attention as gpu
 from pallas_kernels.reference import ragged_paged_attention_reference, write_kv_reference
 from tests.pallas_kernels.ragged_batches import kernel_args, make_batch
@@ -111,23 +111,55 @@ MGPU_SCENARIOS = SCENARIOS + [
 ]
 
 
+# Many decodes of assorted lengths beside two chunks: more items than CTAs, both kinds.
+MGPU_SCENARIOS.append(
+    (
+        "decodes",
+        [1] * 150 + [200, 33],
+        [1 + 6 * i for i in range(150)] + [900, 33],
+        512,
+        160,
+        16,
+        64,
+    )
+)
+
+
 @pytest.mark.parametrize("scenario", MGPU_SCENARIOS, ids=lambda s: s[0])
 @pytest.mark.parametrize("heads", HEADS, ids=lambda x: f"n{x[0]}k{x[1]}h{x[2]}")
 def test_mgpu_kernel(scenario, heads):
     if scenario[0] == "many" and heads[0] > 8:
         pytest.skip("the reference's dense scores would not fit the card")
-    _run(scenario, heads, jnp.bfloat16, None, None, kernel=mgpu.ragged_paged_prefill)
+    n, k, h = heads
+    if not mgpu.supports(
+        jnp.bfloat16, jnp.bfloat16, h, 16, None, None, num_heads=n, num_kv_heads=k
+    ):
+        pytest.skip("a head group the kernel does not take (Triton serves it)")
+    _run(scenario, heads, jnp.bfloat16, None, None, kernel=mgpu.ragged_paged_attention)
 
 
-@pytest.mark.parametrize("scenario", MGPU_SCENARIOS[2:], ids=lambda s: s[0])
-def test_mgpu_split_with_triton(scenario):
-    """dispatch's split: prompt chunks on the Mosaic kernel, the rest on Triton, one buffer."""
-    split = lambda *a, sm_scale: dispatch.gpu_attention(a, sm_scale=sm_scale, use_mgpu=True)
-    _run(scenario, (8, 1, 64), jnp.bfloat16, None, None, kernel=split)
+@pytest.mark.parametrize(
+    "config",
+    [
+        mgpu.MgpuConfig(num_ctas=2),  # long chains of items in each CTA
+        mgpu.MgpuConfig(block_kv=64, max_concurrent_steps=3, num_ctas=6),
+    ],
+    ids=["ctas2", "kv64-3steps-ctas6"],
+)
+@pytest.mark.parametrize("scenario", ["mixed", "decodes", "odd_t"])
+def test_mgpu_kernel_configs(scenario, config):
+    case = next(c for c in MGPU_SCENARIOS if c[0] == scenario)
+    kernel = functools.partial(mgpu.ragged_paged_attention, config=config)
+    _run(case, (32, 8, 128), jnp.bfloat16, None, None, kernel=kernel)
 
 
-def test_dispatch_on_gpu():
-    _, q_lens, kv_lens, t, r, s, p = SCENARIOS[3]
+# A step of long prompt chunks: on Hopper dispatch's `auto` gives it to the Mosaic kernel.
+LONG_CHUNKS = ("long_chunks", [1500, 1, 300], [1500, 900, 300], 2048, 8, 16, 128)
+
+
+@pytest.mark.parametrize("scenario", [SCENARIOS[3], LONG_CHUNKS], ids=lambda s: s[0])
+def test_dispatch_on_gpu(scenario):
+    _, q_lens, kv_lens, t, r, s, p = scenario
     b = make_batch(
         1,
         q_lens,
@@ -141,6 +173,9 @@ def test_dispatch_on_gpu():
         pages_per_request=p,
         dtype=jnp.bfloat16,
     )
+    if scenario is LONG_CHUNKS:  # the default picks the Mosaic kernel on Hopper
+        picked = dispatch._use_mgpu(b.q, b.kv_cache, r, None, None, interpret=False)
+        assert picked == dispatch._is_hopper()
     out, kv = jax.jit(dispatch.paged_attention, static_argnames=("sm_scale",))(
         b.q, b.k, b.v, b.kv_cache, b.meta, sm_scale=0.1
     )

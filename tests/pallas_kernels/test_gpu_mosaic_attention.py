@@ -1,0 +1,205 @@
+"""The Mosaic GPU kernel on the CPU: its work lists, the engine's choice of kernel, and
+cross-lowering. No interpreter runs Mosaic GPU kernels, so the work lists are checked by a numpy
+model of what each compute warpgroup does with its items (its rows or heads, its key blocks,
+its causal mask), computed by the kernel's own `WorkItems` jnp, against the reference; the
+kernel itself runs in `test_gpu.py` on a GPU.
+"""
+
+from __future__ import annotations
+
+import functools
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from pallas_kernels import dispatch
+from pallas_kernels import gpu_mosaic_attention as mgpu
+from pallas_kernels.reference import ragged_paged_attention_reference
+from tests.pallas_kernels.ragged_batches import kernel_args, make_batch
+
+SM_SCALE = 0.25
+ROWS, BLOCK_Q = 16, 8  # tiles of two 8-row warpgroups: small, so requests span several tiles
+# name: (q_lens, kv_lens, num_tokens, num_requests, page_size, pages_per_request); request
+# starts off the 8-row grid, ragged ends, decodes, chunks with context, padding rows
+SCENARIOS = {
+    "prompts": ([30, 7, 13], [30, 7, 13], 56, 4, 4, 8),
+    "mixed": ([1, 1, 20, 1, 9], [40, 5, 45, 16, 9], 40, 8, 4, 12),
+    "chunks": ([17, 11], [50, 11], 32, 3, 8, 7),
+}
+
+
+def _batch(name, num_heads, num_kv_heads, head_dim=16, seed=0):
+    q_lens, kv_lens, t, r, s, p = SCENARIOS[name]
+    b = make_batch(
+        seed,
+        q_lens,
+        kv_lens,
+        num_tokens=t,
+        num_requests=r,
+        num_heads=num_heads,
+        num_kv_heads=num_kv_heads,
+        head_dim=head_dim,
+        page_size=s,
+        pages_per_request=p,
+    )
+    return kernel_args(b)
+
+
+def _work_model(args, block_kv, num_ctas):
+    """What the persistent kernel computes from its work lists, in numpy: out [T, N, H] (NaN
+    where no warpgroup wrote), how many times each (row, head) was written, and the item kinds
+    in the order the CTAs take them."""
+    q, kv, kv_lens, page_table, query_start, num_seqs = (np.asarray(a) for a in args)
+    num_tokens, num_heads, _ = q.shape
+    num_kv_heads, page_size = kv.shape[1], kv.shape[3]
+    group = num_heads // num_kv_heads
+    tiles, decodes, counts = mgpu.work_lists(
+        *(jnp.asarray(a) for a in (query_start, kv_lens, num_seqs)),
+        num_tokens=num_tokens,
+        rows=ROWS,
+        block_kv=block_kv,
+    )
+    meta = jnp.concatenate([counts, tiles.reshape(-1), decodes.reshape(-1)])
+    work = mgpu.WorkItems(
+        num_heads=num_heads,
+        num_kv_heads=num_kv_heads,
+        block_q=BLOCK_Q,
+        block_kv=block_kv,
+        num_ctas=num_ctas,
+        tiles_at=counts.size,
+        decodes_at=counts.size + tiles.size,
+    )
+    m = jnp.arange(int(work.count(meta)))  # every item at once: the same jnp, on arrays
+    it = work.item(meta, m)
+    fetched = np.asarray(work.steps(it))
+    parts = [[np.asarray(x) for x in work.warpgroup(it, w)] for w in range(2)]
+    is_dec, req, kv_head, q_head = (np.asarray(x) for x in it[:4])
+    out = np.full(q.shape, np.nan, np.float32)
+    written = np.zeros((num_tokens, num_heads), int)
+    for i in range(len(m)):
+        for w in range(2):
+            base, lo, hi, steps, first_pos, row_step = (int(x[i]) for x in parts[w])
+            assert steps <= fetched[i], "a warpgroup waits for a block nobody fetches"
+            if not is_dec[i]:
+                assert base % 8 == 0, "a q tile must start on the 8-row grid (TMA into tiled smem)"
+            keys = np.arange(steps * block_kv)
+            page_idx = np.minimum(keys // page_size, page_table.shape[1] - 1)
+            pages = page_table[req[i], page_idx]
+            k = kv[0, kv_head[i], pages, keys % page_size].astype(np.float32)
+            v = kv[1, kv_head[i], pages, keys % page_size].astype(np.float32)
+            for r in range(lo, hi):
+                # A prompt tile's rows are tokens of one head; a decode's rows its group's heads.
+                row, head = (base, kv_head[i] * group + r) if is_dec[i] else (base + r, q_head[i])
+                s = q[row, head].astype(np.float32) @ k.T * SM_SCALE
+                s[keys > first_pos + r * row_step] = -np.inf  # causal, by position
+                written[row, head] += 1
+                if not np.isfinite(s).any():  # the padding rows: no keys
+                    out[row, head] = 0
+                    continue
+                p = np.exp(s - s.max())
+                out[row, head] = p @ v / p.sum()
+    return out, written, is_dec
+
+
+@pytest.mark.parametrize("name", sorted(SCENARIOS))
+@pytest.mark.parametrize("num_ctas, block_kv", [(2, 8), (6, 16), (132, 8)])
+def test_work_items_cover_each_row_and_head_once_with_its_keys(name, num_ctas, block_kv):
+    args = _batch(name, num_heads=8, num_kv_heads=2)
+    out, written, _ = _work_model(args, block_kv, num_ctas)
+    assert (written == 1).all(), written
+    ref = ragged_paged_attention_reference(*args, sm_scale=SM_SCALE)
+    np.testing.assert_allclose(out, np.asarray(ref), atol=1e-5, rtol=1e-5)
+
+
+def test_work_items_alternate_kinds_across_ctas():
+    """While both kinds last, each round of `num_ctas` items is half decodes, and a CTA takes
+    the kinds in turn, so decodes' streaming runs beside prompt tiles' compute."""
+    q_lens, kv_lens = [1] * 12 + [20, 9], [30 + i for i in range(12)] + [45, 9]
+    b = make_batch(
+        0,
+        q_lens,
+        kv_lens,
+        num_tokens=48,
+        num_requests=16,
+        num_heads=8,
+        num_kv_heads=2,
+        head_dim=16,
+        page_size=4,
+        pages_per_request=12,
+    )
+    _, written, is_dec = _work_model(kernel_args(b), 8, num_ctas=4)
+    assert (written == 1).all()
+    paired = 2 * min(is_dec.sum(), (~is_dec).sum())  # 12 decodes x 2 KV heads = 24
+    rounds = is_dec[:paired].reshape(-1, 4)
+    assert (rounds.sum(axis=1) == 2).all(), rounds
+    assert (rounds[1:] != rounds[:-1]).all(), rounds  # each CTA alternates
+
+
+def _lower_for_cuda(fn, shape, page_size=16):
+    t, r, n, k, h = shape
+    avals = [
+        ((t, n, h), jnp.bfloat16),
+        ((2, k, 64, page_size, h), jnp.bfloat16),
+        ((r,), jnp.int32),
+        ((r, 16), jnp.int32),
+        ((r + 1,), jnp.int32),
+        ((1,), jnp.int32),
+    ]
+    args = [jax.ShapeDtypeStruct(s, d) for s, d in avals]
+    return jax.jit(fn).trace(*args).lower(lowering_platforms=("cuda",)).as_text()
+
+
+@pytest.mark.parametrize(
+    "shape, page_size, config",
+    [
+        ((256, 8, 32, 8, 128), 16, mgpu.MgpuConfig()),
+        ((203, 4, 8, 1, 64), 32, mgpu.MgpuConfig()),  # T off the 8-row grid: padded
+        ((256, 8, 32, 8, 128), 16, mgpu.MgpuConfig(block_kv=64, max_concurrent_steps=3)),
+        ((256, 8, 64, 4, 128), 16, mgpu.MgpuConfig(num_ctas=8)),  # groups of 16 heads
+    ],
+    ids=["llama8b", "mha64-page32-t203", "kv64-3steps", "group16-ctas8"],
+)
+def test_mgpu_kernel_lowers_for_cuda(shape, page_size, config):
+    fn = functools.partial(mgpu.ragged_paged_attention, sm_scale=0.1, config=config)
+    assert "mosaic_gpu" in _lower_for_cuda(fn, shape, page_size)
+
+
+def test_dispatch_lowers_the_mosaic_kernel_alone_for_cuda():
+    fn = lambda *a: dispatch.gpu_attention(a, sm_scale=0.1, use_mgpu=True)
+    text = _lower_for_cuda(fn, (2048, 16, 32, 8, 128))
+    assert "mosaic_gpu" in text and "__gpu$xla.gpu.triton" not in text
+
+
+def test_mgpu_support_and_choice(monkeypatch):
+    q = jnp.zeros((4096, 32, 128), jnp.bfloat16)
+    cache = jnp.zeros((2, 8, 4, 16, 128), jnp.bfloat16)
+    bf16 = jnp.bfloat16
+    fits = lambda *a, heads=(32, 8): mgpu.supports(*a, num_heads=heads[0], num_kv_heads=heads[1])
+    assert fits(bf16, bf16, 128, 16, None, None)
+    assert not fits(jnp.float32, jnp.float32, 128, 16, None, None)
+    assert not fits(bf16, bf16, 128, 16, 512, None)  # sliding window
+    assert not fits(bf16, bf16, 96, 16, None, None)
+    assert not fits(bf16, bf16, 256, 16, None, None)  # shared memory
+    assert not fits(bf16, bf16, 128, 4, None, None)  # pages off the 8-row grid
+    assert fits(bf16, bf16, 128, 16, None, None, heads=(16, 16))  # a decode loads 8 heads
+    assert fits(bf16, bf16, 128, 16, None, None, heads=(64, 4))
+    assert not fits(bf16, bf16, 128, 16, None, None, heads=(28, 4))  # groups of 7
+    assert not fits(bf16, bf16, 128, 16, None, None, heads=(4, 2))  # under 8 heads
+    monkeypatch.setenv("PAGEJAX_GPU_ATTENTION", "mgpu")
+    assert dispatch._use_mgpu(q, cache, 8, None, None, interpret=False)
+    assert not dispatch._use_mgpu(q, cache, 8, None, None, interpret=True)
+    assert not dispatch._use_mgpu(q, cache, 8, 512, None, interpret=False)  # Triton's
+    monkeypatch.setenv("PAGEJAX_GPU_ATTENTION", "triton")
+    assert not dispatch._use_mgpu(q, cache, 8, None, None, interpret=False)
+    monkeypatch.delenv("PAGEJAX_GPU_ATTENTION")  # auto: the CPU is no Hopper GPU
+    assert not dispatch._use_mgpu(q, cache, 8, None, None, interpret=False)
+    monkeypatch.setattr(dispatch, "_is_hopper", lambda: True)
+    assert dispatch._use_mgpu(q, cache, 8, None, None, interpret=False)  # long prompt chunks
+    assert dispatch._use_mgpu(q, cache, 256, None, None, interpret=False)
+    assert not dispatch._use_mgpu(q, cache, 257, None, None, interpret=False)  # many requests
+    assert not dispatch._use_mgpu(q[:1024], cache, 8, None, None, interpret=False)  # small
+    monkeypatch.setenv("PAGEJAX_GPU_ATTENTION", "cudnn")
+    with pytest.raises(ValueError, match="PAGEJAX_GPU_ATTENTION"):
+        dispatch._use_mgpu(q, cache, 8, None, None, interpret=False)
