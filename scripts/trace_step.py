@@ -86,7 +86,12 @@ def summarize(
             end = stop
     wall = (spans[-1][1] - spans[0][0]) if spans else 0.0
     num_calls = num_steps
-    launches = sum(1 for e in kernels if e["name"].startswith("ragged_paged_attention"))
+    # One attention launch a layer: the Triton kernel's, or the Mosaic GPU kernel's.
+    launches = sum(
+        1
+        for e in kernels
+        if e["name"].startswith("ragged_paged_attention") or "mosaic_gpu" in e["name"]
+    )
     if num_layers and launches:
         num_steps = launches / num_layers
     host = collections.Counter()
