@@ -7,18 +7,21 @@ the scatter. Told that its indices are unique, XLA's scatter beat a Pallas write
 a layer for 2,048 tokens, 3.9 against 5.6 us for 256; without the hint it took 40.5 and 7.6 us
 (docs/kernel_notes.md; `scripts/bench_kernels.py --parts kv_write` times the scatter).
 
-GPU kernels (`PAGEJAX_GPU_ATTENTION`): `auto`, the default, runs a step on the Mosaic GPU
-kernel on Hopper (gpu_mosaic_attention.py: one persistent launch for prompt tiles and decodes)
-when its bucket has at least `MGPU_MIN_STEP_TOKENS` tokens and at most one request per
-`MGPU_TOKENS_PER_REQUEST` of them (long prompt chunks), and every other step on the Triton
-kernel (gpu_ragged_paged_attention.py); `triton` and `mgpu` run every step on one of them
-(Triton where the Mosaic kernel does not support the call: sliding windows, soft caps, fp32,
-head groups that are no power of two). A step's kernel is fixed when its bucket compiles.
-Measured on an H100 (docs/kernel_notes.md): per layer the Mosaic kernel is 1.11-1.20x cuDNN
-on dense prefill against Triton's 1.5-1.6x, and 9 % faster on 248 decodes beside 8 prompts of
-968 tokens; Triton is faster on small steps with many decodes (split-K spreads a few long
-decodes over more SMs) and, end to end, on 128-token prompts beside ~470 decodes in 8,192-token
-steps (189 against 195 ms a step), where the Mosaic kernel's items are many and tiny.
+GPU kernels (`PAGEJAX_GPU_ATTENTION`): `triton`, the default, runs every step on the Triton
+kernel (gpu_ragged_paged_attention.py). `auto` runs a step on the Mosaic GPU kernel on Hopper
+(gpu_mosaic_attention.py: one persistent launch for prompt tiles and decodes) when its bucket
+has at least `MGPU_MIN_STEP_TOKENS` tokens and at most one request per
+`MGPU_TOKENS_PER_REQUEST` of them (long prompt chunks); `mgpu` runs every step it supports on
+it (not: sliding windows, soft caps, fp32, head groups that are no power of two). A step's
+kernel is fixed when its bucket compiles. Measured on an H100 (docs/kernel_notes.md), per layer
+the Mosaic kernel is 1.11-1.20x cuDNN on dense prefill against Triton's 1.5-1.6x, and 9 %
+faster on 248 decodes beside 8 prompts of 968 tokens; Triton is faster on small steps with
+many decodes (split-K spreads a few long decodes over more SMs) and on 128-token prompts beside
+~470 decodes in 8,192-token steps (189 against 195 ms a step), where the Mosaic kernel's items
+are many and tiny, which the request rule keeps on Triton. Why `auto` is not the default: end
+to end it gained 0.1-0.2 % on 1000 x 1024/128 (8,192-token steps 0.8 % shorter), and every
+executable holding a Mosaic kernel adds ~0.7 s to a warm start-up (32.0 against 18.6 s for the
+offline ladder), past the 15 s target.
 """
 
 from __future__ import annotations
@@ -48,7 +51,7 @@ def _is_hopper() -> bool:
 def _use_mgpu(
     q: jax.Array, kv_cache: jax.Array, num_requests: int, sliding_window, soft_cap, interpret
 ) -> bool:
-    choice = os.environ.get("PAGEJAX_GPU_ATTENTION", "auto")
+    choice = os.environ.get("PAGEJAX_GPU_ATTENTION", "triton")
     if choice not in ("auto", "triton", "mgpu"):
         raise ValueError(f"PAGEJAX_GPU_ATTENTION must be auto, triton or mgpu, got {choice!r}")
     num_heads, head_dim = q.shape[1:]

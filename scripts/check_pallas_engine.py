@@ -2,8 +2,8 @@
 device: greedy tokens of a tiny random Llama (fp32) and, with --big, Llama-3.1-8B-shaped dummy
 bf16 weights, teacher-forced over the reference's first 64 tokens of 8 prompts, against float32 (see
 `_teacher_forced`), and over 16 tokens of 4 prompts of 300-2,100 tokens in 4,096-token steps
-(the steps that run on the Mosaic GPU kernel on Hopper, dispatch.py). Prints one JSON line per
-case; exits 1 on a mismatch.
+(run under `PAGEJAX_GPU_ATTENTION=auto`: the Mosaic GPU kernel on Hopper, dispatch.py). Prints
+one JSON line per case; exits 1 on a mismatch.
 
     python scripts/check_pallas_engine.py [--big scripts/configs/llama-3.1-8b]
 """
@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
 import tempfile
 
@@ -137,12 +138,13 @@ def main() -> int:
             rng.integers(100, 30000, size=n).tolist() for n in (8, 30, 64, 100, 128, 200, 300, 500)
         ]
         ok &= _teacher_forced("llama-3.1-8b-dummy-bf16", args.big, prompts, 64, **big)
-        # Steps of 4,096 tokens: on Hopper they run on the Mosaic GPU kernel (dispatch.py),
-        # which the case above (512-token steps) never reaches.
+        # Steps of 4,096 tokens of at most 8 requests: under `auto` they run on the Mosaic GPU
+        # kernel on Hopper (dispatch.py), which the case above (512-token steps) never reaches.
         long_steps = dict(
             big, max_num_batched_tokens=4096, max_model_len=4096, token_buckets=(16, 4096)
         )
         prompts = [rng.integers(100, 30000, size=n).tolist() for n in (2100, 900, 1500, 300)]
+        os.environ["PAGEJAX_GPU_ATTENTION"] = "auto"  # read when each step is traced
         ok &= _teacher_forced(
             "llama-3.1-8b-dummy-bf16-prompt-steps", args.big, prompts, 16, **long_steps
         )

@@ -153,12 +153,14 @@ def test_mgpu_kernel_configs(scenario, config):
     _run(case, (32, 8, 128), jnp.bfloat16, None, None, kernel=kernel)
 
 
-# A step of long prompt chunks: on Hopper dispatch's `auto` gives it to the Mosaic kernel.
+# A step of long prompt chunks: on Hopper `auto` gives it to the Mosaic kernel.
 LONG_CHUNKS = ("long_chunks", [1500, 1, 300], [1500, 900, 300], 2048, 8, 16, 128)
 
 
 @pytest.mark.parametrize("scenario", [SCENARIOS[3], LONG_CHUNKS], ids=lambda s: s[0])
-def test_dispatch_on_gpu(scenario):
+@pytest.mark.parametrize("choice", ["triton", "auto"])
+def test_dispatch_on_gpu(scenario, choice, monkeypatch):
+    monkeypatch.setenv("PAGEJAX_GPU_ATTENTION", choice)
     _, q_lens, kv_lens, t, r, s, p = scenario
     b = make_batch(
         1,
@@ -173,9 +175,8 @@ def test_dispatch_on_gpu(scenario):
         pages_per_request=p,
         dtype=jnp.bfloat16,
     )
-    if scenario is LONG_CHUNKS:  # the default picks the Mosaic kernel on Hopper
-        picked = dispatch._use_mgpu(b.q, b.kv_cache, r, None, None, interpret=False)
-        assert picked == dispatch._is_hopper()
+    picked = dispatch._use_mgpu(b.q, b.kv_cache, r, None, None, interpret=False)
+    assert picked == (choice == "auto" and scenario is LONG_CHUNKS and dispatch._is_hopper())
     out, kv = jax.jit(dispatch.paged_attention, static_argnames=("sm_scale",))(
         b.q, b.k, b.v, b.kv_cache, b.meta, sm_scale=0.1
     )

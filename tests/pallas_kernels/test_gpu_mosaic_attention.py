@@ -193,13 +193,15 @@ def test_mgpu_support_and_choice(monkeypatch):
     assert not dispatch._use_mgpu(q, cache, 8, 512, None, interpret=False)  # Triton's
     monkeypatch.setenv("PAGEJAX_GPU_ATTENTION", "triton")
     assert not dispatch._use_mgpu(q, cache, 8, None, None, interpret=False)
-    monkeypatch.delenv("PAGEJAX_GPU_ATTENTION")  # auto: the CPU is no Hopper GPU
+    monkeypatch.setenv("PAGEJAX_GPU_ATTENTION", "auto")  # the CPU is no Hopper GPU
     assert not dispatch._use_mgpu(q, cache, 8, None, None, interpret=False)
     monkeypatch.setattr(dispatch, "_is_hopper", lambda: True)
     assert dispatch._use_mgpu(q, cache, 8, None, None, interpret=False)  # long prompt chunks
     assert dispatch._use_mgpu(q, cache, 256, None, None, interpret=False)
     assert not dispatch._use_mgpu(q, cache, 257, None, None, interpret=False)  # many requests
     assert not dispatch._use_mgpu(q[:1024], cache, 8, None, None, interpret=False)  # small
+    monkeypatch.delenv("PAGEJAX_GPU_ATTENTION")  # the default: Triton, even on Hopper
+    assert not dispatch._use_mgpu(q, cache, 8, None, None, interpret=False)
     monkeypatch.setenv("PAGEJAX_GPU_ATTENTION", "cudnn")
     with pytest.raises(ValueError, match="PAGEJAX_GPU_ATTENTION"):
         dispatch._use_mgpu(q, cache, 8, None, None, interpret=False)
