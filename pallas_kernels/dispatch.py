@@ -12,16 +12,17 @@ kernel (gpu_ragged_paged_attention.py). `auto` runs a step on the Mosaic GPU ker
 (gpu_mosaic_attention.py: one persistent launch for prompt tiles and decodes) when its bucket
 has at least `MGPU_MIN_STEP_TOKENS` tokens and at most one request per
 `MGPU_TOKENS_PER_REQUEST` of them (long prompt chunks); `mgpu` runs every step it supports on
-it (not: sliding windows, soft caps, fp32, head groups that are no power of two). A step's
-kernel is fixed when its bucket compiles. Measured on an H100 (docs/kernel_notes.md), per layer
-the Mosaic kernel is 1.11-1.20x cuDNN on dense prefill against Triton's 1.5-1.6x, and 9 %
-faster on 248 decodes beside 8 prompts of 968 tokens; Triton is faster on small steps with
-many decodes (split-K spreads a few long decodes over more SMs) and on 128-token prompts beside
-~470 decodes in 8,192-token steps (189 against 195 ms a step), where the Mosaic kernel's items
-are many and tiny, which the request rule keeps on Triton. Why `auto` is not the default: end
-to end it gained 0.1-0.2 % on 1000 x 1024/128 (8,192-token steps 0.8 % shorter), and every
-executable holding a Mosaic kernel adds ~0.7 s to a warm start-up (32.0 against 18.6 s for the
-offline ladder), past the 15 s target.
+it on Hopper (`gpu_mosaic_attention.supports`: no sliding window or soft cap, bf16/fp16, head
+groups a power of two, ...). A step's kernel is fixed when its bucket compiles.
+
+Measured on an H100 (docs/kernel_notes.md), per layer: the Mosaic kernel is 1.11-1.20x cuDNN on
+dense prefill against Triton's 1.5-1.6x, and 9 % faster on 248 decodes beside 8 prompts of 968
+tokens. Triton is faster on small steps with many decodes (split-K spreads a few long decodes
+over more SMs), and on 128-token prompts beside ~470 decodes in 8,192-token steps (189 against
+195 ms a step), where the Mosaic kernel's items are many and tiny; the request rule keeps those
+on Triton. Why `auto` is not the default: end to end it gained 0.1-0.2 % on 1000 x 1024/128
+(8,192-token steps 0.8 % shorter), and every executable holding a Mosaic kernel adds ~0.7 s to
+a warm start-up (32.0 against 18.6 s for the offline ladder), past the 15 s target.
 """
 
 from __future__ import annotations
@@ -72,13 +73,15 @@ def _use_mgpu(
     long_chunks = (
         num_tokens >= MGPU_MIN_STEP_TOKENS and num_requests * MGPU_TOKENS_PER_REQUEST <= num_tokens
     )
-    return choice == "mgpu" or (long_chunks and _is_hopper())
+    return (choice == "mgpu" or long_chunks) and _is_hopper()
 
 
 def gpu_attention(args: tuple, *, sm_scale: float, use_mgpu: bool, **kwargs) -> jax.Array:
     """The GPU kernels on (q, kv_cache, kv_lens, page_table, query_start, num_seqs): Triton,
     or Mosaic GPU (which takes no sliding window or soft cap: `mgpu.supports`)."""
     if use_mgpu:
+        if kwargs.get("sliding_window") is not None or kwargs.get("soft_cap") is not None:
+            raise ValueError("the Mosaic GPU kernel takes no sliding window or soft cap")
         return mgpu.ragged_paged_attention(*args, sm_scale=sm_scale)
     return gpu.ragged_paged_attention(*args, sm_scale=sm_scale, **kwargs)
 

@@ -17,7 +17,7 @@ Work items (`work_lists`, `WorkItems`), one CTA per SM walking its share of one 
   jax's `ragged_dot_mgpu`). Causal masking runs only on the key blocks that cross a warpgroup's
   diagonal.
 - A decode: one request with one new token, one KV head: warpgroup 0 loads the `G` query heads
-  of the group (8 heads from a multiple of 8, G a power of two) as the first rows of its tile
+  of the group (`max(G, 8)` heads from a multiple of that, G a power of two) into its tile
   and reads the request's keys once for all of them; the other rows are computed and never
   stored, and warpgroup 1 only keeps the schedule. The MMA work on unused rows is free beside
   the streaming.
@@ -26,8 +26,9 @@ item to item; a warpgroup waits for every block (its own or not) to keep them in
 next item's q loads while the current one's output is stored.
 
 Not supported here (the Triton kernel serves them; `supports`): sliding windows, soft caps,
-fp32, head_dim other than 64 or 128, pages under 8 rows, head groups that are no power of two
-or fewer than 8 query heads. The engine's choice between the two: dispatch.py.
+fp32, head_dim other than 64 or 128, pages that are no multiple of 8 rows or do not divide
+`block_kv`, head groups that are no power of two, query heads that are no multiple of
+`max(G, 8)`. The engine's choice between the two: dispatch.py.
 """
 
 from __future__ import annotations
@@ -51,6 +52,8 @@ _COMPUTE_WGS = 2
 # A TMA copy into a tiled (8, 64) shared-memory tile starts at a multiple of 8 rows: a q tile
 # starting anywhere else loads the wrong rows. So tiles start at rows that are multiples of 8.
 _ROW_ALIGN = 8
+# Shared memory a Hopper CTA may take (227 KiB), less room for the barriers.
+_SMEM_BYTES = 227 * 1024 - 1024
 # Columns of the [NT, _NUM_FIELDS] int32 tile table.
 _REQ, _ROW0, _TOK_START, _TOK_END, _POS0, _KV_BLK_HI = range(6)
 _NUM_FIELDS = 6
@@ -61,8 +64,9 @@ _NUM_DEC_FIELDS = 3
 
 @dataclasses.dataclass(frozen=True)
 class MgpuConfig:
-    """Tile sizes (static). A CTA takes `2 * block_q` query rows; block_q and block_kv are
-    multiples of 64 (wgmma tiles), block_kv a multiple of the page size."""
+    """Tile sizes (static). A CTA takes `2 * block_q` query rows; block_q is 64 (one wgmma tile a
+    warpgroup; the only size run), block_kv a multiple of 64 and of the page size. All of it
+    must fit a CTA's shared memory (`supports`)."""
 
     block_q: int = 64
     block_kv: int = 128
@@ -89,8 +93,14 @@ def supports(
     a multiple of 8 (or of the group)."""
     cfg = cfg or MgpuConfig()
     group = num_heads // num_kv_heads
+    itemsize = jnp.dtype(q_dtype).itemsize
+    # q and output tiles of both compute warpgroups, and the K/V ring.
+    smem = (4 * cfg.block_q + 2 * cfg.max_concurrent_steps * cfg.block_kv) * head_dim * itemsize
     return (
-        jnp.dtype(q_dtype) in (jnp.dtype(jnp.bfloat16), jnp.dtype(jnp.float16))
+        cfg.block_q == 64
+        and cfg.block_kv % 64 == 0
+        and smem <= _SMEM_BYTES
+        and jnp.dtype(q_dtype) in (jnp.dtype(jnp.bfloat16), jnp.dtype(jnp.float16))
         and jnp.dtype(q_dtype) == jnp.dtype(cache_dtype)
         and head_dim in (64, 128)
         and page_size % _ROW_ALIGN == 0
@@ -207,8 +217,9 @@ class Item(NamedTuple):
 class WorkItems:
     """How a CTA finds its work in the int32 metadata (`meta`: counts, tiles, decodes, pages;
     see `work_lists`). The persistent CTAs take the merged list's items `cta`, `cta +
-    num_ctas`, ...: prompt items (used tiles x query heads, last tile first: a request's later
-    tiles see more keys) and decode items (decodes x KV heads). The two kinds alternate while
+    num_ctas`, ...: prompt items (used tiles x query heads, the tile list reversed: a
+    request's later tiles see more keys, and the padding rows' tiles, last in the list and
+    free, come first) and decode items (decodes x KV heads). The two kinds alternate while
     both last, and within a round of `num_ctas` items even and odd CTAs take opposite kinds, so
     at any time some SMs stream decodes' keys while the others compute prompt tiles. Written in
     jnp on scalars (the kernel) or arrays of items (the tests' numpy model)."""
@@ -223,6 +234,10 @@ class WorkItems:
 
     def count(self, meta) -> jax.Array:
         return meta[0] * self.num_heads + meta[1] * self.num_kv_heads
+
+    def num_items_of(self, meta, cta) -> jax.Array:
+        """How many items CTA `cta` takes: those at `cta + i * num_ctas`."""
+        return jnp.maximum(self.count(meta) - cta + self.num_ctas - 1, 0) // self.num_ctas
 
     def item(self, meta, m) -> Item:
         num_tiles = meta[0]
@@ -344,7 +359,7 @@ def ragged_paged_attention(
         block_kv=block_kv,
     )
     num_ctas = cfg.num_ctas or _num_sms()
-    num_ctas -= num_ctas % 2  # the interleave below pairs CTAs
+    num_ctas = max(2, num_ctas - num_ctas % 2)  # the interleave pairs CTAs (WorkItems)
     # One fresh int32 buffer: Mosaic GPU wants its operands 256-byte aligned, and the engine's
     # page table is a slice of a packed input.
     tiles_at = counts.size
@@ -370,8 +385,7 @@ def ragged_paged_attention(
         q_smem2, o_smem2, k_smem, v_smem = smem
         cta = lax.axis_index("ctas")
         wg = lax.axis_index("wg")
-        num_items = items.count(meta_ref)
-        my_items = jnp.maximum(num_items - cta + num_ctas - 1, 0) // num_ctas
+        my_items = items.num_items_of(meta_ref, cta)
 
         def schedule_barrier():
             plgpu.barrier_arrive(schedule)

@@ -34,8 +34,9 @@ def request_extents(
 ) -> tuple[jax.Array, jax.Array, jax.Array]:
     """Per (request + padding pseudo-request): first token, q_len, kv_len. Each [R + 1].
 
-    active: [R + 1] bool, or None (all): inactive entries get q_len 0, so a kernel makes no
-    blocks for them and leaves their rows to another kernel."""
+    active: [R + 1] bool, or None (all): inactive entries get q_len 0, so a table makes no
+    blocks for them (the Mosaic GPU kernel's prompt tiles leave the decodes to its decode
+    items)."""
     num_requests = kv_lens.shape[0]
     num_seqs = jnp.reshape(num_seqs, ()).astype(jnp.int32)
     real = jnp.arange(num_requests) < num_seqs

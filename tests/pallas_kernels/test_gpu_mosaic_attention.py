@@ -27,6 +27,9 @@ SCENARIOS = {
     "prompts": ([30, 7, 13], [30, 7, 13], 56, 4, 4, 8),
     "mixed": ([1, 1, 20, 1, 9], [40, 5, 45, 16, 9], 40, 8, 4, 12),
     "chunks": ([17, 11], [50, 11], 32, 3, 8, 7),
+    # more decode items than prompt items; decodes alone (no prompt tile, no padding rows)
+    "decode_heavy": ([1] * 12 + [5], [10 + i for i in range(12)] + [20], 24, 16, 4, 8),
+    "decodes_only": ([1] * 16, [3 + 2 * i for i in range(16)], 16, 16, 4, 10),
 }
 
 
@@ -72,8 +75,13 @@ def _work_model(args, block_kv, num_ctas):
         decodes_at=counts.size + tiles.size,
     )
     m = jnp.arange(int(work.count(meta)))  # every item at once: the same jnp, on arrays
+    taken = [
+        cta + i * num_ctas
+        for cta in range(num_ctas)
+        for i in range(int(work.num_items_of(meta, cta)))
+    ]
+    assert sorted(taken) == list(range(len(m))), "the CTAs' shares partition the items"
     it = work.item(meta, m)
-    fetched = np.asarray(work.steps(it))
     parts = [[np.asarray(x) for x in work.warpgroup(it, w)] for w in range(2)]
     is_dec, req, kv_head, q_head = (np.asarray(x) for x in it[:4])
     out = np.full(q.shape, np.nan, np.float32)
@@ -81,7 +89,6 @@ def _work_model(args, block_kv, num_ctas):
     for i in range(len(m)):
         for w in range(2):
             base, lo, hi, steps, first_pos, row_step = (int(x[i]) for x in parts[w])
-            assert steps <= fetched[i], "a warpgroup waits for a block nobody fetches"
             if not is_dec[i]:
                 assert base % 8 == 0, "a q tile must start on the 8-row grid (TMA into tiled smem)"
             keys = np.arange(steps * block_kv)
@@ -187,15 +194,23 @@ def test_mgpu_support_and_choice(monkeypatch):
     assert fits(bf16, bf16, 128, 16, None, None, heads=(64, 4))
     assert not fits(bf16, bf16, 128, 16, None, None, heads=(28, 4))  # groups of 7
     assert not fits(bf16, bf16, 128, 16, None, None, heads=(4, 2))  # under 8 heads
+    assert not fits(bf16, bf16, 128, 16, None, None, mgpu.MgpuConfig(max_concurrent_steps=3))
+    assert fits(bf16, bf16, 64, 16, None, None, mgpu.MgpuConfig(max_concurrent_steps=3))
+    assert not fits(bf16, bf16, 128, 16, None, None, mgpu.MgpuConfig(block_q=128))
+    with pytest.raises(ValueError, match="sliding window"):
+        dispatch.gpu_attention((q,), sm_scale=0.1, use_mgpu=True, sliding_window=64)
+    for choice in ("mgpu", "auto"):  # the CPU is no Hopper GPU
+        monkeypatch.setenv("PAGEJAX_GPU_ATTENTION", choice)
+        assert not dispatch._use_mgpu(q, cache, 8, None, None, interpret=False)
+    monkeypatch.setattr(dispatch, "_is_hopper", lambda: True)
     monkeypatch.setenv("PAGEJAX_GPU_ATTENTION", "mgpu")
     assert dispatch._use_mgpu(q, cache, 8, None, None, interpret=False)
+    assert dispatch._use_mgpu(q[:16], cache, 16, None, None, interpret=False)  # every step
     assert not dispatch._use_mgpu(q, cache, 8, None, None, interpret=True)
     assert not dispatch._use_mgpu(q, cache, 8, 512, None, interpret=False)  # Triton's
     monkeypatch.setenv("PAGEJAX_GPU_ATTENTION", "triton")
     assert not dispatch._use_mgpu(q, cache, 8, None, None, interpret=False)
-    monkeypatch.setenv("PAGEJAX_GPU_ATTENTION", "auto")  # the CPU is no Hopper GPU
-    assert not dispatch._use_mgpu(q, cache, 8, None, None, interpret=False)
-    monkeypatch.setattr(dispatch, "_is_hopper", lambda: True)
+    monkeypatch.setenv("PAGEJAX_GPU_ATTENTION", "auto")
     assert dispatch._use_mgpu(q, cache, 8, None, None, interpret=False)  # long prompt chunks
     assert dispatch._use_mgpu(q, cache, 256, None, None, interpret=False)
     assert not dispatch._use_mgpu(q, cache, 257, None, None, interpret=False)  # many requests
