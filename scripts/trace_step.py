@@ -176,11 +176,17 @@ def main() -> None:
     if p and b:  # one long prompt: with the threshold at p, every step takes p of its tokens
         add_prompt("long", p * (args.steps + 3))
         llm.engine.step(kind=OutputKind.FINAL_ONLY)
+
+    def long_computed() -> int:
+        long = llm.engine.scheduler.requests.get("long")
+        return long.num_computed_tokens if long is not None else 0
+
     for i in range(2 if fresh else 0):  # warm: the first steps of a bucket run slower
         for j in range(n):
             add_prompt(f"warm{i}_{j}", p)
         llm.engine.step(kind=OutputKind.FINAL_ONLY)
     jax.effects_barrier()
+    long_before = long_computed()
     with jax.profiler.trace(args.out, create_perfetto_trace=True):
         t = time.perf_counter()
         for i in range(args.steps):
@@ -202,6 +208,11 @@ def main() -> None:
         prompts_per_step=n,
         # Fresh prompts left unscheduled: 0 when every step took its n prompts.
         waiting_after=llm.engine.scheduler.stats().num_waiting,
+        # With --batch and --prefill-len: the long prompt's tokens each traced step took (p
+        # when the steps were the mixed steps asked for; 0 if it was never admitted).
+        long_prompt_tokens_per_step=(long_computed() - long_before) / args.steps
+        if p and b
+        else None,
         temperature=args.temperature,
         engine_step_ms_under_trace=round(host_ms, 3),
     )

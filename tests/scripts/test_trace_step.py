@@ -15,7 +15,7 @@ spec.loader.exec_module(trace_step)
 LAYERS = 2
 
 
-def _trace(path: Path, num_device_steps: int) -> str:
+def _trace(path: Path, num_device_steps: int, attention_name="ragged_paged_attention") -> str:
     """Each device step: one attention kernel a layer (10 us) and a 20 us matmul, back to back;
     a 1 ms host event on the host process."""
     events = [
@@ -25,7 +25,7 @@ def _trace(path: Path, num_device_steps: int) -> str:
     t = 0
     for _ in range(num_device_steps):
         for _ in range(LAYERS):
-            attention = {"name": "ragged_paged_attention", "ts": t, "dur": 10}
+            attention = {"name": attention_name, "ts": t, "dur": 10}
             events.append({"ph": "X", "pid": 1, **attention})
             events.append({"ph": "X", "pid": 1, "name": "nvjet_gemm", "ts": t + 10, "dur": 20})
             t += 30
@@ -47,6 +47,12 @@ def test_per_step_figures_count_the_steps_the_device_ran(tmp_path):
     assert out["num_kernels_per_step"] == 4
 
 
+def test_mosaic_attention_launches_count_the_steps_too(tmp_path):
+    trace = _trace(tmp_path, 5, attention_name="entry_mosaic_gpu_kernel")
+    out = trace_step.summarize(trace, 4, num_layers=LAYERS)
+    assert out["steps"] == 5 and out["kernel_kinds_ms_per_step"]["attention"] == 0.02
+
+
 def test_without_layers_the_step_calls_are_taken_as_is(tmp_path):
     out = trace_step.summarize(_trace(tmp_path, 5), 4)
     assert out["steps"] == 4 and out["device_busy_ms_per_step"] == 0.075
@@ -60,22 +66,44 @@ def test_kernel_kinds_split_matmuls_from_attention(tmp_path):
     assert trace_step.kernel_kind("entry_mosaic_gpu_kernel") == "attention"  # the Mosaic prefill
 
 
-def test_fresh_prompts_are_all_admitted_every_step(tmp_path):
-    """`--batch 0 --prompts-per-step 5` on a tiny model on the CPU: every traced step takes its
-    5 new prompts, so none is left waiting. With 8 seats (fewer than 2 x 5) every other call
-    admitted none, while the step in flight still held its 5."""
+def _run_script(tmp_path, *args: str) -> dict:
+    """trace_step.py on a tiny random Llama on the CPU; its JSON line."""
     import subprocess
     import sys
 
     from tests.hf_models import write_checkpoint
 
     folder = write_checkpoint("llama3", tmp_path / "model")
-    args = ["--model", str(folder), "--batch", "0", "--prefill-len", "16", "--input-len", "0"]
-    args += ["--prompts-per-step", "5", "--steps", "4", "--out", str(tmp_path / "trace")]
-    proc = subprocess.run(
-        [sys.executable, str(SCRIPT), *args], capture_output=True, text=True, timeout=600
-    )
+    argv = [sys.executable, str(SCRIPT), "--model", str(folder), "--steps", "4", *args]
+    argv += ["--out", str(tmp_path / "trace")]
+    proc = subprocess.run(argv, capture_output=True, text=True, timeout=600)
     assert proc.returncode == 0, proc.stderr[-3000:]
-    out = json.loads(proc.stdout.strip().splitlines()[-1])
+    return json.loads(proc.stdout.strip().splitlines()[-1])
+
+
+def test_fresh_prompts_are_all_admitted_every_step(tmp_path):
+    """`--batch 0 --prompts-per-step 5`: every traced step takes its 5 new prompts, so none is
+    left waiting. With 8 seats (fewer than 2 x 5) every other call admitted none, while the
+    step in flight still held its 5."""
+    out = _run_script(
+        tmp_path,
+        "--batch",
+        "0",
+        "--prefill-len",
+        "16",
+        "--input-len",
+        "0",
+        "--prompts-per-step",
+        "5",
+    )
     assert out["prompts_per_step"] == 5
     assert out["waiting_after"] == 0
+    assert out["long_prompt_tokens_per_step"] is None
+
+
+def test_mixed_steps_carry_the_long_prompts_chunk(tmp_path):
+    """`--batch 3 --prefill-len 24`: each traced step is 3 decodes beside 24 tokens of the long
+    prompt, and the output says so (an H100 run at 248 requests traced decode-only steps and
+    nothing told)."""
+    out = _run_script(tmp_path, "--batch", "3", "--input-len", "20", "--prefill-len", "24")
+    assert out["long_prompt_tokens_per_step"] == 24
