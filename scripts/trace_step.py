@@ -17,6 +17,7 @@ import collections
 import glob
 import gzip
 import json
+import sys
 import time
 
 import jax
@@ -185,6 +186,15 @@ def main() -> None:
         for j in range(n):
             add_prompt(f"warm{i}_{j}", p)
         llm.engine.step(kind=OutputKind.FINAL_ONLY)
+    if p and b and "long" not in {r.request_id for r in llm.engine.scheduler.running}:
+        # Admission reserves pages for a request's whole prompt: p * (steps + 3) tokens beside
+        # the batch's may not fit the KV cache (likely why an 8B run on an H100 at 248 x 1,100
+        # beside 7,936 x 7 traced decode-only steps).
+        print(
+            "trace_step: the long prompt was not admitted, so the traced steps are decode-only; "
+            "use fewer --steps or a smaller --batch",
+            file=sys.stderr,
+        )
     jax.effects_barrier()
     long_before = long_computed()
     with jax.profiler.trace(args.out, create_perfetto_trace=True):
