@@ -139,15 +139,12 @@ def tile_table(
     starts, lens, kv = rb.request_extents(query_start, kv_lens, num_seqs, num_tokens, active)
     first_row = starts - starts % _ROW_ALIGN
     per_request = jnp.where(lens > 0, -(-(starts + lens - first_row) // rows), 0)
-    ends = jnp.cumsum(per_request)
     # A request's tiles cover its rows and at most 7 before them: under len / rows + 2 tiles.
     max_requests = min(num_requests + 1, max(num_tokens, 1))
     nt = -(-num_tokens // rows) + 2 * max_requests
-    t = jnp.arange(nt, dtype=jnp.int32)
-    owner = jnp.searchsorted(ends, t, side="right", method="scan_unrolled").astype(jnp.int32)
+    owner, o, j = rb.assign_blocks(per_request, nt)
     used = owner <= num_requests  # owner R is the padding pseudo-request, R + 1 surplus
-    o = jnp.minimum(owner, num_requests)
-    row0 = first_row[o] + (t - (ends[o] - per_request[o])) * rows
+    row0 = first_row[o] + j * rows
     tok_start = jnp.where(used, jnp.maximum(row0, starts[o]), 0)
     tok_end = jnp.where(used, jnp.minimum(row0 + rows, starts[o] + lens[o]), 0)
     row0 = jnp.where(used, row0, 0)

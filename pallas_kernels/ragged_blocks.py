@@ -50,6 +50,20 @@ def request_extents(
     return starts, lens, kv.astype(jnp.int32)
 
 
+def assign_blocks(per_request: jax.Array, num_blocks: int) -> tuple[jax.Array, ...]:
+    """Hand out `num_blocks` blocks in request order, `per_request[r]` to each entry of
+    `request_extents` (the padding pseudo-request last). Returns, per block: its owner (R + 1:
+    a surplus block), the owner clamped to R (safe to index with), and the block's index
+    among its owner's. [NB] int32 each."""
+    ends = jnp.cumsum(per_request)
+    b = jnp.arange(num_blocks, dtype=jnp.int32)
+    # Unrolled binary search: the default method ("scan") is a while loop, a few small kernel
+    # launches per step on a GPU (H200: 32 -> 5 kernels for a batch-32 decode call).
+    owner = jnp.searchsorted(ends, b, side="right", method="scan_unrolled").astype(jnp.int32)
+    o = jnp.minimum(owner, per_request.shape[0] - 1)
+    return owner, o, b - (ends[o] - per_request[o])
+
+
 def query_blocks(
     query_start: jax.Array,
     kv_lens: jax.Array,
@@ -70,16 +84,8 @@ def query_blocks(
     num_requests = kv_lens.shape[0]
     nb = num_query_blocks(num_tokens, num_requests, block_q)
     starts, lens, kv = request_extents(query_start, kv_lens, num_seqs, num_tokens)
-    blocks_per_req = -(-lens // block_q)
-    ends = jnp.cumsum(blocks_per_req)
-    b = jnp.arange(nb, dtype=jnp.int32)
-    # Unrolled binary search: the default method ("scan") is a while loop, a few small kernel
-    # launches per step on a GPU (H200: 32 -> 5 kernels for a batch-32 decode call).
-    owner = jnp.searchsorted(ends, b, side="right", method="scan_unrolled")
-    owner = owner.astype(jnp.int32)  # R + 1: surplus
-    used = owner <= num_requests
-    o = jnp.minimum(owner, num_requests)
-    j = b - (ends[o] - blocks_per_req[o])
+    owner, o, j = assign_blocks(-(-lens // block_q), nb)
+    used = owner <= num_requests  # owner R is the padding pseudo-request, R + 1 surplus
     tok_start = jnp.where(used, starts[o] + j * block_q, 0)
     tok_end = jnp.where(used, jnp.minimum(tok_start + block_q, starts[o] + lens[o]), 0)
     pos_start = kv[o] - lens[o] + (tok_start - starts[o])
