@@ -288,6 +288,19 @@ class WorkItems:
             jnp.where(is_dec, 0, 1),
         )
 
+    @property
+    def q_rows(self) -> int:
+        """Query heads a decode item loads: its group, at least 8 (one tile row group)."""
+        return max(self.num_heads // self.num_kv_heads, _ROW_ALIGN)
+
+    def decode_heads(self, it: Item):
+        """Where a decode's query heads are: (the first of the `q_rows` heads warpgroup 0
+        loads, a multiple of q_rows as TMA into the tiled tile needs; the group's first row
+        among them; the group's first head)."""
+        head0 = it.kv_head * (self.num_heads // self.num_kv_heads)
+        first = lax.rem(head0, self.q_rows)
+        return head0 - first, first, head0
+
     def steps(self, it: Item) -> jax.Array:
         """Key blocks the memory warpgroup fetches for an item (the longer warpgroup's)."""
         return jnp.maximum(self.warpgroup(it, 0)[3], self.warpgroup(it, 1)[3])
@@ -341,8 +354,6 @@ def ragged_paged_attention(
             f"page size {page_size}, heads {num_heads}/{num_kv_heads}"
         )
     group = num_heads // num_kv_heads
-    # A decode item loads the q rows of its head group: `q_rows` heads from a multiple of 8.
-    q_rows = max(group, _ROW_ALIGN)
     block_q, block_kv, steps_in_flight = cfg.block_q, cfg.block_kv, cfg.max_concurrent_steps
     pages_per_step = block_kv // page_size
     max_pages = page_indices.shape[1]
@@ -406,14 +417,14 @@ def ragged_paged_attention(
                         q_ref.at[pl.ds(base, block_q), it.q_head], q_smem, q_ready.at[wg]
                     )
 
-                # A decode loads `q_rows` heads from a multiple of q_rows (TMA into the tiled
-                # tile): its group sits at rows [head0 % q_rows, + group).
-                head0 = it.kv_head * group
+                # A decode: its group's heads and those around it, as the first rows.
+                load_head, _, _ = items.decode_heads(it)
+                q_rows = items.q_rows
 
                 @pl.when(it.is_decode & (wg == 0))
                 def _():
                     plgpu.copy_gmem_to_smem(
-                        q_ref.at[base, pl.ds(head0 - lax.rem(head0, q_rows), q_rows)],
+                        q_ref.at[base, pl.ds(load_head, q_rows)],
                         q_smem.at[pl.ds(0, q_rows)],
                         q_ready.at[wg],
                     )
@@ -432,8 +443,7 @@ def ragged_paged_attention(
                 # Key blocks wholly at or before this warpgroup's first position need no mask.
                 full_steps = jnp.clip((first_pos + 1) // block_kv, 0, steps)
                 slot_of = lambda step: lax.rem(g + step, steps_in_flight)
-                head0 = it.kv_head * group
-                first = lax.rem(head0, q_rows)
+                _, first, head0 = items.decode_heads(it)
 
                 @pl.when(~is_dec | (wg == 0))
                 def _():

@@ -57,7 +57,6 @@ def _work_model(args, block_kv, num_ctas):
     q, kv, kv_lens, page_table, query_start, num_seqs = (np.asarray(a) for a in args)
     num_tokens, num_heads, _ = q.shape
     num_kv_heads, page_size = kv.shape[1], kv.shape[3]
-    group = num_heads // num_kv_heads
     tiles, decodes, counts = mgpu.work_lists(
         *(jnp.asarray(a) for a in (query_start, kv_lens, num_seqs)),
         num_tokens=num_tokens,
@@ -84,6 +83,8 @@ def _work_model(args, block_kv, num_ctas):
     it = work.item(meta, m)
     parts = [[np.asarray(x) for x in work.warpgroup(it, w)] for w in range(2)]
     is_dec, req, kv_head, q_head = (np.asarray(x) for x in it[:4])
+    load_head, first, _ = (np.asarray(x) for x in work.decode_heads(it))
+    assert (load_head % work.q_rows == 0).all() and (load_head + work.q_rows <= num_heads).all()
     out = np.full(q.shape, np.nan, np.float32)
     written = np.zeros((num_tokens, num_heads), int)
     for i in range(len(m)):
@@ -97,8 +98,11 @@ def _work_model(args, block_kv, num_ctas):
             k = kv[0, kv_head[i], pages, keys % page_size].astype(np.float32)
             v = kv[1, kv_head[i], pages, keys % page_size].astype(np.float32)
             for r in range(lo, hi):
-                # A prompt tile's rows are tokens of one head; a decode's rows its group's heads.
-                row, head = (base, kv_head[i] * group + r) if is_dec[i] else (base + r, q_head[i])
+                # A prompt tile's rows are tokens of one head; a decode's rows its group's heads,
+                # from row `first` of the heads loaded.
+                row, head = (
+                    (base, load_head[i] + first[i] + r) if is_dec[i] else (base + r, q_head[i])
+                )
                 s = q[row, head].astype(np.float32) @ k.T * SM_SCALE
                 s[keys > first_pos + r * row_step] = -np.inf  # causal, by position
                 written[row, head] += 1
@@ -115,6 +119,16 @@ def _work_model(args, block_kv, num_ctas):
 def test_work_items_cover_each_row_and_head_once_with_its_keys(name, num_ctas, block_kv):
     args = _batch(name, num_heads=8, num_kv_heads=2)
     out, written, _ = _work_model(args, block_kv, num_ctas)
+    assert (written == 1).all(), written
+    ref = ragged_paged_attention_reference(*args, sm_scale=SM_SCALE)
+    np.testing.assert_allclose(out, np.asarray(ref), atol=1e-5, rtol=1e-5)
+
+
+@pytest.mark.parametrize("heads", [(8, 8), (16, 1), (32, 2)], ids=["g1", "g16", "n32g16"])
+def test_decode_items_find_their_heads_in_any_group(heads):
+    """Groups of 1 (8 heads loaded for one), 16 (two 8-row tile groups) and 16 of 32 heads."""
+    args = _batch("mixed", num_heads=heads[0], num_kv_heads=heads[1])
+    out, written, _ = _work_model(args, 8, num_ctas=4)
     assert (written == 1).all(), written
     ref = ragged_paged_attention_reference(*args, sm_scale=SM_SCALE)
     np.testing.assert_allclose(out, np.asarray(ref), atol=1e-5, rtol=1e-5)
