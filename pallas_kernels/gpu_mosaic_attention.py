@@ -115,28 +115,21 @@ def supports(
 
 
 def tile_table(
-    query_start: jax.Array,
-    kv_lens: jax.Array,
-    num_seqs: jax.Array,
-    *,
-    num_tokens: int,
-    rows: int,
-    block_kv: int,
-    active: jax.Array | None = None,
-) -> jax.Array:
-    """Tiles of `rows` q rows on the 8-row grid: [NT, _NUM_FIELDS] int32.
+    starts: jax.Array, lens: jax.Array, kv: jax.Array, *, num_tokens: int, rows: int, block_kv: int
+) -> tuple[jax.Array, jax.Array]:
+    """Tiles of `rows` q rows on the 8-row grid, for the requests of `request_extents` (starts,
+    lens, kv: [R + 1], the padding pseudo-request last; a request with lens 0 gets no tile):
+    ([NT, _NUM_FIELDS] int32, the number of used tiles, which come first).
 
     A request's tiles start at its first row rounded down to a multiple of 8, then every
     `rows` rows. Per tile: _REQ (page-table row), _ROW0 (its first q row), _TOK_START/_TOK_END
     (the rows it writes: its request's rows inside it), _POS0 (the position of row _ROW0 in
     its request, negative for rows before the request), _KV_BLK_HI (key blocks its last row
     sees; 0 for the padding pseudo-request and surplus tiles, which write zeros / nothing).
-    active: [R + 1] bool (see `ragged_blocks.request_extents`), or None (all). The used tiles
-    come first. NT = cdiv(T, rows) + 2 A bounds the tiles of A requests with rows (the padding
-    rows count as one), A <= min(R + 1, T).
+    NT = cdiv(T, rows) + 2 A bounds the tiles of A requests with rows (the padding rows count
+    as one), A <= min(R + 1, T).
     """
-    num_requests = kv_lens.shape[0]
-    starts, lens, kv = rb.request_extents(query_start, kv_lens, num_seqs, num_tokens, active)
+    num_requests = lens.shape[0] - 1
     first_row = starts - starts % _ROW_ALIGN
     per_request = jnp.where(lens > 0, -(-(starts + lens - first_row) // rows), 0)
     # A request's tiles cover its rows and at most 7 before them: under len / rows + 2 tiles.
@@ -153,7 +146,7 @@ def tile_table(
     blk_hi = jnp.where(real, (pos0 + tok_end - row0 - 1) // block_kv + 1, 0)
     req = jnp.where(real, owner, 0)
     fields = [req, row0, tok_start, tok_end, pos0, jnp.maximum(blk_hi, 0)]
-    return jnp.stack(fields, axis=1).astype(jnp.int32)
+    return jnp.stack(fields, axis=1).astype(jnp.int32), jnp.sum(per_request)
 
 
 def work_lists(
@@ -173,23 +166,21 @@ def work_lists(
     are prompt tiles (`tile_table`), the first `counts[0]` rows; each is one item per query head.
     """
     num_requests = kv_lens.shape[0]
-    _, lens, kv = rb.request_extents(query_start, kv_lens, num_seqs, num_tokens)
+    starts, lens, kv = rb.request_extents(query_start, kv_lens, num_seqs, num_tokens)
     decode = lens[:num_requests] == 1
     chunked = jnp.concatenate([~decode, jnp.ones((1,), bool)])  # padding rows: tiles
-    tiles = tile_table(
-        query_start,
-        kv_lens,
-        num_seqs,
+    tiles, num_tiles = tile_table(
+        starts,
+        jnp.where(chunked, lens, 0),
+        kv,
         num_tokens=num_tokens,
         rows=rows,
         block_kv=block_kv,
-        active=chunked,
     )
     (which,) = jnp.nonzero(decode, size=num_requests, fill_value=0)
     which = which.astype(jnp.int32)
     decodes = jnp.stack([which, query_start[which], kv[which]], axis=1).astype(jnp.int32)
-    used = jnp.sum(tiles[:, _TOK_END] > tiles[:, _TOK_START])
-    counts = jnp.stack([used, jnp.sum(decode)]).astype(jnp.int32)
+    counts = jnp.stack([num_tiles, jnp.sum(decode)]).astype(jnp.int32)
     return tiles, decodes, counts
 
 

@@ -30,13 +30,8 @@ def request_extents(
     kv_lens: jax.Array,
     num_seqs: jax.Array,
     num_tokens: int,
-    active: jax.Array | None = None,
 ) -> tuple[jax.Array, jax.Array, jax.Array]:
-    """Per (request + padding pseudo-request): first token, q_len, kv_len. Each [R + 1].
-
-    active: [R + 1] bool, or None (all): inactive entries get q_len 0, so a table makes no
-    blocks for them (the Mosaic GPU kernel's prompt tiles leave the decodes to its decode
-    items)."""
+    """Per (request + padding pseudo-request): first token, q_len, kv_len. Each [R + 1]."""
     num_requests = kv_lens.shape[0]
     num_seqs = jnp.reshape(num_seqs, ()).astype(jnp.int32)
     real = jnp.arange(num_requests) < num_seqs
@@ -44,8 +39,6 @@ def request_extents(
     pad_start = query_start[num_seqs]
     starts = jnp.concatenate([query_start[:-1], pad_start[None]]).astype(jnp.int32)
     lens = jnp.concatenate([q_lens, (num_tokens - pad_start)[None]]).astype(jnp.int32)
-    if active is not None:
-        lens = jnp.where(active, lens, 0)
     kv = jnp.concatenate([jnp.where(real, kv_lens, 0), jnp.zeros((1,), kv_lens.dtype)])
     return starts, lens, kv.astype(jnp.int32)
 
