@@ -3,11 +3,13 @@ Qwen3 (q/k RMSNorm), chosen by `ModelConfig`.
 
 Attribute names follow Hugging Face's module names, so a checkpoint tensor
 `model.layers.3.self_attn.o_proj.weight` lands on `model.layers[3].self_attn.o_proj.kernel`,
-except that q/k/v and gate/up are fused (`FUSED`): one [D, (N + 2K) H] and one [D, 2F] matmul
-instead of five, so a decode step launches fewer, larger kernels that stream the weights closer
-to HBM bandwidth. Linear kernels are stored [in, out] (transposed from torch): `x @ kernel`.
-Layers are a Python list, unrolled in the trace: on GPU, XLA streams unrolled per-layer weights
-at ~92% of HBM bandwidth against ~33% under `lax.scan` (DESIGN.md, "The fast path").
+except that q/k/v and gate/up are fused (`fused_parts`): one [D, (N + 2K) H] and one [D, 2F]
+matmul instead of five, so a decode step launches fewer, larger kernels that stream the weights
+closer to HBM bandwidth. gate_up_proj keeps gate and up interleaved in column blocks
+(`arrange_fused`), so that a kernel can fuse the activation into the matmul. Linear kernels
+are stored [in, out] (transposed from torch): `x @ kernel`. Layers are a Python list, unrolled
+in the trace: on GPU, XLA streams unrolled per-layer weights at ~92% of HBM bandwidth against
+~33% under `lax.scan` (DESIGN.md, "The fast path").
 """
 
 from __future__ import annotations
@@ -20,6 +22,7 @@ import jax.numpy as jnp
 from flax import nnx
 
 from models.config import ModelConfig, RopeScaling
+from pallas_kernels import gate_up
 from pallas_kernels.attention import AttentionBackend, AttentionMetadata, paged_attention
 
 
@@ -141,15 +144,33 @@ class Attention(nnx.Module):
         return self.o_proj(out.reshape(t, -1)), kv_cache
 
 
+def arrange_fused(name: str, value, cfg: ModelConfig):
+    """A fused parameter (`fused_parts` order) in the layout the model keeps: gate_up_proj's
+    gate and up columns interleaved in blocks (pallas_kernels/gate_up.py)."""
+    if name == "gate_up_proj":
+        return gate_up.interleave(value, gate_up.block_for(cfg.intermediate_size))
+    return value
+
+
 class MLP(nnx.Module):
-    def __init__(self, cfg: ModelConfig, *, dtype: jnp.dtype, rngs: nnx.Rngs):
+    """down_proj(silu(gate) * up), gate_up_proj's columns interleaved (`arrange_fused`)."""
+
+    def __init__(
+        self, cfg: ModelConfig, *, dtype: jnp.dtype, backend: AttentionBackend, rngs: nnx.Rngs
+    ):
         d, f, bias = cfg.hidden_size, cfg.intermediate_size, cfg.mlp_bias
         self.gate_up_proj = Linear(d, 2 * f, bias=bias, dtype=dtype, rngs=rngs)
         self.down_proj = Linear(f, d, bias=bias, dtype=dtype, rngs=rngs)
+        self.block = gate_up.block_for(f)
+        self.use_kernels = backend is AttentionBackend.PALLAS
 
     def __call__(self, x: jax.Array) -> jax.Array:
-        gate, up = jnp.split(self.gate_up_proj(x), 2, axis=-1)
-        return self.down_proj(jax.nn.silu(gate) * up)
+        proj = self.gate_up_proj
+        bias = None if proj.bias is None else proj.bias[...]
+        h = gate_up.silu_gate_up(
+            x, proj.kernel[...], bias, block=self.block, use_kernels=self.use_kernels
+        )
+        return self.down_proj(h)
 
 
 class DecoderLayer(nnx.Module):
@@ -159,7 +180,7 @@ class DecoderLayer(nnx.Module):
         self.input_layernorm = RMSNorm(cfg.hidden_size, eps=cfg.rms_norm_eps, dtype=dtype)
         self.self_attn = Attention(cfg, dtype=dtype, backend=backend, rngs=rngs)
         self.post_attention_layernorm = RMSNorm(cfg.hidden_size, eps=cfg.rms_norm_eps, dtype=dtype)
-        self.mlp = MLP(cfg, dtype=dtype, rngs=rngs)
+        self.mlp = MLP(cfg, dtype=dtype, backend=backend, rngs=rngs)
 
     def __call__(self, x, positions, inv_freq, kv_cache, meta):
         h, kv_cache = self.self_attn(self.input_layernorm(x), positions, inv_freq, kv_cache, meta)

@@ -11,7 +11,7 @@ import functools
 import json
 import logging
 import shutil
-from collections.abc import Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -23,7 +23,7 @@ from flax import nnx
 from tqdm import tqdm
 
 from models.config import ModelConfig
-from models.llama import fused_parts
+from models.llama import arrange_fused, fused_parts
 from models.registry import get_model_class
 from models.safetensors_reader import CheckpointError, iter_safetensors
 from pallas_kernels.attention import AttentionBackend
@@ -32,6 +32,11 @@ logger = logging.getLogger(__name__)
 
 LOAD_FORMATS = ("auto", "safetensors", "gguf", "orbax", "dummy")
 _ORBAX_DIR = "pagejax_params"
+# How save_orbax's parameters differ from the checkpoint's tensors besides fusing: gate_up_proj
+# interleaved (`arrange_fused`). Checkpoints saved before this file was written hold
+# [gate | up], and are rearranged as they load.
+_LAYOUT_FILE = "pagejax_layout.json"
+_LAYOUT = {"gate_up_proj": "interleaved"}
 # Tensors some checkpoints carry that the model recomputes.
 _IGNORED_SUFFIXES = ("rotary_emb.inv_freq",)
 
@@ -160,9 +165,11 @@ def fill_params(
     dtype: jnp.dtype,
     tied: bool,
     fused: dict[str, tuple[tuple[str, int], ...]],
+    arrange: Callable[[str, np.ndarray], np.ndarray] = lambda name, value: value,
 ) -> dict:
     """Put every checkpoint tensor at its parameter path (parts of fused parameters at their
-    column slice); errors name the file and tensor."""
+    column slice, then `arrange(fused name, whole value)` into the model's layout); errors
+    name the file and tensor."""
     expected = dict(_flatten(pure))
     loaded: set[tuple] = set()
     np_dtype = np.dtype(dtype)
@@ -195,6 +202,7 @@ def fill_params(
             host = buffers.put(target, path[-2], located[1], host, expected[target].shape, np_dtype)
             if host is None:
                 continue
+            host = arrange(target[-2], host)
         _set(pure, target, jax.device_put(host))
         loaded.add(target)
     never_seen = sorted(expected.keys() - loaded - set(buffers.filled), key=_path_name)
@@ -271,7 +279,7 @@ def load_model(
     if load_format == "dummy":
         pure = dummy_params(pure, dtype=dt, seed=seed)
     elif fmt == "orbax":
-        pure = restore_orbax(path, pure)
+        pure = restore_orbax(path, pure, config)
     else:
         pure = fill_params(
             pure,
@@ -280,6 +288,7 @@ def load_model(
             dtype=dt,
             tied=config.tie_word_embeddings,
             fused=fused_parts(config),
+            arrange=lambda name, value: arrange_fused(name, value, config),
         )
     nnx.replace_by_pure_dict(state, pure)
     logger.info("loaded %s (%s, %s) from %s", config.architecture, fmt, dt.name, path)
@@ -317,11 +326,17 @@ def save_orbax(model, source: str | Path, dest: str | Path) -> Path:
     pure = nnx.to_pure_dict(nnx.state(model))
     with ocp.StandardCheckpointer() as ckptr:
         ckptr.save(dest / _ORBAX_DIR, pure, force=True)
+    (dest / _LAYOUT_FILE).write_text(json.dumps(_LAYOUT))
     return dest
 
 
-def restore_orbax(path: Path, abstract_pure: dict) -> dict:
+def restore_orbax(path: Path, abstract_pure: dict, config: ModelConfig) -> dict:
     import orbax.checkpoint as ocp
 
     with ocp.StandardCheckpointer() as ckptr:
-        return ckptr.restore(path.absolute() / _ORBAX_DIR, abstract_pure)
+        pure = ckptr.restore(path.absolute() / _ORBAX_DIR, abstract_pure)
+    if not (path / _LAYOUT_FILE).exists():  # saved with gate_up_proj as [gate | up]
+        for leaf_path, value in list(_flatten(pure)):
+            if leaf_path[-2] in _LAYOUT:
+                _set(pure, leaf_path, arrange_fused(leaf_path[-2], value, config))
+    return pure

@@ -184,7 +184,8 @@ def work_lists(
     return tiles, decodes, counts
 
 
-def _num_sms() -> int:
+def num_sms() -> int:
+    """SMs of the GPU: one persistent CTA each."""
     device = jax.devices()[0]
     count = getattr(device, "core_count", None) if device.platform == "gpu" else None
     return int(count or 132)  # 132: H100 SXM and H200 (lowering on a CPU)
@@ -357,7 +358,7 @@ def ragged_paged_attention(
         rows=_COMPUTE_WGS * block_q,
         block_kv=block_kv,
     )
-    num_ctas = cfg.num_ctas or _num_sms()
+    num_ctas = cfg.num_ctas or num_sms()
     num_ctas = max(2, num_ctas - num_ctas % 2)  # the interleave pairs CTAs (WorkItems)
     # One fresh int32 buffer: Mosaic GPU wants its operands 256-byte aligned, and the engine's
     # page table is a slice of a packed input.

@@ -29,6 +29,7 @@ FAMILIES: dict[str, tuple[str, dict]] = {
         "LlamaConfig",
         dict(
             _COMMON,
+            intermediate_size=192,  # three gate/up blocks of 64: the interleaved layout
             rope_theta=500000.0,
             tie_word_embeddings=False,
             rope_scaling=dict(

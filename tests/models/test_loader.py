@@ -143,3 +143,24 @@ def test_unsupported_architecture(folder, tmp_path):
 def test_unsupported_model_dtype(folder):
     with pytest.raises(ValueError, match="unsupported dtype 'int8'"):
         load_model(folder, dtype="int8")
+
+
+def test_orbax_checkpoint_saved_before_the_interleaved_gate_up_loads_rearranged(tmp_path):
+    from pallas_kernels import gate_up
+
+    src = write_checkpoint("llama3", tmp_path / "llama3")  # F = 192: three blocks of 64
+    model = load_model(src, dtype="float32")
+    dest = save_orbax(model, src, tmp_path / "ckpt")
+    # What an earlier pagejax wrote: gate_up_proj as [gate | up], and no layout file.
+    old = load_model(dest, dtype="float32")
+    for x, y in zip(_params(model), _params(old), strict=True):  # with the file: as saved
+        np.testing.assert_array_equal(x, y)
+    for layer in old.model.layers:
+        kernel = layer.mlp.gate_up_proj.kernel
+        kernel[...] = gate_up.deinterleave(kernel[...], 64)
+    (dest / "pagejax_layout.json").unlink()
+    save_orbax(old, src, dest)
+    (dest / "pagejax_layout.json").unlink()
+    restored = load_model(dest, dtype="float32")
+    for x, y in zip(_params(model), _params(restored), strict=True):
+        np.testing.assert_array_equal(x, y)

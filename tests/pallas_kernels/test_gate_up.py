@@ -1,0 +1,80 @@
+"""The MLP's interleaved gate/up layout and its activation (pallas_kernels/gate_up.py), against
+numpy; the fused Mosaic GPU kernel cross-lowered on the CPU (it runs in test_gpu.py)."""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from pallas_kernels import gate_up, gpu_gate_up
+
+
+def _silu(x):
+    return x / (1.0 + np.exp(-x))
+
+
+def test_interleave_alternates_gate_and_up_blocks():
+    d, f, block = 3, 8, 2
+    gate = np.arange(d * f).reshape(d, f)
+    up = 1000 + gate
+    w = gate_up.interleave(np.concatenate([gate, up], axis=1), block)
+    for j in range(f // block):
+        np.testing.assert_array_equal(w[:, 4 * j : 4 * j + 2], gate[:, 2 * j : 2 * j + 2])
+        np.testing.assert_array_equal(w[:, 4 * j + 2 : 4 * j + 4], up[:, 2 * j : 2 * j + 2])
+    np.testing.assert_array_equal(
+        gate_up.deinterleave(w, block), np.concatenate([gate, up], axis=1)
+    )
+
+
+def test_interleave_of_a_bias_and_the_plain_layout_when_the_block_does_not_divide():
+    bias = np.arange(12)
+    want = [0, 1, 2, 6, 7, 8, 3, 4, 5, 9, 10, 11]
+    np.testing.assert_array_equal(gate_up.interleave(bias, 3), want)
+    assert gate_up.block_for(192) == 64 and gate_up.block_for(112) == 112
+    np.testing.assert_array_equal(gate_up.interleave(bias, 6), bias)  # one block: [gate | up]
+
+
+@pytest.mark.parametrize("f, bias", [(192, False), (112, True)])
+def test_silu_gate_up_matches_numpy_on_the_interleaved_weight(f, bias):
+    rng = np.random.default_rng(0)
+    d, t = 32, 5
+    x = rng.normal(size=(t, d)).astype(np.float32)
+    wg, wu = rng.normal(size=(d, f)).astype(np.float32), rng.normal(size=(d, f)).astype(np.float32)
+    bg, bu = rng.normal(size=f).astype(np.float32), rng.normal(size=f).astype(np.float32)
+    block = gate_up.block_for(f)
+    w = gate_up.interleave(np.concatenate([wg, wu], axis=1), block)
+    b = gate_up.interleave(np.concatenate([bg, bu]), block) if bias else None
+    got = gate_up.silu_gate_up(
+        jnp.asarray(x),
+        jnp.asarray(w),
+        None if b is None else jnp.asarray(b),
+        block=block,
+        use_kernels=True,  # on the CPU no kernel applies: XLA and the reference
+    )
+    want = _silu(x @ wg + (bg if bias else 0)) * (x @ wu + (bu if bias else 0))
+    np.testing.assert_allclose(np.asarray(got), want, rtol=2e-5, atol=2e-5)
+
+
+def test_kernel_choice(monkeypatch):
+    x = jnp.zeros((2048, 256), jnp.bfloat16)
+    w = jnp.zeros((256, 512), jnp.bfloat16)
+    assert not gate_up._use_gpu_kernel(x, w, 64)  # not a GPU
+    monkeypatch.setenv("PAGEJAX_GPU_GATE_UP", "fused")
+    with pytest.raises(ValueError, match="PAGEJAX_GPU_GATE_UP"):
+        gate_up._use_gpu_kernel(x, w, 64)
+    ok = lambda m, k, n, dt=jnp.bfloat16, wt=jnp.bfloat16: gpu_gate_up.supports(m, k, n, dt, wt)
+    assert ok(1024, 4096, 28672)
+    assert not ok(1000, 4096, 28672)  # rows: whole tiles of 128
+    assert not ok(1024, 4096, 28672 - 128)  # columns: whole pairs of gate/up block pairs
+    assert not ok(1024, 4096, 28672, jnp.float32, jnp.float32)
+    assert not ok(1024, 4096, 28672, jnp.bfloat16, jnp.float16)
+
+
+@pytest.mark.parametrize("m, k, two_f", [(1024, 4096, 28672), (256, 128, 512)])
+def test_fused_kernel_lowers_for_cuda(m, k, two_f):
+    bf16 = jnp.bfloat16
+    args = [jax.ShapeDtypeStruct((m, k), bf16), jax.ShapeDtypeStruct((k, two_f), bf16)]
+    text = jax.jit(gpu_gate_up.gate_up_silu).trace(*args).lower(lowering_platforms=("cuda",))
+    assert "mosaic_gpu" in text.as_text()
