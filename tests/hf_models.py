@@ -81,19 +81,21 @@ def hf_logits(folder: Path, token_ids: list[int]) -> np.ndarray:
 
 
 def hf_greedy(folder: Path, token_ids: list[int], num_tokens: int) -> list[int]:
+    """transformers' greedy continuation, EOS included where it is the argmax: what `ignore_eos`
+    asks of an engine (vLLM's meaning: do not stop at EOS, not never sample it). `generate`
+    with `min_new_tokens` would mask EOS instead."""
     import torch
     import transformers
 
     model = transformers.AutoModelForCausalLM.from_pretrained(folder, dtype=torch.float32)
+    ids, past, out = torch.tensor([token_ids]), None, []
     with torch.no_grad():
-        out = model.generate(
-            torch.tensor([token_ids]),
-            max_new_tokens=num_tokens,
-            min_new_tokens=num_tokens,
-            do_sample=False,
-            pad_token_id=0,
-        )
-    return out[0, len(token_ids) :].tolist()
+        for _ in range(num_tokens):
+            step = model(ids, past_key_values=past, use_cache=True)
+            past = step.past_key_values
+            ids = step.logits[:, -1:].argmax(-1)
+            out.append(int(ids[0, 0]))
+    return out
 
 
 def single_request_metadata(
