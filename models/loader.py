@@ -26,6 +26,7 @@ from models.config import ModelConfig
 from models.llama import arrange_fused, fused_parts
 from models.registry import get_model_class
 from models.safetensors_reader import CheckpointError, iter_safetensors
+from pallas_kernels import gate_up
 from pallas_kernels.attention import AttentionBackend
 
 logger = logging.getLogger(__name__)
@@ -36,7 +37,7 @@ _ORBAX_DIR = "pagejax_params"
 # interleaved (`arrange_fused`). Checkpoints saved before this file was written hold
 # [gate | up], and are rearranged as they load.
 _LAYOUT_FILE = "pagejax_layout.json"
-_LAYOUT = {"gate_up_proj": "interleaved"}
+_LAYOUT = {"gate_up_proj": {"layout": "interleaved", "block": gate_up.BLOCK}}
 # Tensors some checkpoints carry that the model recomputes.
 _IGNORED_SUFFIXES = ("rotary_emb.inv_freq",)
 
@@ -335,8 +336,17 @@ def restore_orbax(path: Path, abstract_pure: dict, config: ModelConfig) -> dict:
 
     with ocp.StandardCheckpointer() as ckptr:
         pure = ckptr.restore(path.absolute() / _ORBAX_DIR, abstract_pure)
-    if not (path / _LAYOUT_FILE).exists():  # saved with gate_up_proj as [gate | up]
-        for leaf_path, value in list(_flatten(pure)):
-            if leaf_path[-2] in _LAYOUT:
-                _set(pure, leaf_path, arrange_fused(leaf_path[-2], value, config))
+    layout_file = path / _LAYOUT_FILE
+    if layout_file.exists():
+        saved = json.loads(layout_file.read_text())
+        if saved != _LAYOUT:
+            raise CheckpointError(
+                f"{layout_file}: parameters saved as {saved}, this version keeps {_LAYOUT}; "
+                "save it again from its source checkpoint (models.loader.save_orbax)"
+            )
+        return pure
+    logger.info("%s: no %s, so gate_up_proj is [gate | up]: interleaving it", path, _LAYOUT_FILE)
+    for leaf_path, value in list(_flatten(pure)):
+        if leaf_path[-2] == "gate_up_proj":
+            _set(pure, leaf_path, arrange_fused(leaf_path[-2], value, config))
     return pure

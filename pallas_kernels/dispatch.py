@@ -27,13 +27,13 @@ a warm start-up (32.0 against 18.6 s for the offline ladder), past the 15 s targ
 
 from __future__ import annotations
 
-import functools
 import os
 
 import jax
 
 from pallas_kernels import gpu_mosaic_attention as mgpu
 from pallas_kernels import gpu_ragged_paged_attention as gpu
+from pallas_kernels import hardware
 from pallas_kernels import tpu_ragged_paged_attention as tpu
 from pallas_kernels.attention import AttentionMetadata
 from pallas_kernels.reference import write_kv_reference
@@ -41,12 +41,6 @@ from pallas_kernels.reference import write_kv_reference
 _GPU_PLATFORMS = ("gpu", "cuda")
 MGPU_MIN_STEP_TOKENS = 2048
 MGPU_TOKENS_PER_REQUEST = 16
-
-
-@functools.cache
-def _is_hopper() -> bool:
-    device = jax.devices()[0]
-    return device.platform == "gpu" and str(getattr(device, "compute_capability", "")) == "9.0"
 
 
 def _use_mgpu(
@@ -73,7 +67,7 @@ def _use_mgpu(
     long_chunks = (
         num_tokens >= MGPU_MIN_STEP_TOKENS and num_requests * MGPU_TOKENS_PER_REQUEST <= num_tokens
     )
-    return (choice == "mgpu" or long_chunks) and _is_hopper()
+    return (choice == "mgpu" or long_chunks) and hardware.is_hopper()
 
 
 def gpu_attention(args: tuple, *, sm_scale: float, use_mgpu: bool, **kwargs) -> jax.Array:

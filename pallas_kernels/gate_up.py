@@ -14,10 +14,15 @@ The loader interleaves a checkpoint's gate_proj and up_proj once, as it fuses th
 
 from __future__ import annotations
 
-import functools
 import os
+from typing import TypeVar
 
 import jax
+import numpy as np
+
+from pallas_kernels import hardware
+
+ArrayLike = TypeVar("ArrayLike", np.ndarray, jax.Array)
 
 BLOCK = 64
 # The fused kernel takes steps from here on. H200, Llama-3-8B MLP, against XLA's matmul and
@@ -27,10 +32,11 @@ GPU_KERNEL_MIN_TOKENS = 1024
 
 
 def block_for(intermediate_size: int) -> int:
+    """The interleaving block of an MLP of this width: BLOCK, or F (the plain layout)."""
     return BLOCK if intermediate_size % BLOCK == 0 else intermediate_size
 
 
-def interleave(w, block: int):
+def interleave(w: ArrayLike, block: int) -> ArrayLike:
     """[..., 2F] as [gate | up] -> gate and up blocks of `block` columns alternating. numpy or
     jax arrays."""
     *lead, two_f = w.shape
@@ -38,7 +44,7 @@ def interleave(w, block: int):
     return w.reshape(*lead, 2, f // block, block).swapaxes(-3, -2).reshape(*lead, two_f)
 
 
-def deinterleave(w, block: int):
+def deinterleave(w: ArrayLike, block: int) -> ArrayLike:
     """The inverse of `interleave`: back to [gate | up]."""
     *lead, two_f = w.shape
     f = two_f // 2
@@ -52,19 +58,13 @@ def silu_gate_up_reference(y: jax.Array, block: int) -> jax.Array:
     return (jax.nn.silu(pairs[..., 0, :]) * pairs[..., 1, :]).reshape(*lead, two_f // 2)
 
 
-@functools.cache
-def _is_hopper() -> bool:
-    device = jax.devices()[0]
-    return device.platform == "gpu" and str(getattr(device, "compute_capability", "")) == "9.0"
-
-
 def _use_gpu_kernel(x: jax.Array, kernel: jax.Array, block: int) -> bool:
     choice = os.environ.get("PAGEJAX_GPU_GATE_UP", "auto")
     if choice not in ("auto", "xla"):
         raise ValueError(f"PAGEJAX_GPU_GATE_UP must be auto or xla, got {choice!r}")
     if choice == "xla" or block != BLOCK or x.ndim != 2 or x.shape[0] < GPU_KERNEL_MIN_TOKENS:
         return False
-    if jax.default_backend() != "gpu" or not _is_hopper():
+    if jax.default_backend() != "gpu" or not hardware.is_hopper():
         return False
     from pallas_kernels import gpu_gate_up
 
@@ -81,6 +81,6 @@ def silu_gate_up(
     if use_kernels and bias is None and _use_gpu_kernel(x, kernel, block):
         from pallas_kernels import gpu_gate_up
 
-        return gpu_gate_up.gate_up_silu(x, kernel)
+        return gpu_gate_up.silu_gate_up(x, kernel)
     y = x @ kernel
     return silu_gate_up_reference(y if bias is None else y + bias, block)

@@ -164,3 +164,12 @@ def test_orbax_checkpoint_saved_before_the_interleaved_gate_up_loads_rearranged(
     restored = load_model(dest, dtype="float32")
     for x, y in zip(_params(model), _params(restored), strict=True):
         np.testing.assert_array_equal(x, y)
+
+
+def test_orbax_checkpoint_of_another_layout_is_refused(folder, tmp_path):
+    dest = save_orbax(load_model(folder, dtype="float32"), folder, tmp_path / "ckpt")
+    layout = json.loads((dest / "pagejax_layout.json").read_text())
+    layout["gate_up_proj"]["block"] = 128
+    (dest / "pagejax_layout.json").write_text(json.dumps(layout))
+    with pytest.raises(CheckpointError, match="pagejax_layout.json.*save it again"):
+        load_model(dest, dtype="float32")

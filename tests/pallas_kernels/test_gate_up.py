@@ -8,7 +8,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from pallas_kernels import gate_up, gpu_gate_up
+from pallas_kernels import gate_up, gpu_gate_up, hardware
 
 
 def _silu(x):
@@ -36,7 +36,7 @@ def test_interleave_of_a_bias_and_the_plain_layout_when_the_block_does_not_divid
     np.testing.assert_array_equal(gate_up.interleave(bias, 6), bias)  # one block: [gate | up]
 
 
-@pytest.mark.parametrize("f, bias", [(192, False), (112, True)])
+@pytest.mark.parametrize("f, bias", [(192, False), (192, True), (112, True)])
 def test_silu_gate_up_matches_numpy_on_the_interleaved_weight(f, bias):
     rng = np.random.default_rng(0)
     d, t = 32, 5
@@ -58,23 +58,42 @@ def test_silu_gate_up_matches_numpy_on_the_interleaved_weight(f, bias):
 
 
 def test_kernel_choice(monkeypatch):
-    x = jnp.zeros((2048, 256), jnp.bfloat16)
+    """The fused kernel: on a Hopper GPU, steps of GPU_KERNEL_MIN_TOKENS or more, blocks of
+    BLOCK, shapes it supports, unless PAGEJAX_GPU_GATE_UP=xla."""
     w = jnp.zeros((256, 512), jnp.bfloat16)
-    assert not gate_up._use_gpu_kernel(x, w, 64)  # not a GPU
+    rows = lambda m: jnp.zeros((m, 256), jnp.bfloat16)
+    big = rows(gate_up.GPU_KERNEL_MIN_TOKENS)
+    use = gate_up._use_gpu_kernel
+    assert not use(big, w, 64)  # the CPU
+    monkeypatch.setattr(jax, "default_backend", lambda: "gpu")
+    assert not use(big, w, 64)  # a GPU, but not Hopper
+    monkeypatch.setattr(hardware, "is_hopper", lambda: True)
+    assert use(big, w, 64)
+    assert not use(rows(gate_up.GPU_KERNEL_MIN_TOKENS // 2), w, 64)  # a decode-sized step
+    assert not use(big, w, 256)  # the plain layout (block = F)
+    assert not use(rows(gate_up.GPU_KERNEL_MIN_TOKENS + 8), w, 64)  # rows off the tile grid
+    monkeypatch.setenv("PAGEJAX_GPU_GATE_UP", "xla")
+    assert not use(big, w, 64)
     monkeypatch.setenv("PAGEJAX_GPU_GATE_UP", "fused")
     with pytest.raises(ValueError, match="PAGEJAX_GPU_GATE_UP"):
-        gate_up._use_gpu_kernel(x, w, 64)
-    ok = lambda m, k, n, dt=jnp.bfloat16, wt=jnp.bfloat16: gpu_gate_up.supports(m, k, n, dt, wt)
+        use(big, w, 64)
+
+
+def test_kernel_support():
+    ok = lambda m, k, n, dt=jnp.bfloat16, wt=jnp.bfloat16, **cfg: gpu_gate_up.supports(
+        m, k, n, dt, wt, gpu_gate_up.GateUpConfig(**cfg)
+    )
     assert ok(1024, 4096, 28672)
     assert not ok(1000, 4096, 28672)  # rows: whole tiles of 128
     assert not ok(1024, 4096, 28672 - 128)  # columns: whole pairs of gate/up block pairs
     assert not ok(1024, 4096, 28672, jnp.float32, jnp.float32)
     assert not ok(1024, 4096, 28672, jnp.bfloat16, jnp.float16)
+    assert ok(1024, 4096, 28672, tile_m=64) and not ok(1024, 4096, 28672, tile_m=96)
 
 
 @pytest.mark.parametrize("m, k, two_f", [(1024, 4096, 28672), (256, 128, 512)])
 def test_fused_kernel_lowers_for_cuda(m, k, two_f):
     bf16 = jnp.bfloat16
     args = [jax.ShapeDtypeStruct((m, k), bf16), jax.ShapeDtypeStruct((k, two_f), bf16)]
-    text = jax.jit(gpu_gate_up.gate_up_silu).trace(*args).lower(lowering_platforms=("cuda",))
+    text = jax.jit(gpu_gate_up.silu_gate_up).trace(*args).lower(lowering_platforms=("cuda",))
     assert "mosaic_gpu" in text.as_text()

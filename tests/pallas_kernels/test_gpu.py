@@ -12,7 +12,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from pallas_kernels import dispatch
+from pallas_kernels import dispatch, hardware
 from pallas_kernels import gpu_mosaic_attention as mgpu
 from pallas_kernels import gpu_ragged_paged_attention as gpu
 from pallas_kernels.reference import ragged_paged_attention_reference, write_kv_reference
@@ -176,7 +176,7 @@ def test_dispatch_on_gpu(scenario, choice, monkeypatch):
         dtype=jnp.bfloat16,
     )
     picked = dispatch._use_mgpu(b.q, b.kv_cache, r, None, None, interpret=False)
-    assert picked == (choice == "auto" and scenario is LONG_CHUNKS and dispatch._is_hopper())
+    assert picked == (choice == "auto" and scenario is LONG_CHUNKS and hardware.is_hopper())
     out, kv = jax.jit(dispatch.paged_attention, static_argnames=("sm_scale",))(
         b.q, b.k, b.v, b.kv_cache, b.meta, sm_scale=0.1
     )
@@ -199,19 +199,20 @@ def test_dispatch_on_gpu(scenario, choice, monkeypatch):
 def test_fused_gate_up_kernel_matches_float32(m, k, f):
     from pallas_kernels import gate_up, gpu_gate_up
 
-    if not dispatch._is_hopper():
+    if not hardware.is_hopper():
         pytest.skip("Mosaic GPU kernel: Hopper only")
     rng = np.random.default_rng(0)
     x = rng.normal(size=(m, k)).astype(np.float32)
     w = (rng.normal(size=(k, 2 * f)) * k**-0.5).astype(np.float32)
     xb, wb = jnp.asarray(x, jnp.bfloat16), jnp.asarray(w, jnp.bfloat16)
     wi = gate_up.interleave(wb, gate_up.BLOCK)
-    got = np.asarray(gpu_gate_up.gate_up_silu(xb, wi).astype(jnp.float32))
+    got = np.asarray(gpu_gate_up.silu_gate_up(xb, wi).astype(jnp.float32))
     y = np.asarray(xb, np.float32) @ np.asarray(wb, np.float32)
     gate, up = y[:, :f], y[:, f:]
     want = gate / (1 + np.exp(-gate)) * up
     np.testing.assert_allclose(got, want, rtol=2e-2, atol=2e-2)
     # The model's entry point takes the kernel from GPU_KERNEL_MIN_TOKENS rows on.
+    assert gate_up._use_gpu_kernel(xb, wi, gate_up.BLOCK) == (m >= gate_up.GPU_KERNEL_MIN_TOKENS)
     via_model = gate_up.silu_gate_up(xb, wi, None, block=gate_up.BLOCK, use_kernels=True)
     via_model = np.asarray(via_model.astype(jnp.float32))
     np.testing.assert_allclose(via_model, want, rtol=2e-2, atol=2e-2)

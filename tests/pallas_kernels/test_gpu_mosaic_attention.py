@@ -14,7 +14,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from pallas_kernels import dispatch
+from pallas_kernels import dispatch, hardware
 from pallas_kernels import gpu_mosaic_attention as mgpu
 from pallas_kernels.reference import ragged_paged_attention_reference
 from tests.pallas_kernels.ragged_batches import kernel_args, make_batch
@@ -216,7 +216,7 @@ def test_mgpu_support_and_choice(monkeypatch):
     for choice in ("mgpu", "auto"):  # the CPU is no Hopper GPU
         monkeypatch.setenv("PAGEJAX_GPU_ATTENTION", choice)
         assert not dispatch._use_mgpu(q, cache, 8, None, None, interpret=False)
-    monkeypatch.setattr(dispatch, "_is_hopper", lambda: True)
+    monkeypatch.setattr(hardware, "is_hopper", lambda: True)
     monkeypatch.setenv("PAGEJAX_GPU_ATTENTION", "mgpu")
     assert dispatch._use_mgpu(q, cache, 8, None, None, interpret=False)
     assert dispatch._use_mgpu(q[:16], cache, 16, None, None, interpret=False)  # every step
