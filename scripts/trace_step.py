@@ -43,6 +43,8 @@ def _fill(llm, batch: int, input_len: int, temperature: float) -> None:
 def kernel_kind(name: str) -> str:
     """A device kernel's kind, from the names cuBLAS, cuDNN, XLA and our kernels use."""
     low = name.lower()
+    if "gate_up" in low:  # the fused gate/up matmul, a Mosaic GPU kernel too (gpu_gate_up.py)
+        return "matmul"
     if any(w in low for w in ("attention", "prefill", "flash", "sdpa", "mosaic")):
         return "attention"
     if any(w in low for w in ("gemm", "xmma", "nvjet", "cutlass", "sm90_", "matmul", "dot")):
@@ -88,11 +90,7 @@ def summarize(
     wall = (spans[-1][1] - spans[0][0]) if spans else 0.0
     num_calls = num_steps
     # One attention launch a layer: the Triton kernel's, or the Mosaic GPU kernel's.
-    launches = sum(
-        1
-        for e in kernels
-        if e["name"].startswith("ragged_paged_attention") or "mosaic_gpu" in e["name"]
-    )
+    launches = sum(1 for e in kernels if kernel_kind(e["name"]) == "attention")
     if num_layers and launches:
         num_steps = launches / num_layers
     host = collections.Counter()

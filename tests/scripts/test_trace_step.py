@@ -15,7 +15,12 @@ spec.loader.exec_module(trace_step)
 LAYERS = 2
 
 
-def _trace(path: Path, num_device_steps: int, attention_name="ragged_paged_attention") -> str:
+def _trace(
+    path: Path,
+    num_device_steps: int,
+    attention_name="ragged_paged_attention",
+    matmul_name="nvjet_gemm",
+) -> str:
     """Each device step: one attention kernel a layer (10 us) and a 20 us matmul, back to back;
     a 1 ms host event on the host process."""
     events = [
@@ -27,7 +32,7 @@ def _trace(path: Path, num_device_steps: int, attention_name="ragged_paged_atten
         for _ in range(LAYERS):
             attention = {"name": attention_name, "ts": t, "dur": 10}
             events.append({"ph": "X", "pid": 1, **attention})
-            events.append({"ph": "X", "pid": 1, "name": "nvjet_gemm", "ts": t + 10, "dur": 20})
+            events.append({"ph": "X", "pid": 1, "name": matmul_name, "ts": t + 10, "dur": 20})
             t += 30
         events.append({"ph": "X", "pid": 2, "name": "step", "ts": t, "dur": 1000})
         t += 100  # idle between steps
@@ -51,6 +56,19 @@ def test_mosaic_attention_launches_count_the_steps_too(tmp_path):
     trace = _trace(tmp_path, 5, attention_name="entry_mosaic_gpu_kernel")
     out = trace_step.summarize(trace, 4, num_layers=LAYERS)
     assert out["steps"] == 5 and out["kernel_kinds_ms_per_step"]["attention"] == 0.02
+
+
+def test_the_fused_gate_up_kernel_is_a_matmul_not_an_attention_launch(tmp_path):
+    """Both Mosaic GPU kernels in one step: only the attention kernel counts the layers."""
+    trace = _trace(
+        tmp_path,
+        5,
+        attention_name="entry_mosaic_gpu_kernel",
+        matmul_name="gate_up_matmul_mosaic_gpu_kernel",
+    )
+    out = trace_step.summarize(trace, 4, num_layers=LAYERS)
+    assert out["steps"] == 5
+    assert out["kernel_kinds_ms_per_step"] == {"matmul": 0.04, "attention": 0.02}
 
 
 def test_without_layers_the_step_calls_are_taken_as_is(tmp_path):
