@@ -6,6 +6,7 @@ import pytest
 from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
 from transformers import PreTrainedTokenizerFast
 
+from engine import detokenizer
 from engine.detokenizer import IncrementalDetokenizer, find_stop_string, partial_stop_len
 from engine.sampling_params import SamplingParams
 
@@ -20,6 +21,16 @@ TEXTS = [
     "你好世界! 😀🚀 mixed with ASCII and ünïcödé",
     "Unseen characters: 𝔘𝔫𝔦𝔠𝔬𝔡𝔢 and 漢字 and 🧪🧬",
 ]
+
+
+@pytest.fixture(autouse=True, params=["decode_stream", "two_windows"])
+def decode_path(request, monkeypatch) -> str:
+    """Every test runs on both paths: the tokenizers library's DecodeStream (one Rust call a
+    token, used where the tokenizer has a Rust backend) and the two-window decode in Python
+    that serves the other tokenizers."""
+    if request.param == "two_windows":
+        monkeypatch.setattr(detokenizer, "_decode_stream", lambda *args: None)
+    return request.param
 
 
 @pytest.fixture(scope="module")
@@ -54,11 +65,12 @@ def stream(
 @pytest.mark.parametrize("text", TEXTS)
 @pytest.mark.parametrize("chunk", [1, 3])
 def test_incremental_equals_full_decode(
-    tokenizer: PreTrainedTokenizerFast, text: str, chunk: int
+    tokenizer: PreTrainedTokenizerFast, text: str, chunk: int, decode_path: str
 ) -> None:
     prompt = tokenizer.encode("The quick brown fox")
     ids = tokenizer.encode(text)
     detok = IncrementalDetokenizer(tokenizer, prompt, SamplingParams())
+    assert (detok._step is not None) == (decode_path == "decode_stream")
     deltas = stream(detok, ids, chunk)
     assert "".join(deltas) == text == tokenizer.decode(ids)
     assert all("\ufffd" not in d for d in deltas)
@@ -163,3 +175,23 @@ def test_leading_space_kept_after_prompt_with_metaspace() -> None:
     full = hf.decode(prompt + ids)
     detok = IncrementalDetokenizer(hf, prompt, SamplingParams())
     assert "".join(stream(detok, ids)) == full[len(hf.decode(prompt)) :] == " the quick fox"
+
+
+def test_both_paths_agree_on_the_embedded_model_tokenizer(decode_path: str) -> None:
+    """SmolLM2's byte-level BPE (the default model), random ids with special tokens among them:
+    the streamed text equals the whole decode, whichever path ran."""
+    import numpy as np
+
+    from models.tokenizer import load_tokenizer
+
+    tok = load_tokenizer(None)
+    rng = np.random.default_rng(0)
+    prompt = rng.integers(0, tok.vocab_size, 7).tolist()
+    ids = rng.integers(0, tok.vocab_size, 300).tolist()
+    for skip in (True, False):
+        detok = IncrementalDetokenizer(tok, prompt, SamplingParams(skip_special_tokens=skip))
+        assert (detok._step is not None) == (decode_path == "decode_stream")
+        text = "".join(stream(detok, ids, chunk=2))
+        context = tok.decode(prompt[-5:], skip_special_tokens=skip)
+        whole = tok.decode(prompt[-5:] + ids, skip_special_tokens=skip)
+        assert text == whole[len(context) :]
