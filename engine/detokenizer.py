@@ -6,8 +6,9 @@ before. So, as vLLM does, each step decodes a short window twice, from `prefix_o
 `read_offset` (text already emitted) and from `prefix_offset` to the end, and emits the
 difference; the window moves on only once the new text is complete (no trailing U+FFFD).
 Where the tokenizer has a Rust backend, the tokenizers library's DecodeStream runs that
-algorithm in one call a token (`_decode_stream`): 0.89 against 1.49 ms a step for 200 requests
-on a 2-core CPU (docs/BENCHMARKS.md, ninth session); the Python windows serve the rest.
+algorithm in one call a token (`_decode_stream`): ~40 % less host time a step (200 requests,
+2-core CPU, `scripts/bench_detokenizer.py`: 0.43 against 0.69 ms); the Python windows serve the
+rest.
 """
 
 from __future__ import annotations
