@@ -16,6 +16,8 @@ from __future__ import annotations
 from collections.abc import Callable, Sequence
 from typing import Any
 
+from tokenizers.decoders import DecodeStream
+
 from engine.sampling_params import SamplingParams
 
 # Prompt tokens kept as left context for the first output token (vLLM uses the same 5).
@@ -71,13 +73,8 @@ def _make_decode(tokenizer: Any, skip_special_tokens: bool) -> Callable[[list[in
 def _decode_stream(tokenizer: Any, skip_special_tokens: bool, context: Sequence[int]):
     """`token_id -> text it completes`, in one Rust call a token: the tokenizers library's
     DecodeStream runs the same two-window algorithm as `_decode_next`, primed with the prompt's
-    last tokens as left context. None where the tokenizer has no Rust backend (or the library
-    no DecodeStream)."""
+    last tokens as left context. None where the tokenizer has no Rust backend."""
     backend = getattr(tokenizer, "backend_tokenizer", None)
-    try:
-        from tokenizers.decoders import DecodeStream
-    except ImportError:
-        return None
     if backend is None:
         return None
     stream = DecodeStream(skip_special_tokens=skip_special_tokens)

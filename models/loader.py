@@ -347,6 +347,5 @@ def restore_orbax(path: Path, abstract_pure: dict, config: ModelConfig) -> dict:
         return pure
     logger.info("%s: no %s, so gate_up_proj is [gate | up]: interleaving it", path, _LAYOUT_FILE)
     for leaf_path, value in list(_flatten(pure)):
-        if leaf_path[-2] == "gate_up_proj":
-            _set(pure, leaf_path, arrange_fused(leaf_path[-2], value, config))
+        _set(pure, leaf_path, arrange_fused(leaf_path[-2], value, config))
     return pure

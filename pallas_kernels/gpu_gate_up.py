@@ -29,7 +29,7 @@ from jax.experimental import pallas as pl
 from jax.experimental.pallas import mosaic_gpu as plgpu
 
 from pallas_kernels.gate_up import BLOCK
-from pallas_kernels.gpu_mosaic_attention import num_sms
+from pallas_kernels.hardware import num_sms
 
 
 @dataclasses.dataclass(frozen=True)

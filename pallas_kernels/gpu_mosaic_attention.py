@@ -46,6 +46,7 @@ from jax.experimental import pallas as pl
 from jax.experimental.pallas import mosaic_gpu as plgpu
 
 from pallas_kernels import ragged_blocks as rb
+from pallas_kernels.hardware import num_sms
 
 _LOG2E = math.log2(math.e)
 _COMPUTE_WGS = 2
@@ -182,13 +183,6 @@ def work_lists(
     decodes = jnp.stack([which, query_start[which], kv[which]], axis=1).astype(jnp.int32)
     counts = jnp.stack([num_tiles, jnp.sum(decode)]).astype(jnp.int32)
     return tiles, decodes, counts
-
-
-def num_sms() -> int:
-    """SMs of the GPU: one persistent CTA each."""
-    device = jax.devices()[0]
-    count = getattr(device, "core_count", None) if device.platform == "gpu" else None
-    return int(count or 132)  # 132: H100 SXM and H200 (lowering on a CPU)
 
 
 class Item(NamedTuple):

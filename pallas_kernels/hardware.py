@@ -1,4 +1,5 @@
-"""What the accelerator is, for the kernel choices (dispatch.py, gate_up.py)."""
+"""What the accelerator is, for the kernel choices (dispatch.py, gate_up.py) and the
+persistent Mosaic GPU kernels' grids."""
 
 from __future__ import annotations
 
@@ -12,3 +13,11 @@ def is_hopper() -> bool:
     """An NVIDIA Hopper GPU (compute capability 9.0): the Mosaic GPU kernels' target."""
     device = jax.devices()[0]
     return device.platform == "gpu" and str(getattr(device, "compute_capability", "")) == "9.0"
+
+
+def num_sms() -> int:
+    """SMs of the GPU: one persistent CTA each (132 on an H100 SXM or H200, also when lowering
+    on a CPU)."""
+    device = jax.devices()[0]
+    count = getattr(device, "core_count", None) if device.platform == "gpu" else None
+    return int(count or 132)
