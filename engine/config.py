@@ -52,6 +52,32 @@ class CompileConfig:
             "PAGEJAX_COMPILATION_CACHE", str(Path.home() / ".cache" / "pagejax" / "xla")
         )
     )
+    # On NVIDIA GPUs, forward buckets of at least this many tokens compile with XLA's Triton
+    # GEMMs off, so cuBLAS runs every matmul; None leaves the choice to XLA's autotuner.
+    # `PAGEJAX_GPU_GEMM`: auto (32), xla (None), or a number of tokens.
+    cublas_min_tokens: int | None = dataclasses.field(
+        default_factory=lambda: parse_gpu_gemm(os.environ.get("PAGEJAX_GPU_GEMM", "auto"))
+    )
+
+
+CUBLAS_MIN_TOKENS = 32
+
+
+def parse_gpu_gemm(value: str) -> int | None:
+    """`PAGEJAX_GPU_GEMM` -> `CompileConfig.cublas_min_tokens`.
+
+    From 32 tokens a step, cuBLAS's decode matmuls beat the Triton GEMMs that XLA's autotuner
+    picks, and its epilogue adds the residual (no separate add kernel): an H100's batch-64
+    decode forward took 8.00 against 8.40 ms, batch 32 6.93 against 7.09. At batch 16 and 1 it
+    loses (6.50 against 6.37 ms, 5.95 against 5.83); docs/BENCHMARKS.md, tenth session.
+    """
+    if value == "auto":
+        return CUBLAS_MIN_TOKENS
+    if value == "xla":
+        return None
+    if value.isdigit():
+        return int(value)
+    raise ValueError(f"PAGEJAX_GPU_GEMM must be auto, xla or a number of tokens, got {value!r}")
 
 
 @dataclasses.dataclass(frozen=True)

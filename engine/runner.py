@@ -138,8 +138,8 @@ class ModelRunner:
         t0 = time.perf_counter()
         with concurrent.futures.ThreadPoolExecutor(os.cpu_count() or 1) as pool:
             futures = {
-                pool.submit(lowered.compile): (table, key)
-                for table, key, lowered in self._lowered_jobs()
+                pool.submit(lowered.compile, options): (table, key)
+                for table, key, lowered, options in self._lowered_jobs()
             }
             t1 = time.perf_counter()
             done = concurrent.futures.as_completed(futures)
@@ -163,8 +163,16 @@ class ModelRunner:
         )  # fmt: skip
         self.kv_caches = [jnp.zeros(k.shape, k.dtype) for k in self._kv_specs]
 
-    def _lowered_jobs(self) -> Iterator[tuple[dict, object, object]]:
-        """(table, key, lowered) for each executable, lowered one at a time."""
+    def compiler_options(self, layout: StepLayout) -> dict | None:
+        """XLA options for one forward bucket: from `cublas_min_tokens` tokens on an NVIDIA
+        GPU, no Triton GEMMs (cuBLAS runs every matmul; see `parse_gpu_gemm`)."""
+        threshold = self.config.compile.cublas_min_tokens
+        if threshold is None or jax.default_backend() != "gpu" or layout.num_tokens < threshold:
+            return None
+        return {"xla_gpu_enable_triton_gemm": False}
+
+    def _lowered_jobs(self) -> Iterator[tuple[dict, object, object, dict | None]]:
+        """(table, key, lowered, XLA options) for each executable, lowered one at a time."""
         params, rows, kv = (
             _abstract(self.params),
             _abstract(self.rows_state),
@@ -187,7 +195,7 @@ class ModelRunner:
             lowered = forward.lower(
                 self.model_def, params, kv, rows, _i32(layout.size), layout=layout
             )
-            yield self._forward, layout, lowered
+            yield self._forward, layout, lowered, self.compiler_options(layout)
         for r in sorted({lay.num_requests for lay in layouts}):
             lay = StepLayout(0, r, self.pages_per_request)
             logits = jax.ShapeDtypeStruct((r, v), jnp.float32)
@@ -195,10 +203,10 @@ class ModelRunner:
                 lowered = sampler.lower(
                     rows, logits, _i32(lay.sample_size), layout=lay, variant=variant
                 )
-                yield self._sampler, (r, variant), lowered
+                yield self._sampler, (r, variant), lowered, None
         for t in sorted({lay.num_tokens for lay in layouts}, reverse=True):
             hidden = jax.ShapeDtypeStruct((t, d), dtype)
-            yield self._prompt_lp, t, prompt_lp.lower(self.model_def, params, hidden, _i32(t))
+            yield self._prompt_lp, t, prompt_lp.lower(self.model_def, params, hidden, _i32(t)), None
 
     def warm_up(self) -> None:
         """Run every executable once on an all-padding batch. The first run of an executable
