@@ -54,22 +54,27 @@ class CompileConfig:
     )
     # On NVIDIA GPUs, forward buckets of at least this many tokens compile with XLA's Triton
     # GEMMs off, so cuBLAS runs every matmul; None leaves the choice to XLA's autotuner.
-    # `PAGEJAX_GPU_GEMM`: auto (32), xla (None), or a number of tokens.
+    # `PAGEJAX_GPU_GEMM`: auto (128), xla (None), or a number of tokens.
     cublas_min_tokens: int | None = dataclasses.field(
         default_factory=lambda: parse_gpu_gemm(os.environ.get("PAGEJAX_GPU_GEMM", "auto"))
     )
 
 
-CUBLAS_MIN_TOKENS = 32
+CUBLAS_MIN_TOKENS = 128
 
 
 def parse_gpu_gemm(value: str) -> int | None:
     """`PAGEJAX_GPU_GEMM` -> `CompileConfig.cublas_min_tokens`.
 
-    From 32 tokens a step, cuBLAS's decode matmuls beat the Triton GEMMs that XLA's autotuner
-    picks, and its epilogue adds the residual (no separate add kernel): an H100's batch-64
-    decode forward took 8.00 against 8.40 ms, batch 32 6.93 against 7.09. At batch 16 and 1 it
-    loses (6.50 against 6.37 ms, 5.95 against 5.83); docs/BENCHMARKS.md, tenth session.
+    Measured on an H100 (docs/BENCHMARKS.md, tenth session). From 32 tokens a step, cuBLAS's
+    matmuls beat the Triton GEMMs that XLA's autotuner picks, and its epilogue adds the
+    residual (no add kernel): the batch-64 decode forward, run back to back, took 8.00 against
+    8.40 ms. But XLA re-records the forward's command buffer (CUDA graph) on every call, which
+    costs ~2.3 ms of host time with cuBLAS against ~1.5 with Triton, so at batch 64 the
+    engine's host sets the pace and its steps were no faster (8.4-9.1 against 8.3-8.9 ms).
+    Steps of 1,024 tokens and more hide it: with the threshold at 32, 1000 x 1024/128 ran
+    1.7-1.8 % faster and 128/128 1.1 %, and cold start-up took 41 against 55 s (no Triton
+    GEMM autotuning). 128 keeps those steps and leaves the small decode buckets as they were.
     """
     if value == "auto":
         return CUBLAS_MIN_TOKENS
