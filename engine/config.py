@@ -72,9 +72,10 @@ def parse_gpu_gemm(value: str) -> int | None:
     8.40 ms. But XLA re-records the forward's command buffer (CUDA graph) on every call, which
     costs ~2.3 ms of host time with cuBLAS against ~1.5 with Triton, so at batch 64 the
     engine's host sets the pace and its steps were no faster (8.4-9.1 against 8.3-8.9 ms).
-    Steps of 1,024 tokens and more hide it: with the threshold at 32, 1000 x 1024/128 ran
-    1.7-1.8 % faster and 128/128 1.1 %, and cold start-up took 41 against 55 s (no Triton
-    GEMM autotuning). 128 keeps those steps and leaves the small decode buckets as they were.
+    Steps of 1,024 tokens and more hide it: 1000 x 1024/128 ran 1.6-1.8 % faster (at 32 and
+    at 128), 128/128 1.1 % (at 32). 128 leaves the small decode buckets as they were, and with
+    them most of their Triton GEMM autotuning: a cold start-up took 41 against 55 s at 32 (the
+    server's ladder) but 54 against 58 s at 128 (the offline ladder, another machine).
     """
     if value == "auto":
         return CUBLAS_MIN_TOKENS
