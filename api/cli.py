@@ -7,6 +7,7 @@ import logging
 import os
 import sys
 
+from engine.config import parse_gpu_gemm
 from engine.engine_core import EngineStartError
 
 # pallas_kernels.attention.AttentionBackend's values (api imports engine only: DESIGN.md).
@@ -77,7 +78,10 @@ def engine_kwargs(args: argparse.Namespace) -> dict:
     if args.compilation_cache_dir is not None:
         kw["compilation_cache_dir"] = args.compilation_cache_dir
     kw["step_trace_path"] = os.environ.get("PAGEJAX_STEP_TRACE")  # one JSON line per step
-    return {k: v for k, v in kw.items() if v is not None}
+    kw = {k: v for k, v in kw.items() if v is not None}
+    # None is a setting here (XLA's own GEMM choice), not "unset".
+    kw["cublas_min_tokens"] = parse_gpu_gemm(os.environ.get("PAGEJAX_GPU_GEMM", "auto"))
+    return kw
 
 
 def _generate(args: argparse.Namespace) -> int:

@@ -41,6 +41,9 @@ class CacheConfig:
             raise ValueError("num_pages must be at least 2 (page 0 is the padding page)")
 
 
+CUBLAS_MIN_TOKENS = 128  # see `parse_gpu_gemm`
+
+
 @dataclasses.dataclass(frozen=True)
 class CompileConfig:
     """Shapes compiled at start-up. Empty ladders mean "platform default" (`bucket_ladder`)."""
@@ -52,36 +55,25 @@ class CompileConfig:
             "PAGEJAX_COMPILATION_CACHE", str(Path.home() / ".cache" / "pagejax" / "xla")
         )
     )
-    # On NVIDIA GPUs, forward buckets of at least this many tokens compile with XLA's Triton
-    # GEMMs off, so cuBLAS runs every matmul; None leaves the choice to XLA's autotuner.
-    # `PAGEJAX_GPU_GEMM`: auto (128), xla (None), or a number of tokens.
-    cublas_min_tokens: int | None = dataclasses.field(
-        default_factory=lambda: parse_gpu_gemm(os.environ.get("PAGEJAX_GPU_GEMM", "auto"))
-    )
-
-
-CUBLAS_MIN_TOKENS = 128
+    # On CUDA GPUs, forward buckets of at least this many tokens compile with XLA's Triton
+    # GEMMs off, so XLA's dots go to cuBLAS; None leaves the choice to XLA's autotuner.
+    # The CLI reads it from `PAGEJAX_GPU_GEMM` (`parse_gpu_gemm`).
+    cublas_min_tokens: int | None = CUBLAS_MIN_TOKENS
 
 
 def parse_gpu_gemm(value: str) -> int | None:
-    """`PAGEJAX_GPU_GEMM` -> `CompileConfig.cublas_min_tokens`.
+    """`PAGEJAX_GPU_GEMM` (auto | xla | a number of tokens) -> `cublas_min_tokens`.
 
-    Measured on an H100 (docs/BENCHMARKS.md, tenth session). From 32 tokens a step, cuBLAS's
-    matmuls beat the Triton GEMMs that XLA's autotuner picks, and its epilogue adds the
-    residual (no add kernel): the batch-64 decode forward, run back to back, took 8.00 against
-    8.40 ms. But XLA re-records the forward's command buffer (CUDA graph) on every call, which
-    costs ~2.3 ms of host time with cuBLAS against ~1.5 with Triton, so at batch 64 the
-    engine's host sets the pace and its steps were no faster (8.4-9.1 against 8.3-8.9 ms).
-    Steps of 1,024 tokens and more hide it: 1000 x 1024/128 ran 1.6-1.8 % faster (at 32 and
-    at 128), 128/128 1.1 % (at 32). 128 leaves the small decode buckets as they were, and with
-    them most of their Triton GEMM autotuning: a cold start-up took 41 against 55 s at 32 (the
-    server's ladder) but 54 against 58 s at 128 (the offline ladder, another machine).
+    cuBLAS beats XLA's Triton GEMMs on decode steps from 32 tokens, but XLA re-records the
+    forward's CUDA graph on every call, which costs more host time with cuBLAS: up to 64
+    tokens the host then sets the step's pace, so auto starts at 128 (docs/BENCHMARKS.md,
+    tenth session).
     """
     if value == "auto":
         return CUBLAS_MIN_TOKENS
     if value == "xla":
         return None
-    if value.isdigit():
+    if value.isascii() and value.isdigit():
         return int(value)
     raise ValueError(f"PAGEJAX_GPU_GEMM must be auto, xla or a number of tokens, got {value!r}")
 
@@ -91,7 +83,8 @@ class EngineConfig:
     load: LoadConfig = LoadConfig()
     cache: CacheConfig = CacheConfig()
     scheduler: SchedulerConfig = SchedulerConfig()
-    compile: CompileConfig = CompileConfig()
+    # A factory: CompileConfig's default cache folder reads the environment when built.
+    compile: CompileConfig = dataclasses.field(default_factory=CompileConfig)
     # Append one JSON line of timings per engine step here (`StepTrace`); None = off.
     step_trace_path: str | None = None
 

@@ -8,7 +8,13 @@ from typing import Any
 
 from tqdm import tqdm
 
-from engine.config import CacheConfig, CompileConfig, EngineConfig, LoadConfig
+from engine.config import (
+    CUBLAS_MIN_TOKENS,
+    CacheConfig,
+    CompileConfig,
+    EngineConfig,
+    LoadConfig,
+)
 from engine.llm_engine import LLMEngine, PromptType
 from engine.outputs import OutputKind, RequestOutput
 from engine.sampling_params import SamplingParams
@@ -73,6 +79,7 @@ def build_engine_config(
     token_buckets: Sequence[int] = (),
     request_buckets: Sequence[int] = (),
     compilation_cache_dir: str | None | bool = True,
+    cublas_min_tokens: int | None = CUBLAS_MIN_TOKENS,
     model_max_len: int | None = None,
     step_trace_path: str | None = None,
     usage: str = "offline",
@@ -112,7 +119,12 @@ def build_engine_config(
             admission_horizon=admission_horizon,
             compute_bound_tokens=compute_bound_tokens,
         ),
-        compile=CompileConfig(tuple(token_buckets), tuple(request_buckets), **compile_kwargs),
+        compile=CompileConfig(
+            tuple(token_buckets),
+            tuple(request_buckets),
+            cublas_min_tokens=cublas_min_tokens,
+            **compile_kwargs,
+        ),
         step_trace_path=step_trace_path,
     )
 

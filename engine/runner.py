@@ -43,12 +43,22 @@ from engine.step_input import (
     pick_bucket,
 )
 from engine.types import SchedulerOutput, StepOutput, TokenLogprobs
+from pallas_kernels import hardware
 from pallas_kernels.reference import kv_cache_shape
 
 logger = logging.getLogger(__name__)
 
 MAX_LOGIT_BIAS = 1024  # entries of logit_bias one request may set
 MAX_STOP_IDS = 64  # EOS + stop_token_ids banned until min_tokens
+
+
+class CompileJob(NamedTuple):
+    """One executable to compile at start-up: it goes to `table[key]`."""
+
+    table: dict
+    key: object
+    lowered: jax.stages.Lowered
+    options: dict | None = None  # XLA compile options (`ModelRunner.compiler_options`)
 
 
 class Dispatched(NamedTuple):
@@ -138,14 +148,14 @@ class ModelRunner:
         t0 = time.perf_counter()
         with concurrent.futures.ThreadPoolExecutor(os.cpu_count() or 1) as pool:
             futures = {
-                pool.submit(lowered.compile, options): (table, key)
-                for table, key, lowered, options in self._lowered_jobs()
+                pool.submit(job.lowered.compile, compiler_options=job.options): job
+                for job in self._lowered_jobs()
             }
             t1 = time.perf_counter()
             done = concurrent.futures.as_completed(futures)
             for future in tqdm(done, total=len(futures), desc="compiling buckets", leave=False):
-                table, key = futures[future]
-                table[key] = future.result()
+                job = futures[future]
+                job.table[job.key] = future.result()
         self._set_row = (
             jax.jit(set_row_fn, donate_argnames=("rows_state",))
             .lower(
@@ -164,15 +174,15 @@ class ModelRunner:
         self.kv_caches = [jnp.zeros(k.shape, k.dtype) for k in self._kv_specs]
 
     def compiler_options(self, layout: StepLayout) -> dict | None:
-        """XLA options for one forward bucket: from `cublas_min_tokens` tokens on an NVIDIA
-        GPU, no Triton GEMMs (cuBLAS runs every matmul; see `parse_gpu_gemm`)."""
+        """XLA options for one forward bucket: from `cublas_min_tokens` tokens on a CUDA GPU,
+        no Triton GEMMs, so XLA's dots go to cuBLAS (see `engine.config.parse_gpu_gemm`)."""
         threshold = self.config.compile.cublas_min_tokens
-        if threshold is None or jax.default_backend() != "gpu" or layout.num_tokens < threshold:
+        if threshold is None or layout.num_tokens < threshold or not hardware.is_nvidia():
             return None
         return {"xla_gpu_enable_triton_gemm": False}
 
-    def _lowered_jobs(self) -> Iterator[tuple[dict, object, object, dict | None]]:
-        """(table, key, lowered, XLA options) for each executable, lowered one at a time."""
+    def _lowered_jobs(self) -> Iterator[CompileJob]:
+        """One `CompileJob` per executable, lowered one at a time."""
         params, rows, kv = (
             _abstract(self.params),
             _abstract(self.rows_state),
@@ -195,7 +205,7 @@ class ModelRunner:
             lowered = forward.lower(
                 self.model_def, params, kv, rows, _i32(layout.size), layout=layout
             )
-            yield self._forward, layout, lowered, self.compiler_options(layout)
+            yield CompileJob(self._forward, layout, lowered, self.compiler_options(layout))
         for r in sorted({lay.num_requests for lay in layouts}):
             lay = StepLayout(0, r, self.pages_per_request)
             logits = jax.ShapeDtypeStruct((r, v), jnp.float32)
@@ -203,10 +213,11 @@ class ModelRunner:
                 lowered = sampler.lower(
                     rows, logits, _i32(lay.sample_size), layout=lay, variant=variant
                 )
-                yield self._sampler, (r, variant), lowered, None
+                yield CompileJob(self._sampler, (r, variant), lowered)
         for t in sorted({lay.num_tokens for lay in layouts}, reverse=True):
             hidden = jax.ShapeDtypeStruct((t, d), dtype)
-            yield self._prompt_lp, t, prompt_lp.lower(self.model_def, params, hidden, _i32(t)), None
+            lowered = prompt_lp.lower(self.model_def, params, hidden, _i32(t))
+            yield CompileJob(self._prompt_lp, t, lowered)
 
     def warm_up(self) -> None:
         """Run every executable once on an all-padding batch. The first run of an executable

@@ -1,11 +1,18 @@
-"""What the accelerator is, for the kernel choices (dispatch.py, gate_up.py) and the
-persistent Mosaic GPU kernels' grids."""
+"""What the accelerator is, for the kernel choices (dispatch.py, gate_up.py), the engine's
+compile options (engine/runner.py) and the persistent Mosaic GPU kernels' grids."""
 
 from __future__ import annotations
 
 import functools
 
 import jax
+
+
+@functools.cache
+def is_nvidia() -> bool:
+    """A CUDA GPU (jax's "gpu" platform also names ROCm's)."""
+    device = jax.devices()[0]
+    return device.platform == "gpu" and "rocm" not in device.client.platform_version.lower()
 
 
 @functools.cache

@@ -13,24 +13,39 @@ decodes, captures the input of one decode step, and times (each `--reps` times):
 - `host_ms_per_forward`: the host time of one forward call while the device is idle
   (argument handling, XLA's command-buffer update, the launch).
 The engine's step time (`pagejax bench latency`; `PAGEJAX_STEP_TRACE` for its host share) minus
-`forward_sampler_ms` is what the host adds to a step. `PAGEJAX_GPU_GEMM` and the other settings
-of engine/config.py apply as in the engine.
+`forward_sampler_ms` is what the host adds to a step. `PAGEJAX_GPU_GEMM` is read as the CLI
+reads it. The script reaches into the runner's executable tables (`_forward`, `_sampler`).
 """
 
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
+import os
 import statistics
 import time
+from collections.abc import Callable
 
 import jax
 import numpy as np
+from tqdm import tqdm
 
 
-def _capture_decode_input(llm, batch: int, context: int, temperature: float):
-    """Step the engine until `batch` requests of `context` tokens all decode; then, of the next
-    step it dispatches, (forward, its input), (sampler, its input) and the step's shape."""
+@dataclasses.dataclass
+class CapturedStep:
+    """One decode step as the engine dispatched it: its executables and their inputs."""
+
+    forward: Callable
+    model_buf: jax.Array
+    sampler: Callable
+    sample_buf: jax.Array
+    shape: dict  # step_tokens, step_requests, bucket [T, R]
+
+
+def capture_decode_step(llm, batch: int, context: int, temperature: float) -> CapturedStep:
+    """Step the engine until `batch` requests of `context` tokens all decode, then capture
+    the next step it dispatches (the runner's executables are wrapped for that one step)."""
     from engine import SamplingParams
 
     eng = llm.engine
@@ -40,40 +55,91 @@ def _capture_decode_input(llm, batch: int, context: int, temperature: float):
     for i in range(batch):
         prompt = rng.integers(0, vocab, context).tolist()
         eng.add_request(f"f{i}", {"prompt_token_ids": prompt}, params)
-    while any(r.num_computed_tokens < r.num_prompt_tokens for r in eng.scheduler.requests.values()):
-        eng.step()
+    with tqdm(desc="prefilling", total=batch * context, leave=False) as bar:
+        while any(
+            r.num_computed_tokens < r.num_prompt_tokens for r in eng.scheduler.requests.values()
+        ):
+            eng.step()
+            bar.n = sum(r.num_computed_tokens for r in eng.scheduler.requests.values())
+            bar.refresh()
     for _ in range(3):  # past the steps that still carry prompt tokens (async scheduling)
         eng.step()
     runner, seen = eng.runner, {}
-    forwards, samplers = dict(runner._forward), dict(runner._sampler)
+    tables = {"forward": runner._forward, "sampler": runner._sampler}
+    saved = {name: dict(table) for name, table in tables.items()}
 
-    def spy(table, key, fn, name):
+    def spy(name: str, fn: Callable) -> Callable:
         def call(*args):
-            seen[name] = (fn, args[-1])
+            seen[name] = (fn, args[-1])  # the step's input buffer is the last argument
             return fn(*args)
 
-        table[key] = call
+        return call
 
-    for key, fn in forwards.items():
-        spy(runner._forward, key, fn, "forward")
-    for key, fn in samplers.items():
-        spy(runner._sampler, key, fn, "sampler")
-    sched = eng.scheduler.schedule  # the step's size, to check it is a decode step
-    eng.scheduler.schedule = lambda: seen.setdefault("sched", sched())
+    for name, table in tables.items():
+        table.update({key: spy(name, fn) for key, fn in table.items()})
+    schedule = eng.scheduler.schedule
+
+    def recorded_schedule():
+        seen["sched"] = schedule()
+        return seen["sched"]
+
+    eng.scheduler.schedule = recorded_schedule
     try:
         eng.step()
     finally:
-        runner._forward.update(forwards)
-        runner._sampler.update(samplers)
-        del eng.scheduler.schedule
+        for name, table in tables.items():
+            table.update(saved[name])
+        del eng.scheduler.schedule  # the class's method again
     step = seen["sched"]
+    if step.num_batched_tokens != batch or len(step.requests) != batch:
+        raise RuntimeError(f"captured a step of {step.num_batched_tokens} tokens, not a decode")
     layout = runner.layout_for(step)
     shape = {
         "step_tokens": step.num_batched_tokens,
         "step_requests": len(step.requests),
         "bucket": [layout.num_tokens, layout.num_requests],
     }
-    return seen["forward"], seen["sampler"], shape
+    return CapturedStep(*seen["forward"], *seen["sampler"], shape)
+
+
+def time_step(llm, step: CapturedStep, *, iters: int, reps: int) -> dict:
+    """forward_ms, forward_sampler_ms (`reps` runs of `iters` calls) and host_ms_per_forward;
+    the runner's KV cache and row state are threaded through and written back."""
+    runner = llm.engine.runner
+    state = {"kv": runner.kv_caches, "rows": runner.rows_state}
+
+    def call(with_sampler: bool) -> None:
+        state["kv"], state["rows"], logits, _ = step.forward(
+            runner.params, state["kv"], state["rows"], step.model_buf
+        )
+        if with_sampler:
+            state["rows"], _ = step.sampler(state["rows"], logits, step.sample_buf)
+
+    def idle() -> None:
+        jax.block_until_ready((state["kv"], state["rows"]))
+
+    def ms_per_call(with_sampler: bool) -> float:
+        idle()
+        start = time.perf_counter()
+        for _ in range(iters):
+            call(with_sampler)
+        idle()
+        return 1e3 * (time.perf_counter() - start) / iters
+
+    result = {}
+    for name, with_sampler in (("forward_ms", False), ("forward_sampler_ms", True)):
+        ms_per_call(with_sampler)  # warm: the first calls update the command buffers
+        result[name] = [round(ms_per_call(with_sampler), 3) for _ in range(reps)]
+    host = []
+    for _ in range(5 + 4 * reps):
+        idle()
+        start = time.perf_counter()
+        call(False)
+        host.append(1e3 * (time.perf_counter() - start))
+    idle()
+    result["host_ms_per_forward"] = round(statistics.median(host[5:]), 3)
+    runner.kv_caches, runner.rows_state = state["kv"], state["rows"]
+    return result
 
 
 def main() -> None:
@@ -88,6 +154,7 @@ def main() -> None:
     ap.add_argument("--output-json", required=True)
     args = ap.parse_args()
     from engine import LLM
+    from engine.config import parse_gpu_gemm
 
     b = args.batch
     llm = LLM(
@@ -100,41 +167,11 @@ def main() -> None:
         max_model_len=args.context + 512,
         token_buckets=tuple(sorted({max(16, b), max(2048, b)})),
         request_buckets=(max(8, b),),
+        cublas_min_tokens=parse_gpu_gemm(os.environ.get("PAGEJAX_GPU_GEMM", "auto")),
     )
-    (forward, model_buf), (sampler, sample_buf), shape = _capture_decode_input(
-        llm, b, args.context, args.temperature
-    )
-    runner = llm.engine.runner
-    state = {"kv": runner.kv_caches, "rows": runner.rows_state}
-
-    def step(with_sampler: bool):
-        state["kv"], state["rows"], logits, _ = forward(
-            runner.params, state["kv"], state["rows"], model_buf
-        )
-        if with_sampler:
-            state["rows"], _ = sampler(state["rows"], logits, sample_buf)
-
-    def ms_per_call(with_sampler: bool) -> float:
-        jax.block_until_ready(state["kv"])
-        start = time.perf_counter()
-        for _ in range(args.iters):
-            step(with_sampler)
-        jax.block_until_ready((state["kv"], state["rows"]))
-        return 1e3 * (time.perf_counter() - start) / args.iters
-
-    result = {"batch": b, "context": args.context, "iters": args.iters, **shape}
-    for name, with_sampler in (("forward_ms", False), ("forward_sampler_ms", True)):
-        ms_per_call(with_sampler)  # warm: the first calls update the command buffers
-        result[name] = [round(ms_per_call(with_sampler), 3) for _ in range(args.reps)]
-    host = []
-    for _ in range(5 + 4 * args.reps):
-        jax.block_until_ready((state["kv"], state["rows"]))
-        start = time.perf_counter()
-        step(False)
-        host.append(1e3 * (time.perf_counter() - start))
-    jax.block_until_ready(state["kv"])
-    result["host_ms_per_forward"] = round(statistics.median(host[5:]), 3)
-    runner.kv_caches, runner.rows_state = state["kv"], state["rows"]
+    step = capture_decode_step(llm, b, args.context, args.temperature)
+    result = {"batch": b, "context": args.context, "iters": args.iters, **step.shape}
+    result |= time_step(llm, step, iters=args.iters, reps=args.reps)
     result.update(
         device=jax.devices()[0].device_kind,
         jax_version=jax.__version__,

@@ -5,6 +5,9 @@ from __future__ import annotations
 import subprocess
 import sys
 
+import pytest
+
+from engine.config import CUBLAS_MIN_TOKENS
 from tests.hf_models import hf_greedy
 
 
@@ -64,3 +67,29 @@ def test_scheduler_flags_reach_the_engine_config():
     default = build_engine_config(None, **engine_kwargs(build_parser().parse_args(["serve"])))
     assert default.scheduler.admission_horizon == 128
     assert default.scheduler.compute_bound_tokens == 512
+
+
+@pytest.mark.parametrize(
+    "value, want", [(None, CUBLAS_MIN_TOKENS), ("xla", None), ("32", 32), ("auto", 128)]
+)
+def test_gpu_gemm_environment_reaches_the_compile_config(value, want, monkeypatch):
+    """`PAGEJAX_GPU_GEMM` sets `CompileConfig.cublas_min_tokens`; "xla" (None) survives the
+    CLI's dropping of unset flags."""
+    from api.cli import build_parser, engine_kwargs
+    from engine.llm import build_engine_config
+
+    if value is None:
+        monkeypatch.delenv("PAGEJAX_GPU_GEMM", raising=False)
+    else:
+        monkeypatch.setenv("PAGEJAX_GPU_GEMM", value)
+    config = build_engine_config(None, **engine_kwargs(build_parser().parse_args(["serve"])))
+    assert config.compile.cublas_min_tokens == want
+
+
+def test_a_bad_gpu_gemm_setting_is_refused_by_name(monkeypatch):
+    from api.cli import build_parser, engine_kwargs
+
+    for bad in ("cublas", "²", "-1"):
+        monkeypatch.setenv("PAGEJAX_GPU_GEMM", bad)
+        with pytest.raises(ValueError, match="PAGEJAX_GPU_GEMM"):
+            engine_kwargs(build_parser().parse_args(["serve"]))
