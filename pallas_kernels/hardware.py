@@ -12,7 +12,9 @@ import jax
 def is_nvidia() -> bool:
     """A CUDA GPU (jax's "gpu" platform also names ROCm's)."""
     device = jax.devices()[0]
-    return device.platform == "gpu" and "rocm" not in device.client.platform_version.lower()
+    if device.platform != "gpu":
+        return False
+    return "rocm" not in str(getattr(device.client, "platform_version", "")).lower()
 
 
 @functools.cache
