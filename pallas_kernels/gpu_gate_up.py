@@ -55,8 +55,21 @@ def supports(m: int, k: int, two_f: int, dtype, w_dtype, cfg: GateUpConfig | Non
     )
 
 
-def silu_gate_up(x: jax.Array, w: jax.Array, *, config: GateUpConfig | None = None) -> jax.Array:
-    """x [M, K] @ interleaved w [K, 2F] -> silu(gate) * up [M, F], in x's dtype."""
+def interpret_params():
+    """Mosaic GPU's interpreter: it runs a kernel on the CPU, simulating shared memory, TMA
+    copies, barriers and warpgroups (`plgpu.InterpretGPUParams` from jax 0.11, internal in
+    0.10)."""
+    params = getattr(plgpu, "InterpretGPUParams", None)
+    if params is None:
+        from jax._src.pallas.mosaic_gpu.interpret.params import InterpretGPUParams as params
+    return params()
+
+
+def silu_gate_up(
+    x: jax.Array, w: jax.Array, *, config: GateUpConfig | None = None, interpret: bool = False
+) -> jax.Array:
+    """x [M, K] @ interleaved w [K, 2F] -> silu(gate) * up [M, F], in x's dtype.
+    interpret: run in Mosaic GPU's interpreter (`interpret_params`; tests on the CPU)."""
     cfg = config or GateUpConfig()
     (m, k), (_, two_f) = x.shape, w.shape
     if not supports(m, k, two_f, x.dtype, w.dtype, cfg):
@@ -166,4 +179,5 @@ def silu_gate_up(x: jax.Array, w: jax.Array, *, config: GateUpConfig | None = No
         compiler_params=plgpu.CompilerParams(
             approx_math=True, lowering_semantics=plgpu.LoweringSemantics.Warpgroup
         ),
+        interpret=interpret_params() if interpret else None,
     )(x, w)

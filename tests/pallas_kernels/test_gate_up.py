@@ -1,5 +1,6 @@
 """The MLP's interleaved gate/up layout and its activation (pallas_kernels/gate_up.py), against
-numpy; the fused Mosaic GPU kernel cross-lowered on the CPU (it runs in test_gpu.py)."""
+numpy; the fused Mosaic GPU kernel in Mosaic GPU's interpreter and cross-lowered, on the CPU
+(test_gpu.py runs it on a GPU)."""
 
 from __future__ import annotations
 
@@ -97,3 +98,29 @@ def test_fused_kernel_lowers_for_cuda(m, k, two_f):
     args = [jax.ShapeDtypeStruct((m, k), bf16), jax.ShapeDtypeStruct((k, two_f), bf16)]
     text = jax.jit(gpu_gate_up.silu_gate_up).trace(*args).lower(lowering_platforms=("cuda",))
     assert "mosaic_gpu" in text.as_text()
+
+
+@pytest.mark.parametrize(
+    "m, k, f, config",
+    [
+        # One CTA walks 3 x 2 tiles (the persistent loop and the planar snake), through 4
+        # K slabs in a ring of 2 slots (slots reused before the tile ends).
+        (384, 256, 256, gpu_gate_up.GateUpConfig(max_concurrent_steps=2, num_ctas=1)),
+        # More CTAs than tiles: the surplus CTAs take none; 64-row tiles, one epilogue tile.
+        (128, 128, 128, gpu_gate_up.GateUpConfig(tile_m=64, grid_tile_width=1, num_ctas=3)),
+    ],
+    ids=["one_cta", "idle_ctas"],
+)
+def test_fused_kernel_in_the_interpreter_matches_float32(m, k, f, config):
+    """The kernel itself (TMA ring, barriers, both compute warpgroups' wgmma and epilogue
+    stores) against numpy's float32 silu(x @ W_gate) * (x @ W_up)."""
+    rng = np.random.default_rng(1)
+    x = rng.normal(size=(m, k)).astype(np.float32)
+    w = (rng.normal(size=(k, 2 * f)) * k**-0.5).astype(np.float32)
+    xb, wb = jnp.asarray(x, jnp.bfloat16), jnp.asarray(w, jnp.bfloat16)
+    wi = gate_up.interleave(wb, gate_up.BLOCK)
+    got = gpu_gate_up.silu_gate_up(xb, wi, config=config, interpret=True)
+    y = np.asarray(xb, np.float32) @ np.asarray(wb, np.float32)
+    want = _silu(y[:, :f]) * y[:, f:]
+    assert got.shape == (m, f) and got.dtype == jnp.bfloat16
+    np.testing.assert_allclose(np.asarray(got, np.float32), want, rtol=2e-2, atol=2e-2)
