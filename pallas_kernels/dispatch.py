@@ -61,7 +61,9 @@ def _use_mgpu(
         num_heads=num_heads,
         num_kv_heads=num_kv_heads,
     )
-    if interpret or not fits or choice == "triton":  # no interpreter runs Mosaic GPU kernels
+    # Interpret mode stays on Triton: Mosaic GPU's interpreter cannot run this kernel (jax
+    # 0.10 lacks `run_state`, 0.11 fails on its effects; the gate/up kernel does run there).
+    if interpret or not fits or choice == "triton":
         return False
     num_tokens = q.shape[0]
     long_chunks = (
