@@ -11,7 +11,10 @@ decodes, captures the input of one decode step, and times (each `--reps` times):
   stays at `--context` plus the steps taken);
 - `forward_sampler_ms`: the forward and the sampler, as an engine step dispatches them;
 - `host_ms_per_forward`: the host time of one forward call while the device is idle
-  (argument handling, XLA's command-buffer update, the launch).
+  (argument handling, XLA's command-buffer update, the launch);
+- with `--profile DIR`, `profile`: `--iters` steps traced, device time a step by kernel kind
+  and name (scripts/trace_step.py's summary; on a GPU, the per-launch figures of
+  docs/BENCHMARKS.md's tenth session).
 The engine's step time (`pagejax bench latency`; `PAGEJAX_STEP_TRACE` for its host share) minus
 `forward_sampler_ms` is what the host adds to a step. `PAGEJAX_GPU_GEMM` is read as the CLI
 reads it. The script reaches into the runner's executable tables (`_forward`, `_sampler`).
@@ -21,6 +24,7 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import glob
 import json
 import os
 import statistics
@@ -102,44 +106,75 @@ def capture_decode_step(llm, batch: int, context: int, temperature: float) -> Ca
     return CapturedStep(*seen["forward"], *seen["sampler"], shape)
 
 
-def time_step(llm, step: CapturedStep, *, iters: int, reps: int) -> dict:
-    """forward_ms, forward_sampler_ms (`reps` runs of `iters` calls) and host_ms_per_forward;
-    the runner's KV cache and row state are threaded through and written back."""
-    runner = llm.engine.runner
-    state = {"kv": runner.kv_caches, "rows": runner.rows_state}
+class StepLoop:
+    """Calls a captured step's executables back to back, threading the runner's KV cache and
+    row state through them as the engine does (`write_back` returns them to the runner)."""
 
-    def call(with_sampler: bool) -> None:
-        state["kv"], state["rows"], logits, _ = step.forward(
-            runner.params, state["kv"], state["rows"], step.model_buf
+    def __init__(self, llm, step: CapturedStep):
+        self.runner, self.step = llm.engine.runner, step
+        self.kv, self.rows = self.runner.kv_caches, self.runner.rows_state
+
+    def call(self, with_sampler: bool) -> None:
+        step = self.step
+        self.kv, self.rows, logits, _ = step.forward(
+            self.runner.params, self.kv, self.rows, step.model_buf
         )
         if with_sampler:
-            state["rows"], _ = step.sampler(state["rows"], logits, step.sample_buf)
+            self.rows, _ = step.sampler(self.rows, logits, step.sample_buf)
 
-    def idle() -> None:
-        jax.block_until_ready((state["kv"], state["rows"]))
+    def idle(self) -> None:
+        jax.block_until_ready((self.kv, self.rows))
 
-    def ms_per_call(with_sampler: bool) -> float:
-        idle()
+    def ms_per_call(self, iters: int, with_sampler: bool) -> float:
+        self.idle()
         start = time.perf_counter()
         for _ in range(iters):
-            call(with_sampler)
-        idle()
+            self.call(with_sampler)
+        self.idle()
         return 1e3 * (time.perf_counter() - start) / iters
 
+    def host_ms(self, calls: int) -> float:
+        """Median host time of one forward call with the device idle (5 calls to warm up)."""
+        times = []
+        for _ in range(5 + calls):
+            self.idle()
+            start = time.perf_counter()
+            self.call(False)
+            times.append(1e3 * (time.perf_counter() - start))
+        self.idle()
+        return statistics.median(times[5:])
+
+    def write_back(self) -> None:
+        self.runner.kv_caches, self.runner.rows_state = self.kv, self.rows
+
+
+def time_step(loop: StepLoop, *, iters: int, reps: int) -> dict:
+    """forward_ms and forward_sampler_ms (`reps` runs of `iters` calls), host_ms_per_forward."""
     result = {}
     for name, with_sampler in (("forward_ms", False), ("forward_sampler_ms", True)):
-        ms_per_call(with_sampler)  # warm: the first calls update the command buffers
-        result[name] = [round(ms_per_call(with_sampler), 3) for _ in range(reps)]
-    host = []
-    for _ in range(5 + 4 * reps):
-        idle()
-        start = time.perf_counter()
-        call(False)
-        host.append(1e3 * (time.perf_counter() - start))
-    idle()
-    result["host_ms_per_forward"] = round(statistics.median(host[5:]), 3)
-    runner.kv_caches, runner.rows_state = state["kv"], state["rows"]
+        loop.ms_per_call(iters, with_sampler)  # warm: the first calls update command buffers
+        result[name] = [round(loop.ms_per_call(iters, with_sampler), 3) for _ in range(reps)]
+    result["host_ms_per_forward"] = round(loop.host_ms(4 * reps), 3)
     return result
+
+
+def profile_step(loop: StepLoop, folder: str, *, iters: int, num_layers: int) -> dict:
+    """`iters` forward + sampler calls under the JAX profiler (a Perfetto trace in `folder`),
+    summarised per call by scripts/trace_step.py: device time by kernel kind and name."""
+    from trace_step import summarize  # a sibling script: scripts/ is on sys.path
+
+    loop.idle()
+    with jax.profiler.trace(folder, create_perfetto_trace=True):
+        for _ in range(iters):
+            loop.call(True)
+        loop.idle()
+    files = glob.glob(f"{folder}/**/*.trace.json.gz", recursive=True)
+    if not files:
+        return {"error": "no perfetto trace"}
+    summary = summarize(files[0], iters, num_layers)
+    keep = ("steps", "device_busy_ms_per_step", "device_span_ms_per_step")
+    keep += ("num_kernels_per_step", "kernel_kinds_ms_per_step", "top_kernels_ms_per_step")
+    return {key: summary[key] for key in keep}
 
 
 def main() -> None:
@@ -151,6 +186,9 @@ def main() -> None:
     ap.add_argument("--temperature", type=float, default=1.0)
     ap.add_argument("--iters", type=int, default=40)
     ap.add_argument("--reps", type=int, default=3)
+    ap.add_argument(
+        "--profile", help="also trace --iters steps into this folder: device time by kernel"
+    )
     ap.add_argument("--output-json", required=True)
     args = ap.parse_args()
     from engine import LLM
@@ -171,7 +209,14 @@ def main() -> None:
     )
     step = capture_decode_step(llm, b, args.context, args.temperature)
     result = {"batch": b, "context": args.context, "iters": args.iters, **step.shape}
-    result |= time_step(llm, step, iters=args.iters, reps=args.reps)
+    loop = StepLoop(llm, step)
+    result |= time_step(loop, iters=args.iters, reps=args.reps)
+    if args.profile:
+        num_layers = llm.engine.model_config.num_layers
+        result["profile"] = profile_step(
+            loop, args.profile, iters=args.iters, num_layers=num_layers
+        )
+    loop.write_back()
     result.update(
         device=jax.devices()[0].device_kind,
         jax_version=jax.__version__,

@@ -34,7 +34,7 @@ def test_json_has_every_timing(tmp_path):
     (model / "config.json").write_text(json.dumps(TINY_LLAMA))
     out = tmp_path / "f.json"
     args = ["--model", str(model), "--batch", "3", "--context", "20", "--iters", "3"]
-    args += ["--reps", "2", "--output-json", str(out)]
+    args += ["--reps", "2", "--profile", str(tmp_path / "trace"), "--output-json", str(out)]
     env = {**os.environ, "PYTHONPATH": str(ROOT), "PAGEJAX_GPU_GEMM": "xla"}
     proc = subprocess.run(
         [sys.executable, str(SCRIPT), *args], capture_output=True, text=True, timeout=300, env=env
@@ -49,3 +49,6 @@ def test_json_has_every_timing(tmp_path):
         assert len(result[key]) == 2 and all(t > 0 for t in result[key])
     assert result["host_ms_per_forward"] > 0
     assert result["device"] == "cpu" and result["cublas_min_tokens"] is None  # from the env
+    # The profile's summary (on the CPU no GPU kernels: only its shape is checked).
+    assert result["profile"]["steps"] == 3
+    assert set(result["profile"]) >= {"device_busy_ms_per_step", "top_kernels_ms_per_step"}
