@@ -13,8 +13,8 @@ decodes, captures the input of one decode step, and times (each `--reps` times):
 - `host_ms_per_forward`: the host time of one forward call while the device is idle
   (argument handling, XLA's command-buffer update, the launch);
 - with `--profile DIR`, `profile`: `--iters` steps traced, device time a step by kernel kind
-  and name (scripts/trace_step.py's summary; on a GPU, the per-launch figures of
-  docs/BENCHMARKS.md's tenth session).
+  and name (scripts/trace_step.py's summary; a per-layer kernel's time over the number of
+  layers is the per-launch figure that docs/BENCHMARKS.md's tenth session quotes).
 The engine's step time (`pagejax bench latency`; `PAGEJAX_STEP_TRACE` for its host share) minus
 `forward_sampler_ms` is what the host adds to a step. `PAGEJAX_GPU_GEMM` is read as the CLI
 reads it. The script reaches into the runner's executable tables (`_forward`, `_sampler`).
