@@ -32,8 +32,6 @@ import time
 from collections.abc import Callable
 
 import jax
-import numpy as np
-from tqdm import tqdm
 
 
 @dataclasses.dataclass
@@ -50,24 +48,10 @@ class CapturedStep:
 def capture_decode_step(llm, batch: int, context: int, temperature: float) -> CapturedStep:
     """Step the engine until `batch` requests of `context` tokens all decode, then capture
     the next step it dispatches (the runner's executables are wrapped for that one step)."""
-    from engine import SamplingParams
+    from trace_step import fill_decoding  # a sibling script: scripts/ is on sys.path
 
+    fill_decoding(llm, batch, context, temperature)
     eng = llm.engine
-    rng = np.random.default_rng(0)
-    params = SamplingParams(temperature=temperature, max_tokens=1 << 20, ignore_eos=True)
-    vocab = min(20000, eng.model_config.vocab_size)
-    for i in range(batch):
-        prompt = rng.integers(0, vocab, context).tolist()
-        eng.add_request(f"f{i}", {"prompt_token_ids": prompt}, params)
-    with tqdm(desc="prefilling", total=batch * context, leave=False) as bar:
-        while any(
-            r.num_computed_tokens < r.num_prompt_tokens for r in eng.scheduler.requests.values()
-        ):
-            eng.step()
-            bar.n = sum(r.num_computed_tokens for r in eng.scheduler.requests.values())
-            bar.refresh()
-    for _ in range(3):  # past the steps that still carry prompt tokens (async scheduling)
-        eng.step()
     runner, seen = eng.runner, {}
     tables = {"forward": runner._forward, "sampler": runner._sampler}
     saved = {name: dict(table) for name, table in tables.items()}

@@ -24,7 +24,11 @@ import jax
 import numpy as np
 
 
-def _fill(llm, batch: int, input_len: int, temperature: float) -> None:
+def fill_decoding(llm, batch: int, input_len: int, temperature: float) -> None:
+    """Add `batch` random prompts of `input_len` tokens (ignore_eos) and step the engine until
+    all of them decode, and 5 steps more (also used by scripts/bench_forward.py)."""
+    from tqdm import tqdm
+
     from engine import SamplingParams
 
     eng = llm.engine
@@ -34,9 +38,13 @@ def _fill(llm, batch: int, input_len: int, temperature: float) -> None:
     for i in range(batch):
         prompt = rng.integers(0, min(20000, vocab), input_len).tolist()
         eng.add_request(f"t{i}", {"prompt_token_ids": prompt}, params)
-    while any(r.num_computed_tokens < r.num_prompt_tokens for r in eng.scheduler.requests.values()):
-        eng.step()
-    for _ in range(5):
+    requests = eng.scheduler.requests
+    with tqdm(desc="prefilling", total=batch * input_len, leave=False) as bar:
+        while any(r.num_computed_tokens < r.num_prompt_tokens for r in requests.values()):
+            eng.step()
+            bar.n = sum(r.num_computed_tokens for r in requests.values())
+            bar.refresh()
+    for _ in range(5):  # past the steps that still carry prompt tokens (async scheduling)
         eng.step()
 
 
@@ -162,7 +170,7 @@ def main() -> None:
         request_buckets=tuple(sorted({max(8, b, n), -(-seats // 8) * 8})),
         long_prefill_token_threshold=p,
     )
-    _fill(llm, b, args.input_len, args.temperature)
+    fill_decoding(llm, b, args.input_len, args.temperature)
     rng = np.random.default_rng(1)
     vocab = min(20000, llm.engine.model_config.vocab_size)
     prefill = SamplingParams(temperature=0.0, max_tokens=1, ignore_eos=True)

@@ -14,6 +14,7 @@ from engine.config import CompileConfig, EngineConfig
 from engine.runner import ModelRunner
 from engine.step_input import StepLayout
 from pallas_kernels import hardware
+from tests.engine.test_engine import ENGINE_ARGS
 from tests.hf_models import write_checkpoint
 
 OFF = {"xla_gpu_enable_triton_gemm": False}
@@ -53,18 +54,9 @@ def test_compile_hands_each_forward_bucket_its_options(tmp_path, monkeypatch):
         return compile_(self, compiler_options, **kwargs)
 
     monkeypatch.setattr(jax.stages.Lowered, "compile", spy)
+    # test_engine's tiny engine: token buckets 16 and 64, one request bucket on the CPU.
     llm = LLM(
-        str(folder),
-        skip_tokenizer_init=True,
-        num_pages=32,
-        max_num_seqs=8,
-        max_num_batched_tokens=64,
-        max_model_len=128,
-        token_buckets=(16, 64),
-        request_buckets=(8,),
-        dtype="float32",
-        compilation_cache_dir=False,
-        cublas_min_tokens=32,
+        str(folder), num_pages=32, compilation_cache_dir=False, cublas_min_tokens=32, **ENGINE_ARGS
     )
     forward = [opts for name, opts in seen if name == "jit_forward_fn"]
     others = [opts for name, opts in seen if name != "jit_forward_fn"]
