@@ -52,7 +52,8 @@ def add_engine_args(p: argparse.ArgumentParser) -> None:
     p.add_argument(
         "--compilation-cache-dir",
         default=None,
-        help="persistent XLA compilation cache (default ~/.cache/pagejax/xla)",
+        help="compiled executables kept between runs: jax's cache and pagejax's "
+        '(default ~/.cache/pagejax/xla; "" turns both off)',
     )
 
 

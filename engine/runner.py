@@ -11,11 +11,12 @@ the engine schedules step N + 1 while step N runs.
 from __future__ import annotations
 
 import concurrent.futures
+import functools
 import logging
 import os
 import time
 from collections.abc import Iterator
-from typing import NamedTuple
+from typing import Any, NamedTuple
 
 import jax
 import jax.numpy as jnp
@@ -24,6 +25,7 @@ from flax import nnx
 from tqdm import tqdm
 
 from engine.config import EngineConfig, bucket_ladder
+from engine.executable_cache import ExecutableCache
 from engine.row_state import RowState, set_row_fn
 from engine.step_fns import (
     FULL,
@@ -53,12 +55,25 @@ MAX_STOP_IDS = 64  # EOS + stop_token_ids banned until min_tokens
 
 
 class CompileJob(NamedTuple):
-    """One executable to compile at start-up: it goes to `table[key]`."""
+    """One executable to build at start-up, for `table[key]`: `fn` (a `jax.jit` function)
+    lowered on `args` (abstract arrays) and `static` (its static arguments, by name)."""
 
     table: dict
     key: object
-    lowered: jax.stages.Lowered
+    fn: Any
+    args: tuple
+    static: dict
     options: dict | None = None  # XLA compile options (`ModelRunner.compiler_options`)
+
+    def lower(self) -> jax.stages.Lowered:
+        return self.fn.lower(*self.args, **self.static)
+
+    def signature(self) -> tuple:
+        """What shapes the program besides the code: the function, every argument's shape,
+        dtype and sharding, the static arguments and the compile options."""
+        leaves, tree = jax.tree.flatten(self.args)
+        arrays = [(a.shape, str(a.dtype), str(a.sharding)) for a in leaves]
+        return (self.fn.__name__, str(tree), arrays, sorted(self.static.items()), self.options)
 
 
 class Dispatched(NamedTuple):
@@ -98,7 +113,9 @@ class ModelRunner:
         self._forward: dict[StepLayout, object] = {}
         self._sampler: dict[tuple[int, SampleVariant], object] = {}
         self._prompt_lp: dict[int, object] = {}
+        self._row_writer: dict[None, object] = {}  # its one executable, under the key None
         self._set_row = None
+        self.num_loaded = 0  # executables `compile` found in the `ExecutableCache`
         self._buffers = BufferPool()
 
     def _ladders(self) -> tuple[tuple[int, ...], tuple[int, ...]]:
@@ -141,36 +158,47 @@ class ModelRunner:
         ]
 
     def compile(self) -> None:
-        """Compile every bucket ahead of time (with a progress bar): the forward pass per
-        (T, R) bucket, each sampler variant per R bucket, prompt logprobs per T bucket.
-        Tracing runs in this thread; XLA compiles in a thread pool, one bucket per core, each
-        as soon as it is lowered (compiling overlaps the tracing of the next ones)."""
+        """Build every bucket ahead of time (with a progress bar): the forward pass per (T, R)
+        bucket, each sampler variant per R bucket, prompt logprobs per T bucket, the row
+        writer. With a compilation cache folder, each executable is first looked up in the
+        `ExecutableCache` (no tracing). The rest are traced in this thread and compiled by XLA
+        in a thread pool, one per core, each as soon as it is lowered (compiling overlaps the
+        tracing of the next ones), then stored in the cache."""
+        folder = self.config.compile.compilation_cache_dir
+        cache = ExecutableCache.under(folder) if folder else None
+        model = ExecutableCache.key(repr(self.model_def)) if cache else None
+        if cache:
+            hardware.load_kernel_runtimes()
+        devices = {d for a in self.params for d in a.devices()}
+        assert len(devices) == 1, "executables on several devices: load them in mesh order"
         t0 = time.perf_counter()
+        jobs = list(self._jobs())
+        bar = tqdm(total=len(jobs), desc="compiling buckets", leave=False)
         with concurrent.futures.ThreadPoolExecutor(os.cpu_count() or 1) as pool:
-            futures = {
-                pool.submit(job.lowered.compile, compiler_options=job.options): job
-                for job in self._lowered_jobs()
-            }
+            keys = [cache and cache.key(model, job.signature()) for job in jobs]
+            loads = [cache and pool.submit(cache.load, key, [*devices]) for key in keys]
+            compiles = {}
+            for job, key, load in zip(jobs, keys, loads, strict=True):
+                compiled = load and load.result()
+                if compiled:
+                    job.table[job.key] = compiled
+                    bar.update()
+                else:
+                    lowered = job.lower()
+                    compiles[pool.submit(_compile, lowered, job.options, cache, key)] = job
             t1 = time.perf_counter()
-            done = concurrent.futures.as_completed(futures)
-            for future in tqdm(done, total=len(futures), desc="compiling buckets", leave=False):
-                job = futures[future]
+            for future in concurrent.futures.as_completed(compiles):
+                job = compiles[future]
                 job.table[job.key] = future.result()
-        self._set_row = (
-            jax.jit(set_row_fn, donate_argnames=("rows_state",))
-            .lower(
-                _abstract(self.rows_state),
-                jnp.int32(0),
-                _i32(MAX_LOGIT_BIAS),
-                jax.ShapeDtypeStruct((MAX_LOGIT_BIAS,), jnp.float32),
-                _i32(MAX_STOP_IDS),
-            )
-            .compile()
-        )
+                bar.update()
+        bar.close()
+        self.num_loaded = loaded = len(jobs) - len(compiles)
         logger.info(
-            "%d executables: traced and lowered in %.1f s, all compiled %.1f s later",
-            len(futures) + 1, t1 - t0, time.perf_counter() - t1,
+            "%d executables: %d from the executable cache, %d traced and lowered, in %.1f s; "
+            "all compiled %.1f s later",
+            len(jobs), loaded, len(compiles), t1 - t0, time.perf_counter() - t1,
         )  # fmt: skip
+        self._set_row = self._row_writer[None]
         self.kv_caches = [jnp.zeros(k.shape, k.dtype) for k in self._kv_specs]
 
     def compiler_options(self, layout: StepLayout) -> dict | None:
@@ -181,43 +209,49 @@ class ModelRunner:
             return None
         return {"xla_gpu_enable_triton_gemm": False}
 
-    def _lowered_jobs(self) -> Iterator[CompileJob]:
-        """One `CompileJob` per executable, lowered one at a time."""
+    def _jobs(self) -> Iterator[CompileJob]:
+        """One `CompileJob` per executable, on abstract arguments (nothing traced yet)."""
         params, rows, kv = (
             _abstract(self.params),
             _abstract(self.rows_state),
             self._kv_specs,
         )
+        # The model definition is bound, not an argument: the executable cache keys on it once.
         forward = jax.jit(
-            forward_fn,
-            static_argnames=("model_def", "layout"),
+            functools.partial(forward_fn, self.model_def),
+            static_argnames=("layout",),
             donate_argnames=("kv_caches", "rows_state"),
         )
         sampler = jax.jit(
             sample_fn, static_argnames=("layout", "variant"), donate_argnames=("rows_state",)
         )
-        prompt_lp = jax.jit(prompt_logprobs_fn, static_argnames=("model_def", "chunk"))
+        prompt_lp = jax.jit(functools.partial(prompt_logprobs_fn, self.model_def))
         layouts = self.layouts()
         d, v = self.model_config.hidden_size, self.model_config.vocab_size
         dtype = self._kv_specs[0].dtype
         # The biggest steps first: they take longest to compile, so they should not be the tail.
         for layout in sorted(layouts, key=lambda lay: -lay.num_tokens):
-            lowered = forward.lower(
-                self.model_def, params, kv, rows, _i32(layout.size), layout=layout
-            )
-            yield CompileJob(self._forward, layout, lowered, self.compiler_options(layout))
+            args = (params, kv, rows, _i32(layout.size))
+            options = self.compiler_options(layout)
+            yield CompileJob(self._forward, layout, forward, args, {"layout": layout}, options)
         for r in sorted({lay.num_requests for lay in layouts}):
             lay = StepLayout(0, r, self.pages_per_request)
-            logits = jax.ShapeDtypeStruct((r, v), jnp.float32)
+            args = (rows, jax.ShapeDtypeStruct((r, v), jnp.float32), _i32(lay.sample_size))
             for variant in (GREEDY, SAMPLE, FULL):
-                lowered = sampler.lower(
-                    rows, logits, _i32(lay.sample_size), layout=lay, variant=variant
-                )
-                yield CompileJob(self._sampler, (r, variant), lowered)
+                static = {"layout": lay, "variant": variant}
+                yield CompileJob(self._sampler, (r, variant), sampler, args, static)
         for t in sorted({lay.num_tokens for lay in layouts}, reverse=True):
-            hidden = jax.ShapeDtypeStruct((t, d), dtype)
-            lowered = prompt_lp.lower(self.model_def, params, hidden, _i32(t))
-            yield CompileJob(self._prompt_lp, t, lowered)
+            args = (params, jax.ShapeDtypeStruct((t, d), dtype), _i32(t))
+            yield CompileJob(self._prompt_lp, t, prompt_lp, args, {})
+        set_row = jax.jit(set_row_fn, donate_argnames=("rows_state",))
+        args = (
+            rows,
+            jax.ShapeDtypeStruct((), jnp.int32),
+            _i32(MAX_LOGIT_BIAS),
+            jax.ShapeDtypeStruct((MAX_LOGIT_BIAS,), jnp.float32),
+            _i32(MAX_STOP_IDS),
+        )
+        yield CompileJob(self._row_writer, None, set_row, args, {})
 
     def warm_up(self) -> None:
         """Run every executable once on an all-padding batch. The first run of an executable
@@ -359,6 +393,14 @@ class ModelRunner:
                     ]
                 start = end
         return StepOutput(sampled.tolist(), logprobs, prompt)
+
+
+def _compile(lowered, options: dict | None, cache: ExecutableCache | None, key: str | None):
+    """XLA-compile one lowered executable (in a pool thread) and store it in the cache."""
+    compiled = lowered.compile(compiler_options=options)
+    if cache is not None:
+        cache.store(key, compiled)
+    return compiled
 
 
 def _abstract(tree):

@@ -30,3 +30,11 @@ def num_sms() -> int:
     device = jax.devices()[0]
     count = getattr(device, "core_count", None) if device.platform == "gpu" else None
     return int(count or 132)
+
+
+def load_kernel_runtimes() -> None:
+    """Ready what compiled kernels need at load time, for executables loaded untraced
+    (engine/executable_cache.py): on a CUDA GPU, Mosaic GPU's custom call finds its runtime
+    library (its host symbols) through a variable that importing Mosaic GPU sets."""
+    if is_nvidia():
+        import jax.experimental.mosaic.gpu  # noqa: F401

@@ -1,0 +1,132 @@
+"""Compiled executables kept on disk, so that a warm start skips tracing and lowering.
+
+jax's persistent compilation cache keys on the lowered program, so every start still traces and
+lowers each bucket before it can look the program up: 49 executables of the 8B model took ~15 s
+of a 19 s warm start on an H100 (docs/BENCHMARKS.md, eleventh session). This cache keys on what
+shapes a program instead, and a hit loads the executable itself
+(`jax.experimental.serialize_executable`), untraced:
+
+- the source of the packages whose code is traced (engine, models, pallas_kernels, sharding);
+- the jax, jaxlib and flax versions, the devices and their runtime, jax's configuration;
+- the environment the traced code and XLA read: `PAGEJAX_GPU_*` / `PAGEJAX_TPU_*` (kernel
+  switches), `XLA_FLAGS`, `LIBTPU_INIT_ARGS`. A new switch read while tracing must take one of
+  those prefixes, or it will not reach the key;
+- per executable: the function, its static arguments, and every argument's shape, dtype and
+  sharding (`CompileJob.signature`), and the XLA options it compiles with.
+
+Files live in `<compilation cache dir>/executables/<code and platform digest>/`: a code change
+starts a new folder (the XLA cache beside it still serves the programs that did not change).
+Loading unpickles the files, like any cache of compiled code: keep the folder private.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import importlib.metadata
+import logging
+import os
+import pickle
+import tempfile
+from collections.abc import Iterable, Sequence
+from pathlib import Path
+
+import jax
+from jax.experimental import serialize_executable
+
+logger = logging.getLogger(__name__)
+
+TRACED_PACKAGES = ("engine", "models", "pallas_kernels", "sharding")
+ENV_PREFIXES = ("PAGEJAX_GPU_", "PAGEJAX_TPU_", "XLA_FLAGS", "LIBTPU_INIT_ARGS")
+# jax options that name files and logs, not programs.
+_CONFIG_SKIPPED = ("cache", "log", "dump", "debug_log", "traceback")
+
+
+def _digest(parts: Iterable[object]) -> str:
+    h = hashlib.sha256()
+    for part in parts:
+        h.update(part if isinstance(part, bytes) else repr(part).encode())
+        h.update(b"\0")
+    return h.hexdigest()
+
+
+def code_digest(packages: Iterable[str] = TRACED_PACKAGES) -> str:
+    """sha256 over every .py file of the packages (path and bytes), in path order."""
+    root = Path(__file__).resolve().parent.parent
+    parts = []
+    for package in packages:
+        for path in sorted((root / package).rglob("*.py")):
+            parts += [str(path.relative_to(root)), path.read_bytes()]
+    return _digest(parts)
+
+
+def platform_digest() -> str:
+    """What the compiled code depends on besides pagejax's source: versions, devices, the
+    runtime (CUDA or libtpu version), jax's configuration and the environment above."""
+    versions = {p: importlib.metadata.version(p) for p in ("jax", "jaxlib", "flax")}
+    devices = [(d.platform, d.device_kind, d.id) for d in jax.devices()]
+    client = jax.devices()[0].client
+    config = sorted(
+        (k, repr(v))
+        for k, v in jax.config.values.items()
+        if not any(word in k for word in _CONFIG_SKIPPED)
+    )
+    env = sorted((k, v) for k, v in os.environ.items() if k.startswith(ENV_PREFIXES))
+    return _digest([versions, devices, client.platform, client.platform_version, config, env])
+
+
+class ExecutableCache:
+    """`load(key)` / `store(key, compiled)` of `jax.stages.Compiled` under one folder."""
+
+    def __init__(self, folder: str | os.PathLike):
+        self.folder = Path(folder)
+
+    @classmethod
+    def under(cls, cache_dir: str | os.PathLike) -> ExecutableCache:
+        """The cache of this code on this platform, below a compilation cache folder."""
+        digest = _digest([code_digest(), platform_digest()])
+        return cls(Path(cache_dir) / "executables" / digest[:32])
+
+    @staticmethod
+    def key(*parts: object) -> str:
+        """A file name for an executable: the digest of the reprs of `parts`."""
+        return _digest(parts)
+
+    def _path(self, key: str) -> Path:
+        return self.folder / f"{key}.jaxexe"
+
+    def load(self, key: str, devices: Sequence[jax.Device]) -> jax.stages.Compiled | None:
+        """The executable stored under `key`, loaded onto `devices` (in the order it was
+        compiled for), or None. A file that fails to load (truncated, or from an incompatible
+        runtime) is logged and removed; the caller compiles anew."""
+        path = self._path(key)
+        try:
+            blob = path.read_bytes()
+        except FileNotFoundError:
+            return None
+        try:
+            serialized, in_tree, out_tree = pickle.loads(blob)
+            return serialize_executable.deserialize_and_load(
+                serialized, in_tree, out_tree, execution_devices=devices
+            )
+        except Exception as e:  # noqa: BLE001 - any failure means "compile it again"
+            logger.warning("executable cache: dropping %s, it failed to load: %r", path.name, e)
+            path.unlink(missing_ok=True)
+            return None
+
+    def store(self, key: str, compiled: jax.stages.Compiled) -> bool:
+        """Write `compiled` under `key` (atomically: concurrent starts may race). False when
+        the backend cannot serialize it or the folder is not writable (logged, not raised)."""
+        tmp = None
+        try:
+            blob = pickle.dumps(serialize_executable.serialize(compiled))
+            self.folder.mkdir(parents=True, exist_ok=True)
+            fd, tmp = tempfile.mkstemp(dir=self.folder, suffix=".tmp")
+            with os.fdopen(fd, "wb") as f:
+                f.write(blob)
+            os.replace(tmp, self._path(key))
+            return True
+        except Exception as e:  # noqa: BLE001 - a cache that cannot write is only slower
+            logger.warning("executable cache: not storing %s: %r", key[:16], e)
+            if tmp is not None:
+                Path(tmp).unlink(missing_ok=True)
+            return False

@@ -1,0 +1,132 @@
+"""The executable cache: a warm start loads every executable untraced, and runs as well."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import jax
+import jax.numpy as jnp
+import pytest
+
+from engine import LLM, SamplingParams, executable_cache
+from engine.executable_cache import ExecutableCache
+from engine.runner import CompileJob
+from tests.engine.test_engine import ENGINE_ARGS
+from tests.hf_models import hf_greedy, write_checkpoint
+
+GREEDY = SamplingParams(temperature=0.0, max_tokens=8, ignore_eos=True)
+PROMPTS = [[5, 9, 200, 17], list(range(3, 90))]  # a 16-token and a 64-token bucket
+
+
+@pytest.fixture(scope="module")
+def folder(tmp_path_factory):
+    return write_checkpoint("llama3", tmp_path_factory.mktemp("llama3"))
+
+
+def _greedy(llm: LLM) -> list[list[int]]:
+    outs = llm.generate([{"prompt_token_ids": p} for p in PROMPTS], GREEDY)
+    return [out.outputs[0].token_ids for out in outs]
+
+
+def test_warm_start_loads_every_executable_and_matches_transformers(folder, tmp_path):
+    """The first engine traces and stores every executable; the second traces none, and its
+    greedy tokens are transformers'. A damaged file is dropped and rebuilt, not fatal."""
+    cache_dir = str(tmp_path / "cache")
+    expected = [hf_greedy(folder, p, GREEDY.max_tokens) for p in PROMPTS]
+    cold = LLM(str(folder), num_pages=64, compilation_cache_dir=cache_dir, **ENGINE_ARGS)
+    assert cold.engine.runner.num_loaded == 0
+    assert _greedy(cold) == expected
+    files = sorted((tmp_path / "cache" / "executables").glob("*/*.jaxexe"))
+    # 2 forward buckets, 3 sampler variants, 2 prompt-logprob buckets, the row writer.
+    assert len(files) == 8
+
+    warm = LLM(str(folder), num_pages=64, compilation_cache_dir=cache_dir, **ENGINE_ARGS)
+    assert warm.engine.runner.num_loaded == len(files)
+    assert _greedy(warm) == expected
+
+    files[0].write_bytes(b"not an executable")
+    mended = LLM(str(folder), num_pages=64, compilation_cache_dir=cache_dir, **ENGINE_ARGS)
+    assert mended.engine.runner.num_loaded == len(files) - 1
+    assert files[0].stat().st_size > 1000  # stored again
+    assert _greedy(mended) == expected
+
+
+def _job(shape=(4, 8), dtype=jnp.float32, static=None, options=None) -> CompileJob:
+    fn = jax.jit(lambda x, scale=1: x * scale, static_argnames=("scale",))
+    args = (jax.ShapeDtypeStruct(shape, dtype),)
+    return CompileJob({}, None, fn, args, static or {}, options)
+
+
+def test_key_changes_with_every_part_of_the_signature():
+    """Shapes, dtypes, static arguments and compile options each give a new file name."""
+    jobs = [
+        _job(),
+        _job(shape=(4, 16)),
+        _job(dtype=jnp.bfloat16),
+        _job(static={"scale": 2}),
+        _job(options={"xla_gpu_enable_triton_gemm": False}),
+    ]
+    keys = {ExecutableCache.key("model", job.signature()) for job in jobs}
+    assert len(keys) == len(jobs)
+    assert ExecutableCache.key("model", _job().signature()) in keys  # and it is deterministic
+    assert ExecutableCache.key("other model", _job().signature()) not in keys
+
+
+def test_folder_changes_with_kernel_switches_and_xla_flags(monkeypatch):
+    """What the traced code reads from the environment picks the folder: a kernel switch or
+    XLA_FLAGS must never load executables built under another value."""
+    monkeypatch.delenv("PAGEJAX_GPU_ATTENTION", raising=False)
+    monkeypatch.delenv("XLA_FLAGS", raising=False)
+    base = executable_cache.platform_digest()
+    monkeypatch.setenv("PAGEJAX_GPU_ATTENTION", "mgpu")
+    attention = executable_cache.platform_digest()
+    monkeypatch.setenv("XLA_FLAGS", "--xla_gpu_enable_command_buffer=")
+    flags = executable_cache.platform_digest()
+    monkeypatch.setenv("PAGEJAX_API_KEY", "secret")  # read by the server, not while tracing
+    assert len({base, attention, flags}) == 3
+    assert executable_cache.platform_digest() == flags
+
+
+def test_store_and_load_round_trip_a_jitted_function(tmp_path):
+    """A stored executable computes what the function does, and still donates its input."""
+    cache = ExecutableCache(tmp_path)
+    fn = jax.jit(lambda x, y: (x * 2 + y, y.sum()), donate_argnames=("x",))
+    compiled = fn.lower(jnp.ones((3, 5)), jnp.ones(5)).compile()
+    assert cache.store("k", compiled)
+    loaded = cache.load("k", jax.devices()[:1])
+    x, y = jnp.arange(15.0).reshape(3, 5), jnp.arange(5.0)
+    want = (x * 2 + y, y.sum())
+    got = loaded(x, y)
+    assert all(jnp.array_equal(a, b) for a, b in zip(got, want, strict=True))
+    assert x.is_deleted()  # donated, as the function asked
+    assert cache.load("missing", jax.devices()[:1]) is None
+
+
+SECOND_DEVICE = """
+import sys, jax, jax.numpy as jnp
+from engine.executable_cache import ExecutableCache
+second = jax.devices()[1]
+x = jax.ShapeDtypeStruct((4,), jnp.float32, sharding=jax.sharding.SingleDeviceSharding(second))
+cache = ExecutableCache(sys.argv[1])
+assert cache.store("k", jax.jit(lambda x: x + 1).lower(x).compile())
+out = cache.load("k", [second])(jax.device_put(jnp.arange(4.0), second))
+print(out.tolist(), [d.id for d in out.devices()])
+"""
+
+
+def test_load_onto_the_device_it_was_compiled_for(tmp_path):
+    """On a host of several devices (two CPU devices here), an executable of the second one
+    loads and runs there: loading onto every device would fail at the first call."""
+    env = {**os.environ, "XLA_FLAGS": "--xla_force_host_platform_device_count=2"}
+    out = subprocess.run(
+        [sys.executable, "-c", SECOND_DEVICE, str(tmp_path)],
+        env=env,
+        capture_output=True,
+        text=True,
+        check=True,
+        cwd=Path(__file__).parents[2],
+    )
+    assert out.stdout.split("\n")[-2] == "[1.0, 2.0, 3.0, 4.0] [1]"
