@@ -27,10 +27,12 @@ import logging
 import os
 import pickle
 import tempfile
+import time
 from collections.abc import Iterable, Sequence
 from pathlib import Path
 
 import jax
+from jax._src import config as jax_config  # its options as thread-local contexts
 from jax.experimental import serialize_executable
 
 logger = logging.getLogger(__name__)
@@ -112,6 +114,20 @@ class ExecutableCache:
             logger.warning("executable cache: dropping %s, it failed to load: %r", path.name, e)
             path.unlink(missing_ok=True)
             return None
+
+    def compile(
+        self, lowered: jax.stages.Lowered, key: str, options: dict | None = None
+    ) -> tuple[jax.stages.Compiled, float]:
+        """XLA-compile `lowered` and store it under `key`: (the executable, seconds spent
+        storing it). It compiles without jax's persistent cache: an executable that cache
+        returns does not always serialize again (on the CPU, jaxlib 0.10.2 and 0.11.2, it then
+        fails at run time with "Function wrapped_log not found"). Both caches key on the same
+        programs, so jax's would only have helped after a change of pagejax's source."""
+        with jax_config.enable_compilation_cache(False):  # this thread only
+            compiled = lowered.compile(compiler_options=options)
+        t0 = time.perf_counter()
+        self.store(key, compiled)
+        return compiled, time.perf_counter() - t0
 
     def store(self, key: str, compiled: jax.stages.Compiled) -> bool:
         """Write `compiled` under `key` (atomically: concurrent starts may race). False when

@@ -166,7 +166,7 @@ class ModelRunner:
         tracing of the next ones), then stored in the cache."""
         folder = self.config.compile.compilation_cache_dir
         cache = ExecutableCache.under(folder) if folder else None
-        model = ExecutableCache.key(repr(self.model_def)) if cache else None
+        model = ExecutableCache.key(self.model_def, self.model_config) if cache else None
         if cache:
             hardware.load_kernel_runtimes()
         devices = {d for a in self.params for d in a.devices()}
@@ -398,13 +398,11 @@ class ModelRunner:
 
 
 def _compile(lowered, options: dict | None, cache: ExecutableCache | None, key: str | None):
-    """XLA-compile one lowered executable (in a pool thread) and store it in the cache:
-    (the executable, seconds spent storing it)."""
-    compiled = lowered.compile(compiler_options=options)
-    t0 = time.perf_counter()
-    if cache is not None:
-        cache.store(key, compiled)
-    return compiled, time.perf_counter() - t0
+    """XLA-compile one lowered executable (in a pool thread), through the cache if there is
+    one: (the executable, seconds spent storing it)."""
+    if cache is None:
+        return lowered.compile(compiler_options=options), 0.0
+    return cache.compile(lowered, key, options)
 
 
 def _abstract(tree):

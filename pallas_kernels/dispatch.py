@@ -61,8 +61,8 @@ def _use_mgpu(
         num_heads=num_heads,
         num_kv_heads=num_kv_heads,
     )
-    # Interpret mode stays on Triton: Mosaic GPU's interpreter cannot run this kernel (jax
-    # 0.10 lacks `run_state`, 0.11 fails on its effects; the gate/up kernel does run there).
+    # Interpret mode stays on Triton: Mosaic GPU's interpreter runs this kernel only with jax
+    # 0.11, and slowly (~20 s for a 160-token batch; its tests call it directly).
     if interpret or not fits or choice == "triton":
         return False
     num_tokens = q.shape[0]

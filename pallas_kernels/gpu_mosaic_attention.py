@@ -46,6 +46,7 @@ from jax.experimental import pallas as pl
 from jax.experimental.pallas import mosaic_gpu as plgpu
 
 from pallas_kernels import ragged_blocks as rb
+from pallas_kernels.gpu_gate_up import interpret_params
 from pallas_kernels.hardware import num_sms
 
 _LOG2E = math.log2(math.e)
@@ -302,27 +303,42 @@ def ragged_paged_attention(
     *,
     sm_scale: float,
     config: MgpuConfig | None = None,
+    interpret: bool = False,
 ) -> jax.Array:
     """Causal ragged paged attention on Mosaic GPU; the arguments as in
     `reference.ragged_paged_attention_reference`: q [T, N, H], kv_cache [2, K, P, S, H],
     kv_lens [R], page_indices [R, maxP], query_start [R + 1], num_seqs [1]. Returns [T, N, H].
+    interpret: run in Mosaic GPU's interpreter on the CPU (jax 0.11; tests). There, P @ V is
+    a jnp dot added to the accumulator instead of a wgmma into the carried accumulator
+    (`pl.run_state`, which the interpreter cannot run); the rest is the GPU's kernel.
     """
     cfg = config or MgpuConfig()
-    if q.shape[0] % _ROW_ALIGN:  # TMA views q as 8-row tiles: pad the rows (copies q)
-        pad = _ROW_ALIGN - q.shape[0] % _ROW_ALIGN
-        q_padded = jnp.pad(q, ((0, pad), (0, 0), (0, 0)))
-        out = ragged_paged_attention(
-            q_padded,
-            kv_cache,
-            kv_lens,
-            page_indices,
-            query_start,
-            num_seqs,
-            sm_scale=sm_scale,
-            config=config,
-        )
-        return out[: q.shape[0]]
-    num_tokens, num_heads, head_dim = q.shape
+    # TMA views q as 8-row tiles: pad the rows (copies q).
+    num_tokens = q.shape[0] + -q.shape[0] % _ROW_ALIGN
+    # A tile's q load may run past the last row, where TMA reads zeros; Mosaic GPU's
+    # interpreter refuses such reads, so there the buffer gets a tile's rows more.
+    rows = num_tokens + (_COMPUTE_WGS * cfg.block_q if interpret else 0)
+    padded = jnp.pad(q, ((0, rows - q.shape[0]), (0, 0), (0, 0))) if rows > q.shape[0] else q
+    args = (padded, kv_cache, kv_lens, page_indices, query_start, num_seqs)
+    out = _attention(*args, num_tokens=num_tokens, sm_scale=sm_scale, cfg=cfg, interpret=interpret)
+    return out[: q.shape[0]]
+
+
+def _attention(
+    q,
+    kv_cache,
+    kv_lens,
+    page_indices,
+    query_start,
+    num_seqs,
+    *,
+    num_tokens: int,
+    sm_scale: float,
+    cfg: MgpuConfig,
+    interpret: bool,
+) -> jax.Array:
+    """`ragged_paged_attention` of the first `num_tokens` rows of q (a multiple of 8)."""
+    _, num_heads, head_dim = q.shape
     _, num_kv_heads, _, page_size, _ = kv_cache.shape
     if not supports(
         q.dtype,
@@ -373,6 +389,14 @@ def ragged_paged_attention(
         tiles_at=tiles_at,
         decodes_at=decodes_at,
     )
+
+    # Register layouts guide the compiler only; jax 0.10's interpreter has no rule for them.
+    if interpret:
+        layout_cast = lambda x, _: x  # noqa: E731
+        iota = lambda shape, dim: lax.broadcasted_iota(jnp.int32, shape, dim)  # noqa: E731
+    else:
+        layout_cast = plgpu.layout_cast
+        iota = functools.partial(plgpu.broadcasted_iota, jnp.int32, layout=plgpu.Layout.WGMMA)
 
     def kernel(q_ref, kv_ref, meta_ref, out_ref, scoped):
         smem, (k_ready, v_ready, q_ready), (k_free, v_free), schedule = scoped
@@ -435,15 +459,13 @@ def ragged_paged_attention(
                 def _():
                     plgpu.barrier_wait(q_ready.at[wg])
 
-                m_i = plgpu.layout_cast(
+                m_i = layout_cast(
                     jnp.full((block_q,), -jnp.inf, jnp.float32), plgpu.Layout.WGMMA.reduce(1)
                 )
-                l_i = plgpu.layout_cast(
+                l_i = layout_cast(
                     jnp.full((block_q,), 0, jnp.float32), plgpu.Layout.WGMMA.reduce(1)
                 )
-                acc = plgpu.layout_cast(
-                    jnp.full((block_q, head_dim), 0, jnp.float32), plgpu.Layout.WGMMA
-                )
+                acc = layout_cast(jnp.full((block_q, head_dim), 0, jnp.float32), plgpu.Layout.WGMMA)
 
                 @pl.when(steps > 0)
                 def _():
@@ -463,12 +485,8 @@ def ragged_paged_attention(
                     s = pl.run_scoped(qk_scope, plgpu.ACC((block_q, block_kv), jnp.float32))
                     plgpu.barrier_arrive(k_free.at[slot])
                     if masked:
-                        row = plgpu.broadcasted_iota(
-                            jnp.int32, (block_q, block_kv), 0, layout=plgpu.Layout.WGMMA
-                        )
-                        col = plgpu.broadcasted_iota(
-                            jnp.int32, (block_q, block_kv), 1, layout=plgpu.Layout.WGMMA
-                        )
+                        row = iota((block_q, block_kv), 0)
+                        col = iota((block_q, block_kv), 1)
                         pos = row * row_step + first_pos
                         s = jnp.where(pos >= col + step * block_kv, s, -jnp.inf)
                     # m is kept in log2 units of the scaled scores, so p is one FMA and an exp2.
@@ -484,14 +502,20 @@ def ragged_paged_attention(
                     plgpu.barrier_wait(v_ready.at[slot])
                     plgpu.barrier_wait(schedule)
 
-                    def pv(acc_ref):
-                        plgpu.wgmma(acc_ref, p16, v_smem.at[slot])
-
+                    def wait_next_keys():
                         @pl.when(step + 1 < steps)
                         def _():
                             plgpu.barrier_wait(k_ready.at[slot_of(step + 1)])
 
-                    acc = pl.run_state(pv)(plgpu.ACC.init(acc))
+                    def pv(acc_ref):
+                        plgpu.wgmma(acc_ref, p16, v_smem.at[slot])
+                        wait_next_keys()
+
+                    if interpret:  # no `run_state` there (see the docstring)
+                        acc = acc + jnp.dot(p16, v_smem[slot], preferred_element_type=jnp.float32)
+                        wait_next_keys()
+                    else:
+                        acc = pl.run_state(pv)(plgpu.ACC.init(acc))
                     plgpu.barrier_arrive(v_free.at[slot])
                     return acc, m_new, l_i
 
@@ -588,7 +612,15 @@ def ragged_paged_attention(
 
                 return g + tile_steps
 
-            lax.fori_loop(0, my_items, item, jnp.int32(0))
+            fetched = lax.fori_loop(0, my_items, item, jnp.int32(0))
+
+            # Observe each slot's last release too: on the GPU this only waits for the compute
+            # warpgroups' last steps, which the CTA waits for anyway; Mosaic GPU's interpreter
+            # checks that every warpgroup saw every phase of the barriers it waits on.
+            @pl.loop(0, jnp.minimum(fetched, steps_in_flight))
+            def _(slot):
+                plgpu.barrier_wait(k_free.at[slot])
+                plgpu.barrier_wait(v_free.at[slot])
 
     def entry(q_ref, kv_ref, meta_ref, out_ref):
         tiled = (plgpu.TilingTransform((8, 64)), plgpu.SwizzleTransform(128))
@@ -623,4 +655,5 @@ def ragged_paged_attention(
         compiler_params=plgpu.CompilerParams(
             approx_math=True, lowering_semantics=plgpu.LoweringSemantics.Lane
         ),
+        interpret=interpret_params() if interpret else None,
     )(q, kv_cache, meta)

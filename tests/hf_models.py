@@ -3,6 +3,7 @@ classes, and a plain paged-cache forward used to compare pagejax with transforme
 
 from __future__ import annotations
 
+import copy
 from pathlib import Path
 
 import jax.numpy as jnp
@@ -57,7 +58,9 @@ def write_checkpoint(family: str, folder: Path, *, seed: int = 0, **overrides) -
     import transformers
 
     config_cls, kwargs = FAMILIES[family]
-    config = getattr(transformers, config_cls)(**{**kwargs, **overrides})
+    # A deep copy: transformers 5 writes rope_theta into the rope_scaling dict it is given, which
+    # would then override a later call's rope_theta.
+    config = getattr(transformers, config_cls)(**copy.deepcopy({**kwargs, **overrides}))
     torch.manual_seed(seed)
     model = transformers.AutoModelForCausalLM.from_config(config, dtype=torch.float32)
     with torch.no_grad():  # larger than the default init, so layers matter to the output

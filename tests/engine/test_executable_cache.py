@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 import os
 import subprocess
 import sys
@@ -52,6 +53,17 @@ def test_warm_start_loads_every_executable_and_matches_transformers(folder, tmp_
     assert mended.engine.runner.num_loaded == len(files) - 1
     assert files[0].stat().st_size > 1000  # stored again
     assert _greedy(mended) == expected
+
+
+def test_a_model_of_other_constants_but_the_same_shapes_traces_anew(folder, tmp_path):
+    """Constants the trace bakes in (here rope_theta) are part of the key: a checkpoint that
+    differs only there must not load the first one's executables."""
+    cache_dir = str(tmp_path / "cache")
+    LLM(str(folder), num_pages=64, compilation_cache_dir=cache_dir, **ENGINE_ARGS)
+    other = write_checkpoint("llama3", tmp_path / "other", rope_theta=1234.0)
+    llm = LLM(str(other), num_pages=64, compilation_cache_dir=cache_dir, **ENGINE_ARGS)
+    assert llm.engine.runner.num_loaded == 0
+    assert _greedy(llm) == [hf_greedy(other, p, GREEDY.max_tokens) for p in PROMPTS]
 
 
 def _job(shape=(4, 8), dtype=jnp.float32, static=None, options=None) -> CompileJob:
@@ -130,3 +142,31 @@ def test_load_onto_the_device_it_was_compiled_for(tmp_path):
         cwd=Path(__file__).parents[2],
     )
     assert out.stdout.split("\n")[-2] == "[1.0, 2.0, 3.0, 4.0] [1]"
+
+
+RECOMPILED = """
+import sys, jax, jax.numpy as jnp
+jax.config.update("jax_compilation_cache_dir", sys.argv[1] + "/jax")
+jax.config.update("jax_persistent_cache_min_compile_time_secs", 0)
+from engine.executable_cache import ExecutableCache
+cache = ExecutableCache(sys.argv[1] + "/executables")
+f = jax.jit(lambda x: jax.nn.log_softmax(x).max() + jnp.log(x).sum())
+x = jax.ShapeDtypeStruct((100,), jnp.float32)
+for key in ("first", "second"):  # the second compile is one jax's cache could serve
+    cache.compile(f.lower(x), key)
+print(float(cache.load("second", jax.devices()[:1])(jnp.full(100, 2.0))))
+"""
+
+
+def test_an_executable_compiled_twice_still_runs_from_the_cache(tmp_path):
+    """With jax's persistent cache on (as the engine sets it), the second compile of a program
+    must not come from it: re-serialized, such an executable fails at run time on the CPU."""
+    out = subprocess.run(
+        [sys.executable, "-c", RECOMPILED, str(tmp_path)],
+        capture_output=True,
+        text=True,
+        cwd=Path(__file__).parents[2],
+    )
+    assert out.returncode == 0, out.stderr[-2000:]
+    want = 100 * math.log(2.0) - math.log(100)  # log_softmax of equal values: -log(100)
+    assert float(out.stdout.split()[-1]) == pytest.approx(want, rel=1e-5)

@@ -1,8 +1,9 @@
-"""The Mosaic GPU kernel on the CPU: its work lists, the engine's choice of kernel, and
-cross-lowering. No interpreter runs Mosaic GPU kernels, so the work lists are checked by a numpy
-model of what each compute warpgroup does with its items (its rows or heads, its key blocks,
-its causal mask), computed by the kernel's own `WorkItems` jnp, against the reference; the
-kernel itself runs in `test_gpu.py` on a GPU.
+"""The Mosaic GPU kernel on the CPU: its work lists, the engine's choice of kernel,
+cross-lowering, and the kernel in Mosaic GPU's interpreter. The work lists are checked by a
+numpy model of what each compute warpgroup does with its items (its rows or heads, its key
+blocks, its causal mask), computed by the kernel's own `WorkItems` jnp, against the reference.
+The interpreter runs the whole kernel with jax 0.11 (jax 0.10's takes ~15 min a batch); the
+kernel also runs in `test_gpu.py` on a GPU.
 """
 
 from __future__ import annotations
@@ -234,3 +235,45 @@ def test_mgpu_support_and_choice(monkeypatch):
     monkeypatch.setenv("PAGEJAX_GPU_ATTENTION", "cudnn")
     with pytest.raises(ValueError, match="PAGEJAX_GPU_ATTENTION"):
         dispatch._use_mgpu(q, cache, 8, None, None, interpret=False)
+
+
+JAX_0_11 = tuple(int(x) for x in jax.__version__.split(".")[:2]) >= (0, 11)
+# (q_lens, kv_lens, num_tokens, num_requests, page_size, pages_per_request) at the kernel's own
+# tile sizes (64-row warpgroups, 64-key blocks): prompt tiles and decodes of several key blocks.
+INTERPRETED = {
+    "mixed": ([1, 1, 100, 1, 37], [900, 5, 400, 64, 37], 160, 8, 16, 64),
+    "odd_t": ([130, 1, 60], [130, 700, 60], 204, 4, 16, 64),  # T off the 8-row grid
+    "decodes": ([1] * 20 + [50], [1 + 30 * i for i in range(20)] + [300], 80, 24, 16, 64),
+}
+
+
+@pytest.mark.skipif(not JAX_0_11, reason="jax 0.10's Mosaic GPU interpreter: ~15 min a batch")
+@pytest.mark.parametrize("name", sorted(INTERPRETED))
+def test_kernel_in_the_interpreter_matches_the_reference(name):
+    """The whole kernel in Mosaic GPU's interpreter (TMA page copies, barriers, the memory and
+    compute warpgroups, the online softmax, the stores) against the reference, two CTAs with
+    several items each. One step differs from the GPU: P @ V is a jnp dot added to the
+    accumulator, where the GPU runs a wgmma into an accumulator carried across key blocks
+    (`pl.run_state`, which the interpreter cannot run)."""
+    q_lens, kv_lens, t, r, s, p = INTERPRETED[name]
+    b = make_batch(
+        0,
+        q_lens,
+        kv_lens,
+        num_tokens=t,
+        num_requests=r,
+        num_heads=8,
+        num_kv_heads=2,
+        head_dim=128,
+        page_size=s,
+        pages_per_request=p,
+        dtype=jnp.bfloat16,
+    )
+    args = kernel_args(b)
+    config = mgpu.MgpuConfig(num_ctas=2)
+    out = mgpu.ragged_paged_attention(*args, sm_scale=128**-0.5, config=config, interpret=True)
+    with jax.default_matmul_precision("float32"):
+        ref = ragged_paged_attention_reference(*args, sm_scale=128**-0.5)
+    np.testing.assert_allclose(
+        np.asarray(out, np.float32), np.asarray(ref, np.float32), atol=2e-2, rtol=2e-2
+    )
