@@ -52,8 +52,7 @@ def add_engine_args(p: argparse.ArgumentParser) -> None:
     p.add_argument(
         "--compilation-cache-dir",
         default=None,
-        help="compiled executables kept between runs: jax's cache and pagejax's "
-        '(default ~/.cache/pagejax/xla; "" turns both off)',
+        help='compiled executables kept between runs (default ~/.cache/pagejax/xla; "" = off)',
     )
 
 

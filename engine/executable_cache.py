@@ -15,24 +15,27 @@ shapes a program instead, and a hit loads the executable itself
   sharding (`CompileJob.signature`), and the XLA options it compiles with.
 
 Files live in `<compilation cache dir>/executables/<code and platform digest>/`: a code change
-starts a new folder (the XLA cache beside it still serves the programs that did not change).
-Loading unpickles the files, like any cache of compiled code: keep the folder private.
+starts a new folder. The engine no longer turns jax's persistent cache on: it would only help
+after a code change, and an executable it returns does not always serialize again
+(`ExecutableCache.compile`). Loading unpickles the files, like any cache of compiled code: keep
+the folder private.
 """
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import importlib.metadata
 import logging
 import os
 import pickle
+import platform
 import tempfile
 import time
 from collections.abc import Iterable, Sequence
 from pathlib import Path
 
 import jax
-from jax._src import config as jax_config  # its options as thread-local contexts
 from jax.experimental import serialize_executable
 
 logger = logging.getLogger(__name__)
@@ -61,6 +64,24 @@ def code_digest(packages: Iterable[str] = TRACED_PACKAGES) -> str:
     return _digest(parts)
 
 
+# The source as imported, before any model loads: what this process traces.
+IMPORTED_CODE = code_digest()
+
+
+def jax_persistent_cache_on() -> bool:
+    """jax's persistent compilation cache is configured (then it may serve our compiles)."""
+    return bool(jax.config.jax_compilation_cache_dir and jax.config.jax_enable_compilation_cache)
+
+
+def _host_isa() -> str:
+    """The host CPU's instruction-set flags (XLA:CPU code is built for them), where known."""
+    try:
+        with open("/proc/cpuinfo") as f:
+            return next((line for line in f if line.startswith("flags")), "")
+    except OSError:
+        return platform.processor()
+
+
 def platform_digest() -> str:
     """What the compiled code depends on besides pagejax's source: versions, devices, the
     runtime (CUDA or libtpu version), jax's configuration and the environment above."""
@@ -73,7 +94,8 @@ def platform_digest() -> str:
         if not any(word in k for word in _CONFIG_SKIPPED)
     )
     env = sorted((k, v) for k, v in os.environ.items() if k.startswith(ENV_PREFIXES))
-    return _digest([versions, devices, client.platform, client.platform_version, config, env])
+    host = (platform.machine(), _host_isa())
+    return _digest([versions, devices, client.platform, client.platform_version, config, env, host])
 
 
 class ExecutableCache:
@@ -81,11 +103,12 @@ class ExecutableCache:
 
     def __init__(self, folder: str | os.PathLike):
         self.folder = Path(folder)
+        self._refused: set[str] = set()  # why `compile` stored nothing, logged once each
 
     @classmethod
     def under(cls, cache_dir: str | os.PathLike) -> ExecutableCache:
         """The cache of this code on this platform, below a compilation cache folder."""
-        digest = _digest([code_digest(), platform_digest()])
+        digest = _digest([IMPORTED_CODE, platform_digest()])
         return cls(Path(cache_dir) / "executables" / digest[:32])
 
     @staticmethod
@@ -105,6 +128,9 @@ class ExecutableCache:
             blob = path.read_bytes()
         except FileNotFoundError:
             return None
+        except OSError as e:  # unreadable: compile it, as if absent
+            logger.warning("executable cache: cannot read %s: %r", path.name, e)
+            return None
         try:
             serialized, in_tree, out_tree = pickle.loads(blob)
             return serialize_executable.deserialize_and_load(
@@ -112,21 +138,32 @@ class ExecutableCache:
             )
         except Exception as e:  # noqa: BLE001 - any failure means "compile it again"
             logger.warning("executable cache: dropping %s, it failed to load: %r", path.name, e)
-            path.unlink(missing_ok=True)
+            with contextlib.suppress(OSError):
+                path.unlink(missing_ok=True)
             return None
 
     def compile(
         self, lowered: jax.stages.Lowered, key: str, options: dict | None = None
     ) -> tuple[jax.stages.Compiled, float]:
         """XLA-compile `lowered` and store it under `key`: (the executable, seconds spent
-        storing it). It compiles without jax's persistent cache: an executable that cache
-        returns does not always serialize again (on the CPU, jaxlib 0.10.2 and 0.11.2, it then
-        fails at run time with "Function wrapped_log not found"). Both caches key on the same
-        programs, so jax's would only have helped after a change of pagejax's source."""
-        with jax_config.enable_compilation_cache(False):  # this thread only
-            compiled = lowered.compile(compiler_options=options)
+        storing it). Nothing is stored while jax's persistent compilation cache is on (the
+        engine leaves it off): an executable that cache returns does not always serialize
+        again (on the CPU, jaxlib 0.10.2 and 0.11.2, the copy fails at run time with
+        "Function wrapped_log not found"), and jax decides once per process whether it is on.
+        Nor when pagejax's source changed on disk since it was imported: the key would name
+        the new code, the executable holds the old."""
+        compiled = lowered.compile(compiler_options=options)
         t0 = time.perf_counter()
-        self.store(key, compiled)
+        if jax_persistent_cache_on():
+            reason = "jax's persistent compilation cache is on"
+        elif code_digest() != IMPORTED_CODE:
+            reason = "pagejax's source changed on disk since it was imported"
+        else:
+            self.store(key, compiled)
+            return compiled, time.perf_counter() - t0
+        if reason not in self._refused:
+            logger.warning("executable cache: storing nothing, %s", reason)
+            self._refused.add(reason)
         return compiled, time.perf_counter() - t0
 
     def store(self, key: str, compiled: jax.stages.Compiled) -> bool:

@@ -90,9 +90,6 @@ class LLMEngine:
             pool = concurrent.futures.ThreadPoolExecutor(1, thread_name_prefix="tokenizer")
             tokenizer_job = pool.submit(load_tokenizer, load.model)
             pool.shutdown(wait=False)
-        if config.compile.compilation_cache_dir:
-            jax.config.update("jax_compilation_cache_dir", config.compile.compilation_cache_dir)
-            jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.5)
         if model is None:
             model = load_model(
                 load.model,
