@@ -43,7 +43,7 @@ logger = logging.getLogger(__name__)
 TRACED_PACKAGES = ("engine", "models", "pallas_kernels", "sharding")
 ENV_PREFIXES = ("PAGEJAX_GPU_", "PAGEJAX_TPU_", "XLA_FLAGS", "LIBTPU_INIT_ARGS")
 # jax options that name files and logs, not programs.
-_CONFIG_SKIPPED = ("cache", "log", "dump", "debug_log", "traceback")
+_CONFIG_SKIPPED = ("cache", "log", "dump", "traceback")
 
 
 def _digest(parts: Iterable[object]) -> str:
@@ -71,6 +71,20 @@ IMPORTED_CODE = code_digest()
 def jax_persistent_cache_on() -> bool:
     """jax's persistent compilation cache is configured (then it may serve our compiles)."""
     return bool(jax.config.jax_compilation_cache_dir and jax.config.jax_enable_compilation_cache)
+
+
+def _store_refusal() -> str | None:
+    """Why compiled executables must not be stored now, or None. While jax's persistent cache
+    is on: an executable it returns does not always serialize again (on the CPU, jaxlib 0.10.2
+    and 0.11.2, the copy fails at run time with "Function wrapped_log not found"), and jax
+    decides once per process whether it is on; the engine leaves it off. Once pagejax's source
+    changed on disk since it was imported (the weights load in between): the key would name
+    the new code, the executables hold the old."""
+    if jax_persistent_cache_on():
+        return "jax's persistent compilation cache is on"
+    if code_digest() != IMPORTED_CODE:
+        return "pagejax's source changed on disk since it was imported"
+    return None
 
 
 def _host_isa() -> str:
@@ -103,7 +117,9 @@ class ExecutableCache:
 
     def __init__(self, folder: str | os.PathLike):
         self.folder = Path(folder)
-        self._refused: set[str] = set()  # why `compile` stored nothing, logged once each
+        self.refusal = _store_refusal()  # checked once, as the cache opens
+        if self.refusal:
+            logger.warning("executable cache: storing nothing, %s", self.refusal)
 
     @classmethod
     def under(cls, cache_dir: str | os.PathLike) -> ExecutableCache:
@@ -145,25 +161,12 @@ class ExecutableCache:
     def compile(
         self, lowered: jax.stages.Lowered, key: str, options: dict | None = None
     ) -> tuple[jax.stages.Compiled, float]:
-        """XLA-compile `lowered` and store it under `key`: (the executable, seconds spent
-        storing it). Nothing is stored while jax's persistent compilation cache is on (the
-        engine leaves it off): an executable that cache returns does not always serialize
-        again (on the CPU, jaxlib 0.10.2 and 0.11.2, the copy fails at run time with
-        "Function wrapped_log not found"), and jax decides once per process whether it is on.
-        Nor when pagejax's source changed on disk since it was imported: the key would name
-        the new code, the executable holds the old."""
+        """XLA-compile `lowered` and store it under `key`, unless storing is refused
+        (`_store_refusal`): (the executable, seconds spent storing it)."""
         compiled = lowered.compile(compiler_options=options)
         t0 = time.perf_counter()
-        if jax_persistent_cache_on():
-            reason = "jax's persistent compilation cache is on"
-        elif code_digest() != IMPORTED_CODE:
-            reason = "pagejax's source changed on disk since it was imported"
-        else:
+        if self.refusal is None:
             self.store(key, compiled)
-            return compiled, time.perf_counter() - t0
-        if reason not in self._refused:
-            logger.warning("executable cache: storing nothing, %s", reason)
-            self._refused.add(reason)
         return compiled, time.perf_counter() - t0
 
     def store(self, key: str, compiled: jax.stages.Compiled) -> bool:

@@ -248,7 +248,7 @@ class ModelRunner:
         set_row = jax.jit(set_row_fn, donate_argnames=("rows_state",))
         args = (
             rows,
-            jax.ShapeDtypeStruct((), jnp.int32),
+            _i32(),
             _i32(MAX_LOGIT_BIAS),
             jax.ShapeDtypeStruct((MAX_LOGIT_BIAS,), jnp.float32),
             _i32(MAX_STOP_IDS),

@@ -179,9 +179,9 @@ def test_nothing_is_stored_while_jax_persistent_cache_is_on(tmp_path):
 def test_nothing_is_stored_once_the_source_changed_on_disk(tmp_path, monkeypatch):
     """The key names the source as imported; after an edit on disk the executable in hand
     is the old code's, so it is not stored under either."""
+    monkeypatch.setattr(executable_cache, "code_digest", lambda: "edited")
     cache = ExecutableCache(tmp_path)
     fn = jax.jit(lambda x: x * 3)
-    monkeypatch.setattr(executable_cache, "code_digest", lambda: "edited")
     compiled, _ = cache.compile(fn.lower(jax.ShapeDtypeStruct((2,), jnp.float32)), "k")
     assert float(compiled(jnp.ones(2))[0]) == 3.0
     assert not list(tmp_path.glob("*.jaxexe"))

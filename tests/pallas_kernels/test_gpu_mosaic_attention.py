@@ -34,8 +34,9 @@ SCENARIOS = {
 }
 
 
-def _batch(name, num_heads, num_kv_heads, head_dim=16, seed=0):
-    q_lens, kv_lens, t, r, s, p = SCENARIOS[name]
+def _batch(name, num_heads, num_kv_heads, head_dim=16, seed=0, scenarios=None, **kw):
+    """The kernel's arguments for `scenarios[name]` (default: SCENARIOS); `kw` to make_batch."""
+    q_lens, kv_lens, t, r, s, p = (scenarios or SCENARIOS)[name]
     b = make_batch(
         seed,
         q_lens,
@@ -47,6 +48,7 @@ def _batch(name, num_heads, num_kv_heads, head_dim=16, seed=0):
         head_dim=head_dim,
         page_size=s,
         pages_per_request=p,
+        **kw,
     )
     return kernel_args(b)
 
@@ -255,21 +257,7 @@ def test_kernel_in_the_interpreter_matches_the_reference(name):
     several items each. One step differs from the GPU: P @ V is a jnp dot added to the
     accumulator, where the GPU runs a wgmma into an accumulator carried across key blocks
     (`pl.run_state`, which the interpreter cannot run)."""
-    q_lens, kv_lens, t, r, s, p = INTERPRETED[name]
-    b = make_batch(
-        0,
-        q_lens,
-        kv_lens,
-        num_tokens=t,
-        num_requests=r,
-        num_heads=8,
-        num_kv_heads=2,
-        head_dim=128,
-        page_size=s,
-        pages_per_request=p,
-        dtype=jnp.bfloat16,
-    )
-    args = kernel_args(b)
+    args = _batch(name, 8, 2, head_dim=128, scenarios=INTERPRETED, dtype=jnp.bfloat16)
     config = mgpu.MgpuConfig(num_ctas=2)
     out = mgpu.ragged_paged_attention(*args, sm_scale=128**-0.5, config=config, interpret=True)
     with jax.default_matmul_precision("float32"):
