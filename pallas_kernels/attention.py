@@ -26,6 +26,23 @@ class AttentionMetadata:
     kv_lens: jax.Array  # [R] int32: context length including this step's tokens
     query_start: jax.Array  # [R + 1] int32: cumulative query lengths
     num_seqs: jax.Array  # [1] int32: real requests (the rest is padding)
+    # The GPU kernel the engine picked for this step's bucket ("triton" / "mgpu"; static), or
+    # None for the dispatch's own choice (pallas_kernels/dispatch.py).
+    gpu_kernel: str | None = dataclasses.field(default=None, metadata=dict(static=True))
+
+
+# `PAGEJAX_GPU_ATTENTION=auto` on Hopper (dispatch.py): steps of long prompt chunks run on the
+# Mosaic GPU kernel, the rest on Triton.
+MGPU_MIN_STEP_TOKENS = 2048
+MGPU_TOKENS_PER_REQUEST = 16
+
+
+def mosaic_suits(num_tokens: int, num_requests: int) -> bool:
+    """`auto`'s rule: a step of long prompt chunks, at least `MGPU_MIN_STEP_TOKENS` tokens and
+    at most one request per `MGPU_TOKENS_PER_REQUEST` of them, runs on the Mosaic GPU kernel."""
+    return (
+        num_tokens >= MGPU_MIN_STEP_TOKENS and num_requests * MGPU_TOKENS_PER_REQUEST <= num_tokens
+    )
 
 
 class AttentionBackend(enum.Enum):

@@ -35,25 +35,25 @@ from pallas_kernels import gpu_mosaic_attention as mgpu
 from pallas_kernels import gpu_ragged_paged_attention as gpu
 from pallas_kernels import hardware
 from pallas_kernels import tpu_ragged_paged_attention as tpu
-from pallas_kernels.attention import AttentionMetadata
+from pallas_kernels.attention import AttentionMetadata, mosaic_suits
 from pallas_kernels.reference import write_kv_reference
 
 _GPU_PLATFORMS = ("gpu", "cuda")
-MGPU_MIN_STEP_TOKENS = 2048
-MGPU_TOKENS_PER_REQUEST = 16
 
 
-def _use_mgpu(
-    q: jax.Array, kv_cache: jax.Array, num_requests: int, sliding_window, soft_cap, interpret
-) -> bool:
+def gpu_attention_choice() -> str:
+    """`PAGEJAX_GPU_ATTENTION`: triton (the default), auto or mgpu."""
     choice = os.environ.get("PAGEJAX_GPU_ATTENTION", "triton")
     if choice not in ("auto", "triton", "mgpu"):
         raise ValueError(f"PAGEJAX_GPU_ATTENTION must be auto, triton or mgpu, got {choice!r}")
-    num_heads, head_dim = q.shape[1:]
-    num_kv_heads, page_size = kv_cache.shape[1], kv_cache.shape[3]
-    fits = mgpu.supports(
-        q.dtype,
-        kv_cache.dtype,
+    return choice
+
+
+def _mgpu_fits(dtype, kv_dtype, head_dim, page_size, sliding_window, soft_cap, heads) -> bool:
+    num_heads, num_kv_heads = heads
+    return mgpu.supports(
+        dtype,
+        kv_dtype,
         head_dim,
         page_size,
         sliding_window,
@@ -61,15 +61,50 @@ def _use_mgpu(
         num_heads=num_heads,
         num_kv_heads=num_kv_heads,
     )
+
+
+def host_picks_kernel(
+    dtype, head_dim: int, page_size: int, sliding_window, soft_cap, *, num_heads, num_kv_heads
+) -> bool:
+    """Whether the engine should compile each bucket of `MGPU_MIN_STEP_TOKENS` tokens or more
+    twice, on each kernel, and pick per step by its actual requests (`mosaic_suits`): `auto`
+    on Hopper, for a model the Mosaic GPU kernel supports. A bucket's padded request count
+    says little about its steps: with 1,024 requests a step, every large bucket has R = 1,024
+    and the bucket rule alone would never pick the Mosaic kernel."""
+    heads = (num_heads, num_kv_heads)
+    return (
+        gpu_attention_choice() == "auto"
+        and hardware.is_hopper()
+        and _mgpu_fits(dtype, dtype, head_dim, page_size, sliding_window, soft_cap, heads)
+    )
+
+
+def _use_mgpu(
+    q: jax.Array,
+    kv_cache: jax.Array,
+    num_requests: int,
+    sliding_window,
+    soft_cap,
+    interpret,
+    kernel: str | None = None,
+) -> bool:
+    """Whether this step runs on the Mosaic GPU kernel: `kernel` ("mgpu" / "triton") when the
+    engine picked it (`AttentionMetadata.gpu_kernel`), else `PAGEJAX_GPU_ATTENTION` and, for
+    `auto`, `mosaic_suits` on the bucket's shapes."""
+    choice = gpu_attention_choice()
+    num_heads, head_dim = q.shape[1:]
+    num_kv_heads, page_size = kv_cache.shape[1], kv_cache.shape[3]
+    heads = (num_heads, num_kv_heads)
+    fits = _mgpu_fits(q.dtype, kv_cache.dtype, head_dim, page_size, sliding_window, soft_cap, heads)
+    if kernel == "mgpu" and not fits:
+        raise ValueError("the Mosaic GPU kernel does not support this model's attention")
     # Interpret mode stays on Triton: Mosaic GPU's interpreter runs this kernel only with jax
     # 0.11, and slowly (~20 s for a 160-token batch; its tests call it directly).
-    if interpret or not fits or choice == "triton":
+    if interpret or not fits or not hardware.is_hopper():
         return False
-    num_tokens = q.shape[0]
-    long_chunks = (
-        num_tokens >= MGPU_MIN_STEP_TOKENS and num_requests * MGPU_TOKENS_PER_REQUEST <= num_tokens
-    )
-    return (choice == "mgpu" or long_chunks) and hardware.is_hopper()
+    if kernel is not None:
+        return kernel == "mgpu"
+    return choice == "mgpu" or (choice == "auto" and mosaic_suits(q.shape[0], num_requests))
 
 
 def gpu_attention(args: tuple, *, sm_scale: float, use_mgpu: bool, **kwargs) -> jax.Array:
@@ -118,7 +153,9 @@ def paged_attention(
             out = tpu.ragged_paged_attention(*args, **kwargs)
     elif platform in _GPU_PLATFORMS:
         num_requests = meta.kv_lens.shape[0]
-        use_mgpu = _use_mgpu(q, kv_cache, num_requests, sliding_window, soft_cap, interpret)
+        use_mgpu = _use_mgpu(
+            q, kv_cache, num_requests, sliding_window, soft_cap, interpret, meta.gpu_kernel
+        )
         out = gpu_attention(args, **kwargs, use_mgpu=use_mgpu, interpret=interpret)
     else:
         raise ValueError(

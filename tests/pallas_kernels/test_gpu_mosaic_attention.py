@@ -17,6 +17,7 @@ import pytest
 
 from pallas_kernels import dispatch, hardware
 from pallas_kernels import gpu_mosaic_attention as mgpu
+from pallas_kernels.attention import AttentionMetadata
 from pallas_kernels.reference import ragged_paged_attention_reference
 from tests.pallas_kernels.ragged_batches import kernel_args, make_batch
 
@@ -234,9 +235,59 @@ def test_mgpu_support_and_choice(monkeypatch):
     assert not dispatch._use_mgpu(q[:1024], cache, 8, None, None, interpret=False)  # small
     monkeypatch.delenv("PAGEJAX_GPU_ATTENTION")  # the default: Triton, even on Hopper
     assert not dispatch._use_mgpu(q, cache, 8, None, None, interpret=False)
+    # The engine's pick (AttentionMetadata.gpu_kernel) overrides the bucket rule both ways.
+    assert dispatch._use_mgpu(q, cache, 1024, None, None, interpret=False, kernel="mgpu")
+    assert not dispatch._use_mgpu(q, cache, 8, None, None, interpret=False, kernel="triton")
+    assert not dispatch._use_mgpu(q, cache, 8, None, None, interpret=True, kernel="mgpu")
+    with pytest.raises(ValueError, match="does not support"):
+        dispatch._use_mgpu(q, cache, 8, 512, None, interpret=False, kernel="mgpu")
     monkeypatch.setenv("PAGEJAX_GPU_ATTENTION", "cudnn")
     with pytest.raises(ValueError, match="PAGEJAX_GPU_ATTENTION"):
         dispatch._use_mgpu(q, cache, 8, None, None, interpret=False)
+
+
+def test_the_engine_picks_the_kernel_only_under_auto_on_hopper_for_a_supported_model(monkeypatch):
+    bf16, llama = jnp.bfloat16, dict(num_heads=32, num_kv_heads=8)
+    picks = lambda *a, **kw: dispatch.host_picks_kernel(*a, **{**llama, **kw})
+    monkeypatch.setenv("PAGEJAX_GPU_ATTENTION", "auto")
+    assert not picks(bf16, 128, 16, None, None)  # the CPU is no Hopper GPU
+    monkeypatch.setattr(hardware, "is_hopper", lambda: True)
+    assert picks(bf16, 128, 16, None, None)
+    assert not picks(jnp.float32, 128, 16, None, None)
+    assert not picks(bf16, 128, 16, 4096, None)  # sliding window
+    assert not picks(bf16, 128, 16, None, None, num_heads=28, num_kv_heads=4)
+    for choice in ("triton", "mgpu"):  # one kernel for every step: nothing to pick
+        monkeypatch.setenv("PAGEJAX_GPU_ATTENTION", choice)
+        assert not picks(bf16, 128, 16, None, None)
+    monkeypatch.delenv("PAGEJAX_GPU_ATTENTION")  # the default is triton
+    assert not picks(bf16, 128, 16, None, None)
+
+
+@pytest.mark.parametrize("kernel, marker", [("mgpu", "mosaic_gpu"), ("triton", "xla.gpu.triton")])
+def test_the_engine_pick_reaches_the_lowered_step(kernel, marker, monkeypatch):
+    """AttentionMetadata.gpu_kernel is static: it decides which kernel the cuda lowering
+    holds, whatever the bucket rule would say (2,048 tokens of 256 requests: Triton's)."""
+    monkeypatch.setattr(hardware, "is_hopper", lambda: True)
+    t, r, n, k, h = 2048, 256, 32, 8, 128
+
+    def step(q, kv, cache, kv_lens, pages, starts, num_seqs, slots):
+        meta = AttentionMetadata(slots, pages, kv_lens, starts, num_seqs, gpu_kernel=kernel)
+        return dispatch.paged_attention(q, kv, kv, cache, meta, sm_scale=0.1, platform="cuda")
+
+    avals = [
+        ((t, n, h), jnp.bfloat16),
+        ((t, k, h), jnp.bfloat16),
+        ((2, k, 64, 16, h), jnp.bfloat16),
+        ((r,), jnp.int32),
+        ((r, 16), jnp.int32),
+        ((r + 1,), jnp.int32),
+        ((1,), jnp.int32),
+        ((t,), jnp.int32),
+    ]
+    args = [jax.ShapeDtypeStruct(s, d) for s, d in avals]
+    text = jax.jit(step).trace(*args).lower(lowering_platforms=("cuda",)).as_text()
+    assert marker in text
+    assert ("mosaic_gpu" in text) == (kernel == "mgpu")
 
 
 JAX_0_11 = tuple(int(x) for x in jax.__version__.split(".")[:2]) >= (0, 11)
