@@ -46,12 +46,14 @@ from engine.step_input import (
 )
 from engine.types import SchedulerOutput, StepOutput, TokenLogprobs
 from pallas_kernels import hardware
+from pallas_kernels.attention import MGPU_MIN_STEP_TOKENS, AttentionBackend, mosaic_suits
 from pallas_kernels.reference import kv_cache_shape
 
 logger = logging.getLogger(__name__)
 
 MAX_LOGIT_BIAS = 1024  # entries of logit_bias one request may set
 MAX_STOP_IDS = 64  # EOS + stop_token_ids banned until min_tokens
+SPLIT_REQUESTS_FROM = 128  # token buckets this large get several request buckets
 
 
 class CompileJob(NamedTuple):
@@ -67,6 +69,11 @@ class CompileJob(NamedTuple):
 
     def lower(self) -> jax.stages.Lowered:
         return self.fn.lower(*self.args, **self.static)
+
+    @property
+    def name(self) -> str:
+        """For logs: the function and its table key."""
+        return f"{self.fn.__name__}[{self.key}]"
 
     def signature(self) -> tuple:
         """What shapes the program besides the code: the function, every argument's shape,
@@ -110,6 +117,9 @@ class ModelRunner:
         self._dirty_rows: set[int] = set()  # rows whose bias/stop mask is not all-zero
         self._rng = np.random.default_rng(config.load.seed)
         self.token_buckets, self.request_buckets = self._ladders()
+        # Each bucket of `MGPU_MIN_STEP_TOKENS` tokens or more compiled on both GPU attention
+        # kernels, one picked per step (`layout_for`).
+        self.kernel_twins = _kernel_twins(model, dtype, self.page_size)
         self._forward: dict[StepLayout, object] = {}
         self._sampler: dict[tuple[int, SampleVariant], object] = {}
         self._prompt_lp: dict[int, object] = {}
@@ -136,25 +146,40 @@ class ModelRunner:
         return tokens, requests
 
     def request_buckets_for(self, num_tokens_bucket: int) -> tuple[int, ...]:
-        """R buckets compiled with token bucket T: rungs within [T / 4, T], and one rung that
-        holds every request the step can have (R <= T: a request has >= 1 token). A decode
-        batch (T ~ R) gets a tight R; a long prefill step pads its few sampled rows a little."""
+        """R buckets compiled with token bucket T: one rung that holds every request the step
+        can have (R <= T: a request has >= 1 token) and, from `SPLIT_REQUESTS_FROM` tokens,
+        the rungs within [T / 4, T]. A decode batch (T ~ R) gets a tight R; a long prefill
+        step pads its few sampled rows a little. Below that many tokens a smaller R saves
+        little (the LM head reads all of its [D, V] weights for any R, and the sampler's
+        passes over [R, V] are small), and each R rung is one more forward executable whose
+        Triton GEMMs XLA autotunes at start-up (15-26 s of a compile thread on an H200)."""
         t, ladder = num_tokens_bucket, self.request_buckets
         top = next((r for r in ladder if r >= min(t, self.max_num_seqs)), ladder[-1])
+        if t < SPLIT_REQUESTS_FROM:
+            return (top,)
         return tuple(sorted({r for r in ladder if t / 4 <= r <= t} | {top}))
 
     def layout_for(self, sched: SchedulerOutput) -> StepLayout:
-        """The compiled (T, R) bucket a scheduled step runs in."""
+        """The compiled (T, R) bucket a scheduled step runs in, and with `kernel_twins`, the
+        attention kernel for its actual tokens and requests (`dispatch.mosaic_suits`)."""
         t = pick_bucket(self.token_buckets, sched.num_batched_tokens)
         r = pick_bucket(self.request_buckets_for(t), len(sched.requests))
-        return StepLayout(t, r, self.pages_per_request)
+        kernel = None
+        if self._twinned(t):
+            suits = mosaic_suits(sched.num_batched_tokens, len(sched.requests))
+            kernel = "mgpu" if suits else "triton"
+        return StepLayout(t, r, self.pages_per_request, kernel)
+
+    def _twinned(self, num_tokens_bucket: int) -> bool:
+        return self.kernel_twins and num_tokens_bucket >= MGPU_MIN_STEP_TOKENS
 
     def layouts(self) -> list[StepLayout]:
-        """Every (T, R) bucket pair the engine can meet."""
+        """Every (T, R) bucket pair the engine can meet (twice with `kernel_twins`)."""
         return [
-            StepLayout(t, r, self.pages_per_request)
+            StepLayout(t, r, self.pages_per_request, kernel)
             for t in self.token_buckets
             for r in self.request_buckets_for(t)
+            for kernel in (("triton", "mgpu") if self._twinned(t) else (None,))
         ]
 
     def compile(self) -> None:
@@ -184,21 +209,27 @@ class ModelRunner:
                     job.table[job.key] = compiled
                     bar.update()
                 else:
+                    t = time.perf_counter()
                     lowered = job.lower()
+                    logger.debug("lowered %s in %.2f s", job.name, time.perf_counter() - t)
                     compiles[pool.submit(_compile, lowered, job.options, cache, key)] = job
             t1 = time.perf_counter()
-            storing = 0.0
+            storing, slowest = 0.0, (0.0, None)
             for future in concurrent.futures.as_completed(compiles):
                 job = compiles[future]
-                job.table[job.key], seconds = future.result()
-                storing += seconds
+                job.table[job.key], seconds, storing_seconds = future.result()
+                logger.debug("compiled %s in %.2f s", job.name, seconds)
+                storing += storing_seconds
+                slowest = max(slowest, (seconds, job.name), key=lambda s: s[0])
                 bar.update()
         bar.close()
         self.num_loaded = loaded = len(jobs) - len(compiles)
         logger.info(
             "%d executables: %d from the executable cache, %d traced and lowered, in %.1f s; "
-            "all compiled %.1f s later (storing them took %.1f s of the pool's threads)",
+            "all compiled %.1f s later (storing them took %.1f s of the pool's threads; the "
+            "slowest compile, %.1f s: %s)",
             len(jobs), loaded, len(compiles), t1 - t0, time.perf_counter() - t1, storing,
+            *slowest,
         )  # fmt: skip
         self._set_row = self._row_writer[None]
         self.kv_caches = [jnp.zeros(k.shape, k.dtype) for k in self._kv_specs]
@@ -231,11 +262,16 @@ class ModelRunner:
         layouts = self.layouts()
         d, v = self.model_config.hidden_size, self.model_config.vocab_size
         dtype = self._kv_specs[0].dtype
-        # The biggest steps first: they take longest to compile, so they should not be the tail.
-        for layout in sorted(layouts, key=lambda lay: -lay.num_tokens):
+
+        def forward_job(layout: StepLayout) -> CompileJob:
             args = (params, kv, rows, _i32(layout.size))
             options = self.compiler_options(layout)
-            yield CompileJob(self._forward, layout, forward, args, {"layout": layout}, options)
+            return CompileJob(self._forward, layout, forward, args, {"layout": layout}, options)
+
+        # The slowest compiles first, so that none of them is the tail (the compile pool runs
+        # them as this thread lowers the next ones).
+        layouts = sorted(layouts, key=self._compile_order)
+        yield from (forward_job(lay) for lay in layouts if lay.attention != "mgpu")
         for r in sorted({lay.num_requests for lay in layouts}):
             lay = StepLayout(0, r, self.pages_per_request)
             args = (rows, jax.ShapeDtypeStruct((r, v), jnp.float32), _i32(lay.sample_size))
@@ -254,6 +290,17 @@ class ModelRunner:
             _i32(MAX_STOP_IDS),
         )
         yield CompileJob(self._row_writer, None, set_row, args, {})
+        # Last: lowering the Mosaic GPU kernel takes 3.3-3.8 s a bucket of this thread (H200),
+        # which would hold back every compile after it; these compile in a few seconds.
+        yield from (forward_job(lay) for lay in layouts if lay.attention == "mgpu")
+
+    def _compile_order(self, layout: StepLayout) -> tuple:
+        """Forward buckets, slowest to compile first. On NVIDIA GPUs, the buckets whose dots XLA
+        autotunes as Triton GEMMs (below `cublas_min_tokens`), smallest first: 17-26 s of a
+        compile thread for 16 and 32 tokens on an H200, 10 s for 128, against 4-6 s for the
+        cuBLAS buckets. Elsewhere, and then, the biggest steps first."""
+        autotuned = hardware.is_nvidia() and self.compiler_options(layout) is None
+        return (not autotuned, layout.num_tokens if autotuned else -layout.num_tokens)
 
     def warm_up(self) -> None:
         """Run every executable once on an all-padding batch. The first run of an executable
@@ -399,10 +446,31 @@ class ModelRunner:
 
 def _compile(lowered, options: dict | None, cache: ExecutableCache | None, key: str | None):
     """XLA-compile one lowered executable (in a pool thread), through the cache if there is
-    one: (the executable, seconds spent storing it)."""
+    one: (the executable, seconds compiling it, seconds storing it)."""
+    t0 = time.perf_counter()
     if cache is None:
-        return lowered.compile(compiler_options=options), 0.0
-    return cache.compile(lowered, key, options)
+        return lowered.compile(compiler_options=options), time.perf_counter() - t0, 0.0
+    compiled, storing = cache.compile(lowered, key, options)
+    return compiled, time.perf_counter() - t0 - storing, storing
+
+
+def _kernel_twins(model, dtype, page_size: int) -> bool:
+    """Whether to compile large buckets on both GPU attention kernels and pick one per step
+    (`dispatch.host_picks_kernel`)."""
+    if model.model.layers[0].self_attn.backend is not AttentionBackend.PALLAS:
+        return False
+    from pallas_kernels import dispatch  # the kernel modules, off the CPU's path
+
+    cfg = model.config
+    return dispatch.host_picks_kernel(
+        dtype,
+        cfg.head_dim,
+        page_size,
+        cfg.sliding_window,
+        None,  # no soft cap in these models
+        num_heads=cfg.num_heads,
+        num_kv_heads=cfg.num_kv_heads,
+    )
 
 
 def _abstract(tree):

@@ -94,7 +94,12 @@ def forward_fn(model_def, params, kv_caches, rows_state: RowState, buffer, *, la
     )
     model = _merge(model_def, params)
     meta = AttentionMetadata(
-        x["slot_ids"], x["page_table"], x["kv_lens"], x["query_start"], x["num_seqs"]
+        x["slot_ids"],
+        x["page_table"],
+        x["kv_lens"],
+        x["query_start"],
+        x["num_seqs"],
+        gpu_kernel=layout.attention,
     )
     hidden, kv_caches = model(x["token_ids"], x["positions"], kv_caches, meta)
     rows_state = update_rows(rows_state, x)

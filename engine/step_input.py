@@ -65,6 +65,9 @@ class StepLayout:
     num_tokens: int  # T bucket
     num_requests: int  # R bucket
     pages_per_request: int  # P
+    # The GPU attention kernel its forward executable runs ("triton" / "mgpu"), where the
+    # runner compiles the bucket on both (`ModelRunner.kernel_twins`); None otherwise.
+    attention: str | None = None
 
     def sizes(self, fields=MODEL_FIELDS) -> dict[str, int]:
         t, r, p = self.num_tokens, self.num_requests, self.pages_per_request

@@ -3,19 +3,22 @@
 
 from __future__ import annotations
 
+import tempfile
+from pathlib import Path
 from types import SimpleNamespace
 
 import jax
 import jax.numpy as jnp
 import pytest
 
-from engine import LLM
-from engine.config import CompileConfig, EngineConfig
+from engine import LLM, SamplingParams
+from engine import runner as runner_module
+from engine.config import CompileConfig, EngineConfig, bucket_ladder
 from engine.runner import ModelRunner
 from engine.step_input import StepLayout
-from pallas_kernels import hardware
+from pallas_kernels import attention, hardware
 from tests.engine.test_engine import ENGINE_ARGS
-from tests.hf_models import write_checkpoint
+from tests.hf_models import hf_greedy, write_checkpoint
 
 OFF = {"xla_gpu_enable_triton_gemm": False}
 
@@ -66,3 +69,71 @@ def test_compile_hands_each_forward_bucket_its_options(tmp_path, monkeypatch):
         [OFF if lay.num_tokens >= 32 else None for lay in layouts], key=str
     )
     assert all(opts is None for opts in others)
+
+
+def test_small_token_buckets_compile_one_request_bucket():
+    """Below SPLIT_REQUESTS_FROM tokens, one R bucket holds every request a step can have;
+    from it on, also the rungs within [T / 4, T]."""
+    runner = SimpleNamespace(request_buckets=bucket_ladder(8, 256), max_num_seqs=256)
+    split = {t: ModelRunner.request_buckets_for(runner, t) for t in (16, 32, 64, 128, 512, 8192)}
+    assert split == {
+        16: (16,),
+        32: (32,),
+        64: (64,),
+        128: (32, 64, 128),
+        512: (128, 256),
+        8192: (256,),
+    }
+    runner = SimpleNamespace(request_buckets=(8,), max_num_seqs=8)
+    assert ModelRunner.request_buckets_for(runner, 16) == (8,)
+
+
+def test_twinned_buckets_pick_the_kernel_by_the_steps_requests(monkeypatch):
+    """With kernel twins (auto on Hopper), every bucket of MGPU_MIN_STEP_TOKENS tokens or more
+    compiles once per GPU attention kernel, and each step gets the Mosaic GPU one when it is
+    long prompt chunks (at most one request per 16 tokens), counted on its actual requests,
+    not its bucket's padded R. Here on the CPU (reference attention, which ignores the pick),
+    the threshold lowered to 32 tokens (the 64-token bucket): the greedy tokens still match
+    transformers."""
+    monkeypatch.setattr(runner_module, "_kernel_twins", lambda *a: True)
+    monkeypatch.setattr(runner_module, "MGPU_MIN_STEP_TOKENS", 32)
+    monkeypatch.setattr(attention, "MGPU_MIN_STEP_TOKENS", 32)
+    folder = write_checkpoint("llama3", Path(tempfile.mkdtemp()) / "llama3")
+    llm = LLM(str(folder), num_pages=64, compilation_cache_dir=False, **ENGINE_ARGS)
+    runner = llm.engine.runner
+    assert sorted(runner._forward, key=str) == sorted(
+        [StepLayout(16, 8, 64), StepLayout(64, 8, 64, "mgpu"), StepLayout(64, 8, 64, "triton")],
+        key=str,
+    )
+    # Lowering the Mosaic kernel is slow: its twins are lowered after every other executable.
+    assert [job.key for job in runner._jobs()][-1:] == [StepLayout(64, 8, 64, "mgpu")]
+    picked = []
+    layout_for = runner.layout_for
+    monkeypatch.setattr(runner, "layout_for", lambda s: picked.append(layout_for(s)) or picked[-1])
+    greedy = SamplingParams(temperature=0.0, max_tokens=3, ignore_eos=True)
+    prompt = list(range(3, 63))
+    assert llm.generate([prompt], greedy)[0].outputs[0].token_ids == hf_greedy(folder, prompt, 3)
+    assert [lay.attention for lay in picked] == ["mgpu", None, None]  # the prompt, 2 decodes
+    picked.clear()
+    prompts = [list(range(3 + i, 13 + i)) for i in range(5)]  # 50 tokens of 5 requests
+    outs = llm.generate(prompts, greedy)
+    assert [o.outputs[0].token_ids for o in outs] == [hf_greedy(folder, p, 3) for p in prompts]
+    assert picked[0].attention == "triton"
+
+
+@pytest.mark.parametrize("nvidia", [True, False])
+def test_forward_buckets_compile_slowest_first(nvidia, monkeypatch):
+    """On NVIDIA GPUs the buckets whose Triton GEMMs XLA autotunes (below cublas_min_tokens)
+    come first, smallest first; then, as everywhere else, the biggest steps first."""
+    monkeypatch.setattr(hardware, "is_nvidia", lambda: nvidia)
+    runner = SimpleNamespace(
+        config=EngineConfig(compile=CompileConfig(cublas_min_tokens=128)),
+        compiler_options=lambda lay: ModelRunner.compiler_options(runner, lay),
+    )
+    tokens = (16, 32, 64, 128, 1024, 8192)
+    layouts = [StepLayout(t, 8, 4) for t in tokens]
+    order = [
+        lay.num_tokens
+        for lay in sorted(layouts, key=lambda lay: ModelRunner._compile_order(runner, lay))
+    ]
+    assert order == ([16, 32, 64, 8192, 1024, 128] if nvidia else [8192, 1024, 128, 64, 32, 16])
