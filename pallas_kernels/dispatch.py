@@ -7,22 +7,25 @@ the scatter. Told that its indices are unique, XLA's scatter beat a Pallas write
 a layer for 2,048 tokens, 3.9 against 5.6 us for 256; without the hint it took 40.5 and 7.6 us
 (docs/kernel_notes.md; `scripts/bench_kernels.py --parts kv_write` times the scatter).
 
-GPU kernels (`PAGEJAX_GPU_ATTENTION`): `triton`, the default, runs every step on the Triton
-kernel (gpu_ragged_paged_attention.py). `auto` runs a step on the Mosaic GPU kernel on Hopper
-(gpu_mosaic_attention.py: one persistent launch for prompt tiles and decodes) when its bucket
-has at least `MGPU_MIN_STEP_TOKENS` tokens and at most one request per
-`MGPU_TOKENS_PER_REQUEST` of them (long prompt chunks); `mgpu` runs every step it supports on
-it on Hopper (`gpu_mosaic_attention.supports`: no sliding window or soft cap, bf16/fp16, head
-groups a power of two, ...). A step's kernel is fixed when its bucket compiles.
+GPU kernels (`PAGEJAX_GPU_ATTENTION`): `auto`, the default, runs steps of long prompt chunks on
+the Mosaic GPU kernel on Hopper (gpu_mosaic_attention.py: one persistent launch for prompt
+tiles and decodes) and the rest on the Triton kernel (gpu_ragged_paged_attention.py): the
+engine compiles each bucket of `MGPU_MIN_STEP_TOKENS` tokens or more on both and picks per step
+by its actual requests, at most one per `MGPU_TOKENS_PER_REQUEST` tokens for Mosaic
+(`host_picks_kernel`, `attention.mosaic_suits`, `AttentionMetadata.gpu_kernel`). A caller that
+picks nothing gets the same rule on its bucket's shapes. `triton` runs every step on Triton;
+`mgpu` every step the Mosaic kernel supports (`gpu_mosaic_attention.supports`: no sliding
+window or soft cap, bf16/fp16, head groups a power of two, ...), on Hopper.
 
-Measured on an H100 (docs/kernel_notes.md), per layer: the Mosaic kernel is 1.11-1.20x cuDNN on
-dense prefill against Triton's 1.5-1.6x, and 9 % faster on 248 decodes beside 8 prompts of 968
-tokens. Triton is faster on small steps with many decodes (split-K spreads a few long decodes
-over more SMs), and on 128-token prompts beside ~470 decodes in 8,192-token steps (189 against
-195 ms a step), where the Mosaic kernel's items are many and tiny; the request rule keeps those
-on Triton. Why `auto` is not the default: end to end it gained 0.1-0.2 % on 1000 x 1024/128
-(8,192-token steps 0.8 % shorter), and every executable holding a Mosaic kernel adds ~0.7 s to
-a warm start-up (32.0 against 18.6 s for the offline ladder), past the 15 s target.
+Measured (docs/kernel_notes.md, docs/BENCHMARKS.md), per layer on an H100: the Mosaic kernel is
+1.11-1.22x cuDNN on dense prefill against Triton's 1.5-1.6x, and 9 % faster on 248 decodes
+beside 8 prompts of 968 tokens. Triton is faster on small steps with many decodes (split-K
+spreads a few long decodes over more SMs), and on 128-token prompts beside ~470 decodes in
+8,192-token steps (189 against 195 ms a step), where the Mosaic kernel's items are many and
+tiny; the request rule keeps those on Triton. End to end on an H200: one prompt of 4,096 /
+8,000 tokens 3 / 7 % sooner to its first token, 1000 x 1024/128 at 256 requests +0.4 %. The
+cost is start-up: lowering the Mosaic kernel takes 3.3-3.8 s per bucket, +3.9 s of a cold start
+(none warm: the executable cache keeps the executables).
 """
 
 from __future__ import annotations
@@ -42,8 +45,8 @@ _GPU_PLATFORMS = ("gpu", "cuda")
 
 
 def gpu_attention_choice() -> str:
-    """`PAGEJAX_GPU_ATTENTION`: triton (the default), auto or mgpu."""
-    choice = os.environ.get("PAGEJAX_GPU_ATTENTION", "triton")
+    """`PAGEJAX_GPU_ATTENTION`: auto (the default), triton or mgpu."""
+    choice = os.environ.get("PAGEJAX_GPU_ATTENTION", "auto")
     if choice not in ("auto", "triton", "mgpu"):
         raise ValueError(f"PAGEJAX_GPU_ATTENTION must be auto, triton or mgpu, got {choice!r}")
     return choice

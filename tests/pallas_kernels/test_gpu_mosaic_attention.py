@@ -233,8 +233,9 @@ def test_mgpu_support_and_choice(monkeypatch):
     assert dispatch._use_mgpu(q, cache, 256, None, None, interpret=False)
     assert not dispatch._use_mgpu(q, cache, 257, None, None, interpret=False)  # many requests
     assert not dispatch._use_mgpu(q[:1024], cache, 8, None, None, interpret=False)  # small
-    monkeypatch.delenv("PAGEJAX_GPU_ATTENTION")  # the default: Triton, even on Hopper
-    assert not dispatch._use_mgpu(q, cache, 8, None, None, interpret=False)
+    monkeypatch.delenv("PAGEJAX_GPU_ATTENTION")  # the default is auto
+    assert dispatch._use_mgpu(q, cache, 8, None, None, interpret=False)
+    assert not dispatch._use_mgpu(q, cache, 257, None, None, interpret=False)
     # The engine's pick (AttentionMetadata.gpu_kernel) overrides the bucket rule both ways.
     assert dispatch._use_mgpu(q, cache, 1024, None, None, interpret=False, kernel="mgpu")
     assert not dispatch._use_mgpu(q, cache, 8, None, None, interpret=False, kernel="triton")
@@ -259,8 +260,8 @@ def test_the_engine_picks_the_kernel_only_under_auto_on_hopper_for_a_supported_m
     for choice in ("triton", "mgpu"):  # one kernel for every step: nothing to pick
         monkeypatch.setenv("PAGEJAX_GPU_ATTENTION", choice)
         assert not picks(bf16, 128, 16, None, None)
-    monkeypatch.delenv("PAGEJAX_GPU_ATTENTION")  # the default is triton
-    assert not picks(bf16, 128, 16, None, None)
+    monkeypatch.delenv("PAGEJAX_GPU_ATTENTION")  # the default is auto
+    assert picks(bf16, 128, 16, None, None)
 
 
 @pytest.mark.parametrize("kernel, marker", [("mgpu", "mosaic_gpu"), ("triton", "xla.gpu.triton")])
