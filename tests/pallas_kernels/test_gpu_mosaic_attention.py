@@ -251,7 +251,8 @@ def test_the_engine_picks_the_kernel_only_under_auto_on_hopper_for_a_supported_m
     bf16, llama = jnp.bfloat16, dict(num_heads=32, num_kv_heads=8)
     picks = lambda *a, **kw: dispatch.host_picks_kernel(*a, **{**llama, **kw})
     monkeypatch.setenv("PAGEJAX_GPU_ATTENTION", "auto")
-    assert not picks(bf16, 128, 16, None, None)  # the CPU is no Hopper GPU
+    monkeypatch.setattr(hardware, "is_hopper", lambda: False)
+    assert not picks(bf16, 128, 16, None, None)
     monkeypatch.setattr(hardware, "is_hopper", lambda: True)
     assert picks(bf16, 128, 16, None, None)
     assert not picks(jnp.float32, 128, 16, None, None)
