@@ -15,10 +15,11 @@ shapes a program instead, and a hit loads the executable itself
   sharding (`CompileJob.signature`), and the XLA options it compiles with.
 
 Files live in `<compilation cache dir>/executables/<code and platform digest>/`: a code change
-starts a new folder. The engine no longer turns jax's persistent cache on: it would only help
-after a code change, and an executable it returns does not always serialize again
-(`ExecutableCache.compile`). Loading unpickles the files, like any cache of compiled code: keep
-the folder private.
+starts a new folder. Opening a folder marks it used; the least recently used folders beyond
+`KEEP_FOLDERS` are deleted then, with the temporary files of killed stores. The engine no
+longer turns jax's persistent cache on: it would only help after a code change, and an
+executable it returns does not always serialize again (`ExecutableCache.compile`). Loading
+unpickles the files, like any cache of compiled code: keep the folder private.
 """
 
 from __future__ import annotations
@@ -30,6 +31,8 @@ import logging
 import os
 import pickle
 import platform
+import re
+import shutil
 import tempfile
 import time
 from collections.abc import Iterable, Sequence
@@ -42,6 +45,13 @@ logger = logging.getLogger(__name__)
 
 TRACED_PACKAGES = ("engine", "models", "pallas_kernels", "sharding")
 ENV_PREFIXES = ("PAGEJAX_GPU_", "PAGEJAX_TPU_", "XLA_FLAGS", "LIBTPU_INIT_ARGS")
+# Installed packages whose native code runs the executables (the CUDA plugin, cuDNN, cuBLAS,
+# libtpu): their versions join the platform digest.
+RUNTIME_PACKAGES = re.compile(
+    r"^(jax[-_]cuda\d*[-_]\w+|libtpu.*|nvidia[-_](cudnn|cublas).*)$", re.I
+)
+KEEP_FOLDERS = 8  # code/platform digests kept (33-74 MB each for the 8B model)
+STALE_TMP_S = 3600.0  # a temporary file this old belongs to a store that was killed
 # jax options that name files and logs, not programs.
 _CONFIG_SKIPPED = ("cache", "log", "dump", "traceback")
 
@@ -96,10 +106,21 @@ def _host_isa() -> str:
         return platform.processor()
 
 
+def runtime_versions() -> dict[str, str]:
+    """Versions of the installed runtime packages (`RUNTIME_PACKAGES`), by normalised name."""
+    found = {}
+    for dist in importlib.metadata.distributions():
+        name = dist.metadata["Name"] or ""
+        if RUNTIME_PACKAGES.match(name):
+            found[name.lower().replace("_", "-")] = dist.version
+    return dict(sorted(found.items()))
+
+
 def platform_digest() -> str:
     """What the compiled code depends on besides pagejax's source: versions, devices, the
     runtime (CUDA or libtpu version), jax's configuration and the environment above."""
     versions = {p: importlib.metadata.version(p) for p in ("jax", "jaxlib", "flax")}
+    versions |= runtime_versions()
     devices = [(d.platform, d.device_kind, d.id) for d in jax.devices()]
     client = jax.devices()[0].client
     config = sorted(
@@ -120,6 +141,27 @@ class ExecutableCache:
         self.refusal = _store_refusal()  # checked once, as the cache opens
         if self.refusal:
             logger.warning("executable cache: storing nothing, %s", self.refusal)
+        else:
+            self._tidy()
+
+    def _tidy(self) -> None:
+        """Mark this folder used; delete the least recently used sibling folders beyond
+        `KEEP_FOLDERS`, and this folder's temporary files older than `STALE_TMP_S`."""
+        try:
+            self.folder.mkdir(parents=True, exist_ok=True)
+            os.utime(self.folder)
+            siblings = [p for p in self.folder.parent.iterdir() if p.is_dir()]
+            siblings.sort(key=lambda p: p.stat().st_mtime, reverse=True)
+            for old in siblings[KEEP_FOLDERS:]:
+                if old != self.folder:
+                    logger.info("executable cache: deleting unused %s", old.name)
+                    shutil.rmtree(old, ignore_errors=True)
+            now = time.time()
+            for tmp in self.folder.glob("*.tmp"):
+                if now - tmp.stat().st_mtime > STALE_TMP_S:
+                    tmp.unlink(missing_ok=True)
+        except OSError as e:  # a cache that cannot tidy is only bigger
+            logger.warning("executable cache: cannot tidy %s: %r", self.folder.parent, e)
 
     @classmethod
     def under(cls, cache_dir: str | os.PathLike) -> ExecutableCache:

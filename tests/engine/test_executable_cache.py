@@ -6,6 +6,7 @@ import math
 import os
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import jax
@@ -101,6 +102,45 @@ def test_folder_changes_with_kernel_switches_and_xla_flags(monkeypatch):
     monkeypatch.setenv("PAGEJAX_API_KEY", "secret")  # read by the server, not while tracing
     assert len({base, attention, flags}) == 3
     assert executable_cache.platform_digest() == flags
+
+
+def test_folder_changes_with_the_runtime_packages(tmp_path, monkeypatch):
+    """A CUDA plugin (or cuDNN, cuBLAS, libtpu) of another version picks another folder: the
+    executables hold code built against it. Other packages leave the folder alone."""
+    base = executable_cache.platform_digest()
+
+    def install(name: str, version: str) -> None:
+        info = tmp_path / f"{name}-{version}.dist-info"
+        info.mkdir()
+        (info / "METADATA").write_text(f"Metadata-Version: 2.1\nName: {name}\nVersion: {version}\n")
+
+    install("unrelated_tool", "1.0")
+    monkeypatch.syspath_prepend(str(tmp_path))
+    assert executable_cache.platform_digest() == base
+    install("jax_cuda12_plugin", "0.11.2")
+    assert executable_cache.runtime_versions()["jax-cuda12-plugin"] == "0.11.2"
+    plugin = executable_cache.platform_digest()
+    install("nvidia_cudnn_cu12", "9.8.0")
+    assert len({base, plugin, executable_cache.platform_digest()}) == 3
+
+
+def test_opening_a_folder_deletes_the_least_recently_used_and_stale_temporaries(tmp_path):
+    root = tmp_path / "executables"
+    now = time.time()
+    for i in range(executable_cache.KEEP_FOLDERS + 3):  # folder 0 used most recently
+        (root / f"d{i}").mkdir(parents=True)
+        os.utime(root / f"d{i}", (now - 100 * i, now - 100 * i))
+    current = root / "current"
+    current.mkdir()
+    stale, fresh = current / "a.tmp", current / "b.tmp"
+    for tmp, age in ((stale, 2 * executable_cache.STALE_TMP_S), (fresh, 10)):
+        tmp.write_bytes(b"x")
+        os.utime(tmp, (now - age, now - age))
+    ExecutableCache(current)
+    kept = sorted(p.name for p in root.iterdir())
+    newest = [f"d{i}" for i in range(executable_cache.KEEP_FOLDERS - 1)]
+    assert kept == sorted(["current", *newest])
+    assert fresh.exists() and not stale.exists()
 
 
 def test_store_and_load_round_trip_a_jitted_function(tmp_path):
