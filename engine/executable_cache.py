@@ -15,11 +15,12 @@ shapes a program instead, and a hit loads the executable itself
   sharding (`CompileJob.signature`), and the XLA options it compiles with.
 
 Files live in `<compilation cache dir>/executables/<code and platform digest>/`: a code change
-starts a new folder. Opening a folder marks it used; the least recently used folders beyond
-`KEEP_FOLDERS` are deleted then, with the temporary files of killed stores. The engine no
-longer turns jax's persistent cache on: it would only help after a code change, and an
-executable it returns does not always serialize again (`ExecutableCache.compile`). Loading
-unpickles the files, like any cache of compiled code: keep the folder private.
+starts a new folder. Opening one (`ExecutableCache.under`) marks it used; the least recently
+used folders beyond `KEEP_FOLDERS` are deleted then, with the temporary files of killed
+stores. The engine no longer turns jax's persistent cache on: it would only help after a code
+change, and an executable it returns does not always serialize again
+(`ExecutableCache.compile`). Loading unpickles the files, like any cache of compiled code:
+keep the folder private.
 """
 
 from __future__ import annotations
@@ -107,12 +108,13 @@ def _host_isa() -> str:
 
 
 def runtime_versions() -> dict[str, str]:
-    """Versions of the installed runtime packages (`RUNTIME_PACKAGES`), by normalised name."""
+    """Versions of the installed runtime packages (`RUNTIME_PACKAGES`), by normalised name;
+    of two copies on sys.path, the first, as import takes it."""
     found = {}
     for dist in importlib.metadata.distributions():
         name = dist.metadata["Name"] or ""
         if RUNTIME_PACKAGES.match(name):
-            found[name.lower().replace("_", "-")] = dist.version
+            found.setdefault(name.lower().replace("_", "-"), dist.version)
     return dict(sorted(found.items()))
 
 
@@ -141,8 +143,6 @@ class ExecutableCache:
         self.refusal = _store_refusal()  # checked once, as the cache opens
         if self.refusal:
             logger.warning("executable cache: storing nothing, %s", self.refusal)
-        else:
-            self._tidy()
 
     def _tidy(self) -> None:
         """Mark this folder used; delete the least recently used sibling folders beyond
@@ -167,7 +167,9 @@ class ExecutableCache:
     def under(cls, cache_dir: str | os.PathLike) -> ExecutableCache:
         """The cache of this code on this platform, below a compilation cache folder."""
         digest = _digest([IMPORTED_CODE, platform_digest()])
-        return cls(Path(cache_dir) / "executables" / digest[:32])
+        cache = cls(Path(cache_dir) / "executables" / digest[:32])
+        cache._tidy()
+        return cache
 
     @staticmethod
     def key(*parts: object) -> str:

@@ -147,15 +147,17 @@ class ModelRunner:
 
     def request_buckets_for(self, num_tokens_bucket: int) -> tuple[int, ...]:
         """R buckets compiled with token bucket T: one rung that holds every request the step
-        can have (R <= T: a request has >= 1 token) and, from `SPLIT_REQUESTS_FROM` tokens,
-        the rungs within [T / 4, T]. A decode batch (T ~ R) gets a tight R; a long prefill
-        step pads its few sampled rows a little. Below that many tokens a smaller R saves
-        little (the LM head reads all of its [D, V] weights for any R, and the sampler's
-        passes over [R, V] are small), and each R rung is one more forward executable whose
-        Triton GEMMs XLA autotunes at start-up (15-26 s of a compile thread on an H200)."""
+        can have (R <= T: a request has >= 1 token) and the rungs within [T / 4, T]. A decode
+        batch (T ~ R) gets a tight R; a long prefill step pads its few sampled rows a little.
+        Below `SPLIT_REQUESTS_FROM` tokens only the first rung, where it is at most T (the
+        default ladder; a sparse ladder of the user's keeps its small rungs): there a smaller
+        R saves little (the LM head reads all of its [D, V] weights for any R, and the
+        sampler's passes over [R, V] are small), and each R rung is one more forward
+        executable whose Triton GEMMs XLA autotunes at start-up (15-26 s of a compile thread
+        on an H200)."""
         t, ladder = num_tokens_bucket, self.request_buckets
         top = next((r for r in ladder if r >= min(t, self.max_num_seqs)), ladder[-1])
-        if t < SPLIT_REQUESTS_FROM:
+        if t < SPLIT_REQUESTS_FROM and top <= t:
             return (top,)
         return tuple(sorted({r for r in ladder if t / 4 <= r <= t} | {top}))
 
@@ -226,10 +228,9 @@ class ModelRunner:
         self.num_loaded = loaded = len(jobs) - len(compiles)
         logger.info(
             "%d executables: %d from the executable cache, %d traced and lowered, in %.1f s; "
-            "all compiled %.1f s later (storing them took %.1f s of the pool's threads; the "
-            "slowest compile, %.1f s: %s)",
+            "all compiled %.1f s later (storing them took %.1f s of the pool's threads)%s",
             len(jobs), loaded, len(compiles), t1 - t0, time.perf_counter() - t1, storing,
-            *slowest,
+            "; the slowest compile, {:.1f} s: {}".format(*slowest) if compiles else "",
         )  # fmt: skip
         self._set_row = self._row_writer[None]
         self.kv_caches = [jnp.zeros(k.shape, k.dtype) for k in self._kv_specs]

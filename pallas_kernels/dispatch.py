@@ -76,8 +76,8 @@ def host_picks_kernel(
     and the bucket rule alone would never pick the Mosaic kernel."""
     heads = (num_heads, num_kv_heads)
     return (
-        gpu_attention_choice() == "auto"
-        and hardware.is_hopper()
+        hardware.is_hopper()
+        and gpu_attention_choice() == "auto"
         and _mgpu_fits(dtype, dtype, head_dim, page_size, sliding_window, soft_cap, heads)
     )
 

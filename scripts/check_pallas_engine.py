@@ -2,7 +2,8 @@
 device: greedy tokens of a tiny random Llama (fp32) and, with --big, Llama-3.1-8B-shaped dummy
 bf16 weights, teacher-forced over the reference's first 64 tokens of 8 prompts, against float32 (see
 `_teacher_forced`), and over 16 tokens of 4 prompts of 300-2,100 tokens in 4,096-token steps
-(run under `PAGEJAX_GPU_ATTENTION=auto`: the Mosaic GPU kernel on Hopper, dispatch.py). Prints
+(under `PAGEJAX_GPU_ATTENTION=auto`, the default, set here in case the caller's environment
+says otherwise: the Mosaic GPU kernel on Hopper, dispatch.py). Prints
 one JSON line per case; exits 1 on a mismatch.
 
     python scripts/check_pallas_engine.py [--big scripts/configs/llama-3.1-8b]

@@ -125,22 +125,26 @@ def test_folder_changes_with_the_runtime_packages(tmp_path, monkeypatch):
 
 
 def test_opening_a_folder_deletes_the_least_recently_used_and_stale_temporaries(tmp_path):
+    """`ExecutableCache.under` marks its folder used and keeps KEEP_FOLDERS in all: the
+    others least recently used go, as do its own temporary files left by killed stores."""
     root = tmp_path / "executables"
+    current = ExecutableCache.under(tmp_path).folder
     now = time.time()
-    for i in range(executable_cache.KEEP_FOLDERS + 3):  # folder 0 used most recently
+    for i in range(executable_cache.KEEP_FOLDERS + 3):  # d0 used most recently
         (root / f"d{i}").mkdir(parents=True)
-        os.utime(root / f"d{i}", (now - 100 * i, now - 100 * i))
-    current = root / "current"
-    current.mkdir()
+        os.utime(root / f"d{i}", (now - 100 * (i + 1), now - 100 * (i + 1)))
+    os.utime(current, (now - 10**6, now - 10**6))  # this code's folder, unused for long
     stale, fresh = current / "a.tmp", current / "b.tmp"
     for tmp, age in ((stale, 2 * executable_cache.STALE_TMP_S), (fresh, 10)):
         tmp.write_bytes(b"x")
         os.utime(tmp, (now - age, now - age))
-    ExecutableCache(current)
+    assert ExecutableCache.under(tmp_path).folder == current
     kept = sorted(p.name for p in root.iterdir())
     newest = [f"d{i}" for i in range(executable_cache.KEEP_FOLDERS - 1)]
-    assert kept == sorted(["current", *newest])
+    assert kept == sorted([current.name, *newest])
     assert fresh.exists() and not stale.exists()
+    ExecutableCache(tmp_path / "elsewhere")  # a folder of the caller's: its siblings stay
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["executables"]
 
 
 def test_store_and_load_round_trip_a_jitted_function(tmp_path):

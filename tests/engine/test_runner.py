@@ -3,8 +3,6 @@
 
 from __future__ import annotations
 
-import tempfile
-from pathlib import Path
 from types import SimpleNamespace
 
 import jax
@@ -86,20 +84,24 @@ def test_small_token_buckets_compile_one_request_bucket():
     }
     runner = SimpleNamespace(request_buckets=(8,), max_num_seqs=8)
     assert ModelRunner.request_buckets_for(runner, 16) == (8,)
+    # A sparse ladder of the user's, whose one holding rung is past T, keeps its small rungs.
+    runner = SimpleNamespace(request_buckets=(8, 256), max_num_seqs=256)
+    assert ModelRunner.request_buckets_for(runner, 16) == (8, 256)
 
 
-def test_twinned_buckets_pick_the_kernel_by_the_steps_requests(monkeypatch):
+def test_twinned_buckets_pick_the_kernel_by_the_steps_requests(monkeypatch, tmp_path):
     """With kernel twins (auto on Hopper), every bucket of MGPU_MIN_STEP_TOKENS tokens or more
     compiles once per GPU attention kernel, and each step gets the Mosaic GPU one when it is
     long prompt chunks (at most one request per 16 tokens), counted on its actual requests,
-    not its bucket's padded R. Here on the CPU (reference attention, which ignores the pick),
+    not its bucket's padded R. Here with the reference attention, which ignores the pick,
     the threshold lowered to 32 tokens (the 64-token bucket): the greedy tokens still match
     transformers."""
     monkeypatch.setattr(runner_module, "_kernel_twins", lambda *a: True)
     monkeypatch.setattr(runner_module, "MGPU_MIN_STEP_TOKENS", 32)
     monkeypatch.setattr(attention, "MGPU_MIN_STEP_TOKENS", 32)
-    folder = write_checkpoint("llama3", Path(tempfile.mkdtemp()) / "llama3")
-    llm = LLM(str(folder), num_pages=64, compilation_cache_dir=False, **ENGINE_ARGS)
+    folder = write_checkpoint("llama3", tmp_path / "llama3")
+    args = dict(ENGINE_ARGS, attention_backend="reference")  # the kernels' on no platform
+    llm = LLM(str(folder), num_pages=64, compilation_cache_dir=False, **args)
     runner = llm.engine.runner
     assert sorted(runner._forward, key=str) == sorted(
         [StepLayout(16, 8, 64), StepLayout(64, 8, 64, "mgpu"), StepLayout(64, 8, 64, "triton")],
