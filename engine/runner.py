@@ -45,8 +45,8 @@ from engine.step_input import (
     pick_bucket,
 )
 from engine.types import SchedulerOutput, StepOutput, TokenLogprobs
-from pallas_kernels import hardware
-from pallas_kernels.attention import MGPU_MIN_STEP_TOKENS, AttentionBackend, mosaic_suits
+from pallas_kernels import attention, hardware
+from pallas_kernels.attention import AttentionBackend
 from pallas_kernels.reference import kv_cache_shape
 
 logger = logging.getLogger(__name__)
@@ -163,17 +163,17 @@ class ModelRunner:
 
     def layout_for(self, sched: SchedulerOutput) -> StepLayout:
         """The compiled (T, R) bucket a scheduled step runs in, and with `kernel_twins`, the
-        attention kernel for its actual tokens and requests (`dispatch.mosaic_suits`)."""
+        attention kernel for its actual tokens and requests (`attention.mosaic_suits`)."""
         t = pick_bucket(self.token_buckets, sched.num_batched_tokens)
         r = pick_bucket(self.request_buckets_for(t), len(sched.requests))
         kernel = None
         if self._twinned(t):
-            suits = mosaic_suits(sched.num_batched_tokens, len(sched.requests))
+            suits = attention.mosaic_suits(sched.num_batched_tokens, len(sched.requests))
             kernel = "mgpu" if suits else "triton"
         return StepLayout(t, r, self.pages_per_request, kernel)
 
     def _twinned(self, num_tokens_bucket: int) -> bool:
-        return self.kernel_twins and num_tokens_bucket >= MGPU_MIN_STEP_TOKENS
+        return self.kernel_twins and num_tokens_bucket >= attention.MGPU_MIN_STEP_TOKENS
 
     def layouts(self) -> list[StepLayout]:
         """Every (T, R) bucket pair the engine can meet (twice with `kernel_twins`)."""

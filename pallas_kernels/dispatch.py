@@ -52,20 +52,6 @@ def gpu_attention_choice() -> str:
     return choice
 
 
-def _mgpu_fits(dtype, kv_dtype, head_dim, page_size, sliding_window, soft_cap, heads) -> bool:
-    num_heads, num_kv_heads = heads
-    return mgpu.supports(
-        dtype,
-        kv_dtype,
-        head_dim,
-        page_size,
-        sliding_window,
-        soft_cap,
-        num_heads=num_heads,
-        num_kv_heads=num_kv_heads,
-    )
-
-
 def host_picks_kernel(
     dtype, head_dim: int, page_size: int, sliding_window, soft_cap, *, num_heads, num_kv_heads
 ) -> bool:
@@ -74,11 +60,19 @@ def host_picks_kernel(
     on Hopper, for a model the Mosaic GPU kernel supports. A bucket's padded request count
     says little about its steps: with 1,024 requests a step, every large bucket has R = 1,024
     and the bucket rule alone would never pick the Mosaic kernel."""
-    heads = (num_heads, num_kv_heads)
     return (
         hardware.is_hopper()
         and gpu_attention_choice() == "auto"
-        and _mgpu_fits(dtype, dtype, head_dim, page_size, sliding_window, soft_cap, heads)
+        and mgpu.supports(
+            dtype,
+            dtype,
+            head_dim,
+            page_size,
+            sliding_window,
+            soft_cap,
+            num_heads=num_heads,
+            num_kv_heads=num_kv_heads,
+        )
     )
 
 
@@ -97,8 +91,16 @@ def _use_mgpu(
     choice = gpu_attention_choice()
     num_heads, head_dim = q.shape[1:]
     num_kv_heads, page_size = kv_cache.shape[1], kv_cache.shape[3]
-    heads = (num_heads, num_kv_heads)
-    fits = _mgpu_fits(q.dtype, kv_cache.dtype, head_dim, page_size, sliding_window, soft_cap, heads)
+    fits = mgpu.supports(
+        q.dtype,
+        kv_cache.dtype,
+        head_dim,
+        page_size,
+        sliding_window,
+        soft_cap,
+        num_heads=num_heads,
+        num_kv_heads=num_kv_heads,
+    )
     if kernel == "mgpu" and not fits:
         raise ValueError("the Mosaic GPU kernel does not support this model's attention")
     # Interpret mode stays on Triton: Mosaic GPU's interpreter runs this kernel only with jax

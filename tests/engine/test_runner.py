@@ -97,7 +97,6 @@ def test_twinned_buckets_pick_the_kernel_by_the_steps_requests(monkeypatch, tmp_
     the threshold lowered to 32 tokens (the 64-token bucket): the greedy tokens still match
     transformers."""
     monkeypatch.setattr(runner_module, "_kernel_twins", lambda *a: True)
-    monkeypatch.setattr(runner_module, "MGPU_MIN_STEP_TOKENS", 32)
     monkeypatch.setattr(attention, "MGPU_MIN_STEP_TOKENS", 32)
     folder = write_checkpoint("llama3", tmp_path / "llama3")
     args = dict(ENGINE_ARGS, attention_backend="reference")  # the kernels' on no platform
