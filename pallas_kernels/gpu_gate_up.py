@@ -29,7 +29,9 @@ from jax.experimental import pallas as pl
 from jax.experimental.pallas import mosaic_gpu as plgpu
 
 from pallas_kernels.gate_up import BLOCK
-from pallas_kernels.hardware import num_sms
+from pallas_kernels.hardware import ask_ptxas_once, num_sms
+
+ask_ptxas_once()  # before any of this module's kernels lowers
 
 
 @dataclasses.dataclass(frozen=True)

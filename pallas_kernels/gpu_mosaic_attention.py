@@ -47,7 +47,9 @@ from jax.experimental.pallas import mosaic_gpu as plgpu
 
 from pallas_kernels import ragged_blocks as rb
 from pallas_kernels.gpu_gate_up import interpret_params
-from pallas_kernels.hardware import num_sms
+from pallas_kernels.hardware import ask_ptxas_once, num_sms
+
+ask_ptxas_once()  # before any of this module's kernels lowers
 
 _LOG2E = math.log2(math.e)
 _COMPUTE_WGS = 2

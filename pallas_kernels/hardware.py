@@ -38,3 +38,25 @@ def load_kernel_runtimes() -> None:
     library (its host symbols) through a variable that importing Mosaic GPU sets."""
     if is_nvidia():
         import jax.experimental.mosaic.gpu  # noqa: F401
+
+
+def ask_ptxas_once() -> None:
+    """Make Mosaic GPU ask `ptxas` for its PTX ISA version once per process.
+
+    jax 0.11.2's Mosaic GPU lowering asks in every conversion of an array whose element type
+    is 8 bits or narrower (booleans too), and each answer runs `ptxas` again: 11.7 ms on an
+    H100 host, 168 times while lowering the attention kernel for one bucket, 2.7 s of its
+    3.3 s (docs/BENCHMARKS.md, thirteenth session). The version cannot change while the
+    process runs. This replaces the extension's function (a private name, so anything
+    missing leaves it alone: no Mosaic GPU runtime here, or a jax that no longer has it)."""
+    try:
+        from jax._src.lib import mosaic_gpu
+    except ImportError:
+        return
+    ext = getattr(mosaic_gpu, "_mosaic_gpu_ext", None)
+    ask = getattr(ext, "_get_ptxas_isa_version", None)
+    if ask is None or getattr(ask, "asked_once", False):
+        return
+    once = functools.cache(ask)
+    once.asked_once = True
+    ext._get_ptxas_isa_version = once

@@ -9,6 +9,8 @@ kernel also runs in `test_gpu.py` on a GPU.
 from __future__ import annotations
 
 import functools
+import sys
+import types
 
 import jax
 import jax.numpy as jnp
@@ -195,6 +197,28 @@ def test_dispatch_lowers_the_mosaic_kernel_alone_for_cuda():
     fn = lambda *a: dispatch.gpu_attention(a, sm_scale=0.1, use_mgpu=True)
     text = _lower_for_cuda(fn, (2048, 16, 32, 8, 128))
     assert "mosaic_gpu" in text and "__gpu$xla.gpu.triton" not in text
+
+
+def test_ptxas_is_asked_for_its_version_once(monkeypatch):
+    """Mosaic GPU's lowering asks ptxas for its PTX ISA version in each narrow conversion, and
+    each answer runs ptxas (11.7 ms; 168 times a bucket). After `ask_ptxas_once` the
+    extension's function answers from the first call. The extension exists only with the
+    CUDA plugin, so a stand-in with the same names takes its place here."""
+    calls = []
+
+    def ask():
+        calls.append(1)
+        return 90
+
+    ext = types.SimpleNamespace(_get_ptxas_isa_version=ask)
+    fake = types.SimpleNamespace(_mosaic_gpu_ext=ext)
+    monkeypatch.setitem(sys.modules, "jax._src.lib.mosaic_gpu", fake)
+    monkeypatch.setattr(jax._src.lib, "mosaic_gpu", fake, raising=False)
+    hardware.ask_ptxas_once()
+    hardware.ask_ptxas_once()  # idempotent: no second wrapper
+    assert [ext._get_ptxas_isa_version() for _ in range(3)] == [90, 90, 90]
+    assert len(calls) == 1
+    assert ext._get_ptxas_isa_version.__wrapped__ is ask
 
 
 def test_mgpu_support_and_choice(monkeypatch):
