@@ -324,6 +324,13 @@ class Scheduler:
         trimmable = sum(n - 1 for n in plan.num_tokens.values())
         if excess >= buckets[i] - total or excess > trimmable:
             return
+        # The deferred tokens run in the next step, beside what cannot be trimmed (decodes):
+        # trim only if that step's bucket grows by less than this one shrinks. Otherwise the
+        # same cut comes back every step, and a prompt's tail trickles in a token a step (63
+        # decodes with buckets of 64 and 2,048 tokens held a 640-token prompt for 588 steps).
+        kept = total - trimmable
+        if self._bucket(kept + excess) - self._bucket(kept) >= buckets[i] - buckets[i - 1]:
+            return
         for request_id in reversed(plan.num_tokens):  # the latest admitted give way first
             cut = min(excess, plan.num_tokens[request_id] - 1)
             plan.num_tokens[request_id] -= cut
@@ -331,6 +338,11 @@ class Scheduler:
             excess -= cut
             if excess == 0:
                 break
+
+    def _bucket(self, num_tokens: int) -> int:
+        """The token bucket a step of `num_tokens` runs in (past the last: its own size)."""
+        i = bisect.bisect_left(self.token_buckets, num_tokens)
+        return self.token_buckets[i] if i < len(self.token_buckets) else num_tokens
 
     def _preemption_key(self, request: Request) -> tuple[int, float]:
         """Larger = preempted first: newest (fcfs), or largest priority value, then newest."""

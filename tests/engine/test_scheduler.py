@@ -126,6 +126,20 @@ def test_step_not_trimmed_when_padding_is_cheaper() -> None:
     assert [r.num_tokens for r in out.requests] == [1, 1, 1, 28]
 
 
+def test_prompt_tail_not_trimmed_into_a_token_a_step() -> None:
+    """7 decodes fill the 8-token bucket. A 3-token prompt beside them makes 10 tokens: cut to
+    fit 8, it would get one token a step for three steps, each deferral pushing the next step
+    past 8 again. So the step runs in 16 with the whole prompt, which samples at once."""
+    scheduler, runner = make_scheduler(token_buckets=(4, 8, 16, 32, 64))
+    for i in range(7):
+        scheduler.add_request(make_request(f"d{i}", [7, i], max_tokens=6, ignore_eos=True))
+    step(scheduler, runner)
+    scheduler.add_request(make_request("p", [1, 2, 3], max_tokens=3, ignore_eos=True))
+    out = step(scheduler, runner)[0]
+    assert [r.num_tokens for r in out.requests] == [1] * 7 + [3]
+    assert out.requests[-1].sample
+
+
 def test_long_prefill_token_threshold_caps_each_prompt_chunk() -> None:
     """Each prompt gets at most 8 tokens a step though the budget holds 64; two prompts share
     a step, and decodes are unaffected."""
