@@ -291,8 +291,9 @@ class ModelRunner:
             _i32(MAX_STOP_IDS),
         )
         yield CompileJob(self._row_writer, None, set_row, args, {})
-        # Last: lowering the Mosaic GPU kernel takes 3.3-3.8 s a bucket of this thread (H200),
-        # which would hold back every compile after it; these compile in a few seconds.
+        # Last: lowering the Mosaic GPU kernel takes 1.5-2.9 s a bucket of this thread in a
+        # cold start (H100), which would hold back every compile after it; these compile in a
+        # few seconds.
         yield from (forward_job(lay) for lay in layouts if lay.attention == "mgpu")
 
     def _compile_order(self, layout: StepLayout) -> tuple:
