@@ -45,10 +45,11 @@ def ask_ptxas_once() -> None:
 
     jax 0.11.2's Mosaic GPU lowering asks in every conversion of an array whose element type
     is 8 bits or narrower (booleans too), and each answer runs `ptxas` again: 11.7 ms on an
-    H100 host, 168 times while lowering the attention kernel for one bucket, 2.7 s of its
-    3.3 s (docs/BENCHMARKS.md, thirteenth session). The version cannot change while the
-    process runs. This replaces the extension's function (a private name, so anything
-    missing leaves it alone: no Mosaic GPU runtime here, or a jax that no longer has it)."""
+    H100 host, 168 times while lowering the attention kernel for one bucket, which then took
+    3.3 s against 0.6-0.9 s with the answer kept (docs/BENCHMARKS.md, thirteenth session).
+    The version cannot change while the process runs. This replaces the extension's
+    function (a private name, so anything missing leaves it alone: no Mosaic GPU runtime
+    here, or a jax that no longer has it)."""
     try:
         from jax._src.lib import mosaic_gpu
     except ImportError:
