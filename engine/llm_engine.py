@@ -233,7 +233,8 @@ class LLMEngine:
                 self.scheduler.finish_requests(cid, "stop", stop_str)
         if self._trace is not None:
             bucket = 0 if sched.is_empty else self.runner.layout_for(sched).num_tokens
-            self._trace.record(sched, bucket, (t0, t1, t2, t3, time.perf_counter()), len(outputs))
+            times = (t0, t1, t2, t3, time.perf_counter())
+            self._trace.record(sched, bucket, times, len(outputs), self.scheduler.requests)
         return outputs
 
 
@@ -243,15 +244,29 @@ class StepTrace:
     `LLMEngine.step`: its start `t` (seconds, perf_counter), the host milliseconds to schedule
     and dispatch step N + 1, the milliseconds blocked waiting for step N, and the host
     milliseconds turning N into outputs; then step N + 1's size: tokens, its token bucket,
-    requests and prefill tokens."""
+    requests and prefill tokens; and the arrival times (`time.monotonic`, the clock of `t`
+    on Linux) of the requests whose prompt starts computing (`prompt_starts`; after any
+    prefix-cache hit) or ends, sampling its first token (`prompt_ends`), in step N + 1: they
+    tie a client's requests to their steps (scripts/step_trace_summary.py --ttft)."""
 
     def __init__(self, path: str):
         self._file = open(path, "a", buffering=1 << 16)  # noqa: SIM115 - open for the run
         atexit.register(self._file.flush)
 
-    def record(self, sched, bucket: int, times: tuple[float, ...], num_outputs: int) -> None:
+    def record(
+        self, sched, bucket: int, times: tuple[float, ...], num_outputs: int, requests: dict
+    ) -> None:
         t0, t1, t2, t3, t4 = times
         n = sched.num_batched_tokens
+        starts, ends = [], []
+        for r in sched.requests:
+            request = requests.get(r.request_id)
+            if r.start_position < r.num_prompt_tokens and request is not None:
+                arrival = round(request.arrival_time, 6)
+                if r.start_position == request.num_cached_tokens:  # after a prefix-cache hit
+                    starts.append(arrival)
+                if r.sample:
+                    ends.append(arrival)
         line = {
             "t": round(t0, 6),
             "schedule_ms": round(1e3 * (t1 - t0), 3),
@@ -263,6 +278,8 @@ class StepTrace:
             "requests": len(sched.requests),
             "prefill_tokens": sum(r.num_tokens for r in sched.requests if r.num_tokens > 1),
             "outputs": num_outputs,
+            "prompt_starts": starts,
+            "prompt_ends": ends,
         }
         self._file.write(json.dumps(line) + "\n")
         if n == 0:  # idle: a good moment to make the file readable

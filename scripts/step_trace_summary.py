@@ -10,12 +10,27 @@ from the previous step's completion to its own, as the host saw them (the end of
 while the device is never idle, that is the step's device time.
 
     python scripts/step_trace_summary.py steps.jsonl [--idle-ms 1000]
+
+With `--ttft RESULT.json` (a `pagejax bench serve --save-result` file of a run against the
+traced server), it also splits each request's TTFT into stages. Client and engine stamp times
+on the same clock (Linux's CLOCK_MONOTONIC, through `time.perf_counter` and
+`time.monotonic`), and the trace names each prompt by its arrival time, so each send is
+matched to the first unmatched arrival at or after it:
+- `to_engine`: the send until the engine takes the request in (HTTP, tokenizing, the pipe,
+  the rest of the engine loop's current turn);
+- `queue`: until the engine schedules the step with the prompt's first chunk;
+- `prompt`: until the step with its last chunk is back on the host (its steps, and those in
+  flight ahead of them);
+- `outputs`: the engine turning that step into outputs;
+- `delivery`: until the client has the first chunk (the pipe to the server process, the event
+  loop, the stream).
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import math
 import statistics
 from collections import defaultdict
 from pathlib import Path
@@ -60,13 +75,74 @@ def markdown(summary: dict[int, dict[str, float]]) -> str:
     return "\n".join(lines)
 
 
+STAGES = ("to_engine", "queue", "prompt", "outputs", "delivery", "ttft")
+
+
+def ttft_stages(lines: list[dict], result: dict) -> list[dict[str, float]]:
+    """Per client request (in send order), its TTFT's stages in ms (see the module
+    docstring); requests whose arrival or steps the trace lacks are left out."""
+    first_step, last_step = {}, {}
+    for i, line in enumerate(lines):
+        for arrival in line.get("prompt_starts", ()):
+            first_step.setdefault(arrival, i)
+        for arrival in line.get("prompt_ends", ()):
+            last_step.setdefault(arrival, i)
+    arrivals = sorted(first_step)
+    sends = sorted(
+        (start, ttft)
+        for start, ttft in zip(result["start_times"], result["ttfts"], strict=True)
+        if ttft is not None and ttft > 0
+    )
+    rows, j = [], 0
+    for send, ttft in sends:
+        while j < len(arrivals) and arrivals[j] < send:
+            j += 1  # an arrival before this send belongs to no later send either
+        if j == len(arrivals):
+            break
+        arrival = arrivals[j]
+        j += 1
+        end = last_step.get(arrival)
+        if end is None or end + 1 >= len(lines):
+            continue
+        collect = lines[end + 1]  # the line that waits for the prompt's last step
+        back = (
+            collect["t"]
+            + (collect["schedule_ms"] + collect["dispatch_ms"] + collect["wait_ms"]) / 1e3
+        )
+        made = back + collect["outputs_ms"] / 1e3
+        start = lines[first_step[arrival]]["t"]
+        stamps = (send, arrival, start, back, made, send + ttft)
+        row = {k: 1e3 * (b - a) for k, a, b in zip(STAGES, stamps, stamps[1:], strict=False)}
+        rows.append(row | {"ttft": 1e3 * ttft})
+    return rows
+
+
+def _rank(values: list[float], q: float) -> float:
+    return values[max(0, math.ceil(q * len(values)) - 1)]
+
+
+def ttft_table(rows: list[dict[str, float]]) -> str:
+    """Median, p90 and p99 of each stage (p: the value at rank ceil(p / 100 * n))."""
+    lines = [f"{len(rows)} requests", "| stage | median | p90 | p99 |", "| --- | --- | --- | --- |"]
+    for stage in STAGES:
+        values = sorted(r[stage] for r in rows)
+        cells = (statistics.median(values), _rank(values, 0.9), _rank(values, 0.99))
+        lines.append(f"| {stage} | " + " | ".join(f"{v:.2f}" for v in cells) + " |")
+    return "\n".join(lines)
+
+
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("trace", type=Path)
     p.add_argument("--idle-ms", type=float, default=1000.0)
+    p.add_argument("--ttft", type=Path, help="a bench serve result JSON: TTFT by stage")
     args = p.parse_args()
     lines = [json.loads(line) for line in args.trace.read_text().splitlines() if line.strip()]
     print(markdown(summarize(lines, args.idle_ms)))
+    if args.ttft:
+        rows = ttft_stages(lines, json.loads(args.ttft.read_text()))
+        print()
+        print(ttft_table(rows) if rows else "no request of the result is in the trace")
 
 
 if __name__ == "__main__":

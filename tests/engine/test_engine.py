@@ -183,6 +183,34 @@ def test_step_trace_accounts_for_every_token(folder, cache_dir, prompts, tmp_pat
     assert sum(line["tokens"] for line in lines) == want
     assert all(line["tokens"] <= line["bucket"] for line in lines)
     assert all(line["wait_ms"] >= 0 and line["requests"] <= 8 for line in lines)
+    # Each prompt starts in one step and ends (samples its first token) in the same or a
+    # later one, named by its arrival time.
+    starts = {a: i for i, line in enumerate(lines) for a in line["prompt_starts"]}
+    ends = {a: i for i, line in enumerate(lines) for a in line["prompt_ends"]}
+    assert len(starts) == len(batch) and starts.keys() == ends.keys()
+    assert all(starts[a] <= ends[a] for a in starts)
+    assert sum(len(line["prompt_starts"]) for line in lines) == len(batch)
+
+
+def test_step_trace_names_prompts_that_hit_the_prefix_cache(folder, cache_dir, prompts, tmp_path):
+    """A prompt whose first 80 tokens are cached starts computing at position 80: the trace
+    still names it (by arrival time) in the step where it starts and where it ends, which is
+    how `step_trace_summary.py --ttft` ties client requests to steps."""
+    trace = tmp_path / "steps.jsonl"
+    traced = LLM(
+        str(folder),
+        num_pages=128,
+        compilation_cache_dir=cache_dir,
+        step_trace_path=str(trace),
+        **ENGINE_ARGS,
+    )
+    for prompt in (prompts[7], prompts[10]):  # 100 tokens; then its first 80 and 5 more
+        traced.generate({"prompt_token_ids": prompt}, GREEDY)
+    lines = [json.loads(line) for line in trace.read_text().splitlines()]
+    starts = [(a, i) for i, line in enumerate(lines) for a in line["prompt_starts"]]
+    ends = [a for line in lines for a in line["prompt_ends"]]
+    assert [a for a, _ in starts] == ends and len(ends) == 2 and ends[0] < ends[1]
+    assert lines[starts[1][1]]["prefill_tokens"] == len(prompts[10]) - 80
 
 
 def test_min_tokens_and_eos(llm, folder, prompts):

@@ -44,3 +44,35 @@ def test_steps_grouped_by_bucket_with_the_next_lines_wait():
     table = step_trace_summary.markdown(got)
     assert table.splitlines()[0].startswith("| bucket | steps | period_ms")
     assert len(table.splitlines()) == 4
+
+
+def test_ttft_split_into_stages_by_arrival():
+    """Two client requests matched to the prompts that arrived at or after their sends (the
+    warm-up request's arrival, before them, to neither), their TTFTs split at the engine's
+    steps. Hand-computed: request 1 is sent at 10.000 s, arrives at 10.002, starts in the
+    step scheduled at 10.003, its last chunk is back at 10.020 + 13.5 ms, outputs take 0.5 ms
+    and the client has the first chunk at 10.040."""
+
+    def traced(t, starts=(), ends=(), **kw):
+        return _line(t, 16, 16, **kw) | {"prompt_starts": list(starts), "prompt_ends": list(ends)}
+
+    lines = [
+        traced(9.000, [9.0], [9.0]),  # the client's warm-up request
+        traced(9.010),
+        traced(10.003, [10.002]),
+        traced(10.010, (), [10.002], wait=5.0),
+        traced(10.020, wait=12.0, outputs=0.5),
+        traced(10.054, [10.053], [10.053]),
+        traced(10.060, sched=1.0, disp=2.0, wait=20.0, outputs=1.0),
+    ]
+    result = {"start_times": [10.050, 10.000], "ttfts": [0.045, 0.040]}
+    rows = step_trace_summary.ttft_stages(lines, result)
+    want = [
+        {"to_engine": 2.0, "queue": 1.0, "prompt": 30.5, "outputs": 0.5, "delivery": 6.0},
+        {"to_engine": 3.0, "queue": 1.0, "prompt": 29.0, "outputs": 1.0, "delivery": 11.0},
+    ]
+    for row, w, ttft in zip(rows, want, (40.0, 45.0), strict=True):
+        assert row == pytest.approx(w | {"ttft": ttft})
+        assert sum(row[k] for k in w) == pytest.approx(ttft)
+    table = step_trace_summary.ttft_table(rows)
+    assert "| prompt | 29.75 |" in table and table.startswith("2 requests")
