@@ -25,7 +25,7 @@ from engine.runner import ModelRunner
 from engine.sampling_params import SamplingParams
 from engine.scheduler import Scheduler
 from engine.step_fns import PROMPT_LOGPROBS_CHUNK
-from engine.types import Request
+from engine.types import Request, SchedulerOutput
 
 logger = logging.getLogger(__name__)
 
@@ -247,14 +247,21 @@ class StepTrace:
     requests and prefill tokens; and the arrival times (`time.monotonic`, the clock of `t`
     on Linux) of the requests whose prompt starts computing (`prompt_starts`; after any
     prefix-cache hit) or ends, sampling its first token (`prompt_ends`), in step N + 1: they
-    tie a client's requests to their steps (scripts/step_trace_summary.py --ttft)."""
+    tie a client's requests to their steps (scripts/step_trace_summary.py --ttft). A request
+    recomputed after preemption, and the `n` samples of one request, repeat an arrival: the
+    first occurrence is the prompt's."""
 
     def __init__(self, path: str):
         self._file = open(path, "a", buffering=1 << 16)  # noqa: SIM115 - open for the run
         atexit.register(self._file.flush)
 
     def record(
-        self, sched, bucket: int, times: tuple[float, ...], num_outputs: int, requests: dict
+        self,
+        sched: SchedulerOutput,
+        bucket: int,
+        times: tuple[float, ...],
+        num_outputs: int,
+        requests: dict[str, Request],
     ) -> None:
         t0, t1, t2, t3, t4 = times
         n = sched.num_batched_tokens

@@ -313,19 +313,26 @@ class Scheduler:
         past one. A step runs padded to the next bucket: 10 decodes and a 1,024-token prompt
         would run as 2,048 tokens (twice the time); trimmed to 1,024, the prompt's last 10
         tokens ride with the next step's decodes. Trimmed only when the padding saved exceeds
-        the tokens deferred. Pages stay allocated for the deferred tokens."""
+        the tokens deferred, when the deferred tokens grow the next step's bucket by less
+        than the trim saves here, and when the bucket the step would run in is at least
+        `compute_bound_tokens`: below it, padded rows cost no matmul time, and a trim would
+        only delay the prompt's first token by a step. Pages stay allocated for the deferred
+        tokens."""
         buckets, total = self.token_buckets, self.config.max_num_batched_tokens - plan.budget
         if not self.config.enable_chunked_prefill:
             return
         i = bisect.bisect_left(buckets, total)
         if i == 0 or i == len(buckets) or buckets[i] == total:
             return
+        if buckets[i] < self.config.compute_bound_tokens:
+            return
         excess = total - buckets[i - 1]
         trimmable = sum(n - 1 for n in plan.num_tokens.values())
         if excess >= buckets[i] - total or excess > trimmable:
             return
-        # The deferred tokens run in the next step, beside what cannot be trimmed (decodes):
-        # trim only if that step's bucket grows by less than this one shrinks. Otherwise the
+        # The deferred tokens run in the next step, beside what cannot be trimmed (decodes, and
+        # a token of each prompt chunk): trim only if that step's bucket grows by less than
+        # this one shrinks. Otherwise the
         # same cut comes back every step, and a prompt's tail trickles in a token a step (63
         # decodes with buckets of 64 and 2,048 tokens held a 640-token prompt for 588 steps).
         kept = total - trimmable

@@ -43,13 +43,14 @@ def load_kernel_runtimes() -> None:
 def ask_ptxas_once() -> None:
     """Make Mosaic GPU ask `ptxas` for its PTX ISA version once per process.
 
-    jax 0.11.2's Mosaic GPU lowering asks in every conversion of an array whose element type
-    is 8 bits or narrower (booleans too), and each answer runs `ptxas` again: 11.7 ms on an
-    H100 host, 168 times while lowering the attention kernel for one bucket, which then took
-    3.3 s against 0.6-0.9 s with the answer kept (docs/BENCHMARKS.md, thirteenth session).
-    The version cannot change while the process runs. This replaces the extension's
-    function (a private name, so anything missing leaves it alone: no Mosaic GPU runtime
-    here, or a jax that no longer has it)."""
+    jax's Mosaic GPU lowering (0.10.2 and 0.11.2) asks in every conversion to or from a type
+    of 8 bits or fewer (booleans too), and each answer runs `ptxas` again: 11.7 ms on an H100
+    host, 168 times while lowering the attention kernel for one bucket, ~2 s of that
+    lowering's 3.3 s (docs/BENCHMARKS.md, thirteenth session). The version cannot change
+    while the process runs. This replaces the extension's function, once (the kernel modules
+    call this at import; later calls do nothing). It is a private name, so anything missing
+    leaves it alone: no Mosaic GPU runtime here, or a jax that no longer has it
+    (`test_gpu_mosaic_attention.py` checks that jax's `astype` still asks)."""
     try:
         from jax._src.lib import mosaic_gpu
     except ImportError:

@@ -15,12 +15,14 @@ With `--ttft RESULT.json` (a `pagejax bench serve --save-result` file of a run a
 traced server), it also splits each request's TTFT into stages. Client and engine stamp times
 on the same clock (Linux's CLOCK_MONOTONIC, through `time.perf_counter` and
 `time.monotonic`), and the trace names each prompt by its arrival time, so each send is
-matched to the first unmatched arrival at or after it:
+matched to the first unmatched arrival at or after it. This assumes requests reach the engine
+in the order they were sent (one tokenizer thread, one pipe); two sends a few ms apart may
+still swap, and a row with a negative stage shows it: such rows are counted and left out.
 - `to_engine`: the send until the engine takes the request in (HTTP, tokenizing, the pipe,
   the rest of the engine loop's current turn);
 - `queue`: until the engine schedules the step with the prompt's first chunk;
-- `prompt`: until the step with its last chunk is back on the host (its steps, and those in
-  flight ahead of them);
+- `prompt`: until the step with its last chunk is back on the host (its steps, those in
+  flight ahead of them, and the host's scheduling and dispatch of the step after it);
 - `outputs`: the engine turning that step into outputs;
 - `delivery`: until the client has the first chunk (the pipe to the server process, the event
   loop, the stream).
@@ -78,9 +80,11 @@ def markdown(summary: dict[int, dict[str, float]]) -> str:
 STAGES = ("to_engine", "queue", "prompt", "outputs", "delivery", "ttft")
 
 
-def ttft_stages(lines: list[dict], result: dict) -> list[dict[str, float]]:
+def ttft_stages(lines: list[dict], result: dict) -> tuple[list[dict[str, float]], int]:
     """Per client request (in send order), its TTFT's stages in ms (see the module
-    docstring); requests whose arrival or steps the trace lacks are left out."""
+    docstring), and how many matched rows had a negative stage (left out). Failed requests
+    take their arrival out of the matching but give no row; so do requests whose steps the
+    trace lacks."""
     first_step, last_step = {}, {}
     for i, line in enumerate(lines):
         for arrival in line.get("prompt_starts", ()):
@@ -88,12 +92,8 @@ def ttft_stages(lines: list[dict], result: dict) -> list[dict[str, float]]:
         for arrival in line.get("prompt_ends", ()):
             last_step.setdefault(arrival, i)
     arrivals = sorted(first_step)
-    sends = sorted(
-        (start, ttft)
-        for start, ttft in zip(result["start_times"], result["ttfts"], strict=True)
-        if ttft is not None and ttft > 0
-    )
-    rows, j = [], 0
+    sends = sorted(zip(result["start_times"], result["ttfts"], strict=True))
+    rows, swapped, j = [], 0, 0
     for send, ttft in sends:
         while j < len(arrivals) and arrivals[j] < send:
             j += 1  # an arrival before this send belongs to no later send either
@@ -102,7 +102,7 @@ def ttft_stages(lines: list[dict], result: dict) -> list[dict[str, float]]:
         arrival = arrivals[j]
         j += 1
         end = last_step.get(arrival)
-        if end is None or end + 1 >= len(lines):
+        if not ttft or ttft < 0 or end is None or end + 1 >= len(lines):
             continue
         collect = lines[end + 1]  # the line that waits for the prompt's last step
         back = (
@@ -113,8 +113,11 @@ def ttft_stages(lines: list[dict], result: dict) -> list[dict[str, float]]:
         start = lines[first_step[arrival]]["t"]
         stamps = (send, arrival, start, back, made, send + ttft)
         row = {k: 1e3 * (b - a) for k, a, b in zip(STAGES, stamps, stamps[1:], strict=False)}
+        if min(row.values()) < 0:
+            swapped += 1
+            continue
         rows.append(row | {"ttft": 1e3 * ttft})
-    return rows
+    return rows, swapped
 
 
 def _rank(values: list[float], q: float) -> float:
@@ -140,9 +143,14 @@ def main() -> None:
     lines = [json.loads(line) for line in args.trace.read_text().splitlines() if line.strip()]
     print(markdown(summarize(lines, args.idle_ms)))
     if args.ttft:
-        rows = ttft_stages(lines, json.loads(args.ttft.read_text()))
+        rows, swapped = ttft_stages(lines, json.loads(args.ttft.read_text()))
         print()
         print(ttft_table(rows) if rows else "no request of the result is in the trace")
+        if swapped:
+            print(
+                f"{swapped} requests left out: a negative stage (they reached the engine "
+                "in another order than sent)"
+            )
 
 
 if __name__ == "__main__":

@@ -176,7 +176,7 @@ def test_step_trace_accounts_for_every_token(folder, cache_dir, prompts, tmp_pat
         step_trace_path=str(trace),
         **ENGINE_ARGS,
     )
-    batch = prompts[:6]
+    batch = prompts[:8]  # 222 prompt tokens: steps of 64 take them in chunks
     outs = traced.generate([{"prompt_token_ids": p} for p in batch], GREEDY)
     lines = [json.loads(line) for line in trace.read_text().splitlines()]
     want = sum(len(p) for p in batch) + sum(len(o.outputs[0].token_ids) - 1 for o in outs)
@@ -189,6 +189,7 @@ def test_step_trace_accounts_for_every_token(folder, cache_dir, prompts, tmp_pat
     ends = {a: i for i, line in enumerate(lines) for a in line["prompt_ends"]}
     assert len(starts) == len(batch) and starts.keys() == ends.keys()
     assert all(starts[a] <= ends[a] for a in starts)
+    assert any(starts[a] < ends[a] for a in starts)  # the 100-token prompt spans steps
     assert sum(len(line["prompt_starts"]) for line in lines) == len(batch)
 
 

@@ -94,8 +94,9 @@ def test_chunked_prefill_shares_the_budget() -> None:
 
 def test_step_trimmed_to_fit_a_token_bucket() -> None:
     """3 decodes + a 16-token prompt = 19 tokens would run padded to 32: the prompt's chunk is
-    cut to 13 so the step is exactly 16, and its last 3 tokens join the next decode step."""
-    scheduler, runner = make_scheduler(token_buckets=(4, 8, 16, 32, 64))
+    cut to 13 so the step is exactly 16, and its last 3 tokens join the next decode step.
+    (Padded rows cost matmul time from 16 tokens here: `compute_bound_tokens`.)"""
+    scheduler, runner = make_scheduler(token_buckets=(4, 8, 16, 32, 64), compute_bound_tokens=16)
     prompt = list(range(1, 17))
     for i in range(3):
         scheduler.add_request(make_request(f"d{i}", [7, i], max_tokens=6, ignore_eos=True))
@@ -128,15 +129,29 @@ def test_step_not_trimmed_when_padding_is_cheaper() -> None:
 
 def test_prompt_tail_not_trimmed_into_a_token_a_step() -> None:
     """7 decodes fill the 8-token bucket. A 3-token prompt beside them makes 10 tokens: cut to
-    fit 8, it would get one token a step for three steps, each deferral pushing the next step
-    past 8 again. So the step runs in 16 with the whole prompt, which samples at once."""
-    scheduler, runner = make_scheduler(token_buckets=(4, 8, 16, 32, 64))
+    fit 8, it would get one token a step for three steps, the deferred tokens pushing the
+    next step past 8 (until only one is left). So the step runs in 16 with the whole prompt,
+    which samples at once. (Padding costs from 8 tokens here: `compute_bound_tokens`.)"""
+    scheduler, runner = make_scheduler(token_buckets=(4, 8, 16, 32, 64), compute_bound_tokens=8)
     for i in range(7):
         scheduler.add_request(make_request(f"d{i}", [7, i], max_tokens=6, ignore_eos=True))
     step(scheduler, runner)
     scheduler.add_request(make_request("p", [1, 2, 3], max_tokens=3, ignore_eos=True))
     out = step(scheduler, runner)[0]
     assert [r.num_tokens for r in out.requests] == [1] * 7 + [3]
+    assert out.requests[-1].sample
+
+
+def test_step_not_trimmed_below_compute_bound_tokens() -> None:
+    """The 19 tokens of the trimmed test above, with padded rows free up to 64 tokens: the
+    step runs in 32 with the whole prompt, which samples its first token a step sooner."""
+    scheduler, runner = make_scheduler(token_buckets=(4, 8, 16, 32, 64), compute_bound_tokens=64)
+    for i in range(3):
+        scheduler.add_request(make_request(f"d{i}", [7, i], max_tokens=6, ignore_eos=True))
+    step(scheduler, runner)
+    scheduler.add_request(make_request("p", list(range(1, 17)), max_tokens=3, ignore_eos=True))
+    out = step(scheduler, runner)[0]
+    assert [r.num_tokens for r in out.requests] == [1, 1, 1, 16]
     assert out.requests[-1].sample
 
 

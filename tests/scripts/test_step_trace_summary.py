@@ -66,7 +66,8 @@ def test_ttft_split_into_stages_by_arrival():
         traced(10.060, sched=1.0, disp=2.0, wait=20.0, outputs=1.0),
     ]
     result = {"start_times": [10.050, 10.000], "ttfts": [0.045, 0.040]}
-    rows = step_trace_summary.ttft_stages(lines, result)
+    rows, swapped = step_trace_summary.ttft_stages(lines, result)
+    assert swapped == 0
     want = [
         {"to_engine": 2.0, "queue": 1.0, "prompt": 30.5, "outputs": 0.5, "delivery": 6.0},
         {"to_engine": 3.0, "queue": 1.0, "prompt": 29.0, "outputs": 1.0, "delivery": 11.0},
@@ -76,3 +77,23 @@ def test_ttft_split_into_stages_by_arrival():
         assert sum(row[k] for k in w) == pytest.approx(ttft)
     table = step_trace_summary.ttft_table(rows)
     assert "| prompt | 29.75 |" in table and table.startswith("2 requests")
+
+
+def test_a_failed_request_keeps_its_arrival_out_of_the_next_match():
+    """A request that failed (no TTFT) still reached the engine: its arrival is skipped, not
+    given to the next send, whose stages stay those of its own prompt."""
+
+    def traced(t, starts=(), ends=(), **kw):
+        return _line(t, 16, 16, **kw) | {"prompt_starts": list(starts), "prompt_ends": list(ends)}
+
+    lines = [
+        traced(10.003, [10.002], [10.002]),
+        traced(10.010, wait=5.0),
+        traced(10.012, [10.011], [10.011]),
+        traced(10.020, wait=2.0),
+    ]
+    result = {"start_times": [10.000, 10.010], "ttfts": [None, 0.020]}
+    rows, swapped = step_trace_summary.ttft_stages(lines, result)
+    assert swapped == 0 and len(rows) == 1
+    assert rows[0]["to_engine"] == pytest.approx(1.0)  # 10.010 -> 10.011, not 10.002
+    assert rows[0]["delivery"] == pytest.approx(6.25)  # first chunk 30 ms, made at 23.75
