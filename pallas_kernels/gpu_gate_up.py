@@ -29,7 +29,8 @@ from jax.experimental import pallas as pl
 from jax.experimental.pallas import mosaic_gpu as plgpu
 
 from pallas_kernels.gate_up import BLOCK
-from pallas_kernels.hardware import ask_ptxas_once, num_sms
+from pallas_kernels.hardware import num_sms
+from pallas_kernels.mgpu_compat import ask_ptxas_once, interpret_params
 
 ask_ptxas_once()  # before any of this module's kernels lowers
 
@@ -55,16 +56,6 @@ def supports(m: int, k: int, two_f: int, dtype, w_dtype, cfg: GateUpConfig | Non
         and k % cfg.tile_k == 0
         and two_f % (4 * BLOCK) == 0
     )
-
-
-def interpret_params():
-    """Mosaic GPU's interpreter: it runs a kernel on the CPU, simulating shared memory, TMA
-    copies, barriers and warpgroups (`plgpu.InterpretGPUParams` from jax 0.11, internal in
-    0.10)."""
-    params = getattr(plgpu, "InterpretGPUParams", None)
-    if params is None:
-        from jax._src.pallas.mosaic_gpu.interpret.params import InterpretGPUParams as params
-    return params()
 
 
 def silu_gate_up(

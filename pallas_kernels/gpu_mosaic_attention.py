@@ -46,8 +46,8 @@ from jax.experimental import pallas as pl
 from jax.experimental.pallas import mosaic_gpu as plgpu
 
 from pallas_kernels import ragged_blocks as rb
-from pallas_kernels.gpu_gate_up import interpret_params
-from pallas_kernels.hardware import ask_ptxas_once, num_sms
+from pallas_kernels.hardware import num_sms
+from pallas_kernels.mgpu_compat import ask_ptxas_once, interpret_params
 
 ask_ptxas_once()  # before any of this module's kernels lowers
 

@@ -17,7 +17,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from pallas_kernels import dispatch, hardware
+from pallas_kernels import dispatch, hardware, mgpu_compat
 from pallas_kernels import gpu_mosaic_attention as mgpu
 from pallas_kernels.attention import AttentionMetadata
 from pallas_kernels.reference import ragged_paged_attention_reference
@@ -214,8 +214,8 @@ def test_ptxas_is_asked_for_its_version_once(monkeypatch):
     fake = types.SimpleNamespace(_mosaic_gpu_ext=ext)
     monkeypatch.setitem(sys.modules, "jax._src.lib.mosaic_gpu", fake)
     monkeypatch.setattr(jax._src.lib, "mosaic_gpu", fake, raising=False)
-    hardware.ask_ptxas_once()
-    hardware.ask_ptxas_once()  # idempotent: no second wrapper
+    mgpu_compat.ask_ptxas_once()
+    mgpu_compat.ask_ptxas_once()  # idempotent: no second wrapper
     assert [ext._get_ptxas_isa_version() for _ in range(3)] == [90, 90, 90]
     assert len(calls) == 1
     assert ext._get_ptxas_isa_version.__wrapped__ is ask
