@@ -347,9 +347,9 @@ class Scheduler:
                 break
 
     def _bucket(self, num_tokens: int) -> int:
-        """The token bucket a step of `num_tokens` runs in (past the last: its own size)."""
-        i = bisect.bisect_left(self.token_buckets, num_tokens)
-        return self.token_buckets[i] if i < len(self.token_buckets) else num_tokens
+        """The token bucket a step of `num_tokens` (at most the largest) runs in: `pick_bucket`,
+        which the scheduler cannot import without JAX."""
+        return self.token_buckets[bisect.bisect_left(self.token_buckets, num_tokens)]
 
     def _preemption_key(self, request: Request) -> tuple[int, float]:
         """Larger = preempted first: newest (fcfs), or largest priority value, then newest."""

@@ -24,8 +24,9 @@ spreads a few long decodes over more SMs), and on 128-token prompts beside ~470 
 8,192-token steps (189 against 195 ms a step), where the Mosaic kernel's items are many and
 tiny; the request rule keeps those on Triton. End to end on an H200: one prompt of 4,096 /
 8,000 tokens 3 / 7 % sooner to its first token, 1000 x 1024/128 at 256 requests +0.4 %. The
-cost is start-up: lowering the Mosaic kernel takes 1.5-2.9 s per bucket in a cold start (3.3-8.4
-s before `mgpu_compat.ask_ptxas_once`); none warm, since the executable cache keeps the executables.
+cost is start-up: lowering the Mosaic kernel takes 1.5-2.9 s per bucket in a cold start
+(3.3-8.4 s before `mgpu_compat.ask_ptxas_once`); none warm, since the executable cache keeps
+the executables.
 """
 
 from __future__ import annotations
