@@ -54,6 +54,16 @@ logger = logging.getLogger(__name__)
 MAX_LOGIT_BIAS = 1024  # entries of logit_bias one request may set
 MAX_STOP_IDS = 64  # EOS + stop_token_ids banned until min_tokens
 SPLIT_REQUESTS_FROM = 128  # token buckets this large get several request buckets
+# XLA splits the K dimension of a decode step's Triton GEMMs to occupy every SM: each split
+# writes float32 partials [splits, T, N] that a separate fusion sums (with the residual add).
+# From 64 tokens that costs more than it gains. On an H100, 64 requests of 512 + 256 tokens
+# (`bench latency`, alternated) decoded in 8.52-8.56 ms a step without split-K against
+# 8.74-8.77 with it: 421 -> 372 kernels a step, and XLA picks cuBLAS for o_proj and
+# down_proj. At 32 tokens the device time was the same (7.65 against 7.63 ms at 1,100
+# tokens of context) with 0.4 ms more host time a call; at 16 split-K gains (batch 1: 5.94
+# against 6.08 ms). docs/BENCHMARKS.md, fourteenth session.
+NO_SPLIT_K_MIN_TOKENS = 64
+NO_SPLIT_K = {"xla_gpu_experimental_force_split_k": 1}
 
 
 class CompileJob(NamedTuple):
@@ -236,12 +246,17 @@ class ModelRunner:
         self.kv_caches = [jnp.zeros(k.shape, k.dtype) for k in self._kv_specs]
 
     def compiler_options(self, layout: StepLayout) -> dict | None:
-        """XLA options for one forward bucket: from `cublas_min_tokens` tokens on a CUDA GPU,
-        no Triton GEMMs, so XLA's dots go to cuBLAS (see `engine.config.parse_gpu_gemm`)."""
+        """XLA options for one forward bucket on a CUDA GPU: from `cublas_min_tokens` tokens,
+        no Triton GEMMs, so XLA's dots go to cuBLAS (see `engine.config.parse_gpu_gemm`);
+        from `NO_SPLIT_K_MIN_TOKENS` up to there, no split-K (`NO_SPLIT_K`)."""
         threshold = self.config.compile.cublas_min_tokens
-        if threshold is None or layout.num_tokens < threshold or not hardware.is_nvidia():
+        if threshold is None or not hardware.is_nvidia():
             return None
-        return {"xla_gpu_enable_triton_gemm": False}
+        if layout.num_tokens >= threshold:
+            return {"xla_gpu_enable_triton_gemm": False}
+        if layout.num_tokens >= NO_SPLIT_K_MIN_TOKENS:
+            return dict(NO_SPLIT_K)
+        return None
 
     def _jobs(self) -> Iterator[CompileJob]:
         """One `CompileJob` per executable, on abstract arguments (nothing traced yet)."""
@@ -301,7 +316,8 @@ class ModelRunner:
         autotunes as Triton GEMMs (below `cublas_min_tokens`), smallest first: 17-26 s of a
         compile thread for 16 and 32 tokens on an H200, 10 s for 128, against 4-6 s for the
         cuBLAS buckets. Elsewhere, and then, the biggest steps first."""
-        autotuned = hardware.is_nvidia() and self.compiler_options(layout) is None
+        threshold = self.config.compile.cublas_min_tokens
+        autotuned = hardware.is_nvidia() and (threshold is None or layout.num_tokens < threshold)
         return (not autotuned, layout.num_tokens if autotuned else -layout.num_tokens)
 
     def warm_up(self) -> None:

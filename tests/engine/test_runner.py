@@ -1,5 +1,5 @@
-"""ModelRunner's XLA options per forward bucket: which buckets turn Triton GEMMs off, and that
-`compile` hands each executable its own options."""
+"""ModelRunner's XLA options per forward bucket: which buckets turn Triton GEMMs off or their
+split-K, and that `compile` hands each executable its own options."""
 
 from __future__ import annotations
 
@@ -19,6 +19,7 @@ from tests.engine.test_engine import ENGINE_ARGS
 from tests.hf_models import hf_greedy, write_checkpoint
 
 OFF = {"xla_gpu_enable_triton_gemm": False}
+NO_SPLIT_K = {"xla_gpu_experimental_force_split_k": 1}
 
 
 def _options(threshold, tokens: int):
@@ -36,14 +37,28 @@ def test_buckets_from_the_threshold_turn_triton_gemms_off_on_nvidia_gpus(nvidia,
         {16: None, 31: None, 32: OFF, 8192: OFF} if nvidia else dict.fromkeys(options)
     )
     assert _options(None, 8192) is None  # PAGEJAX_GPU_GEMM=xla
-    # XLA knows the option by that name (an unknown one is refused at compile time).
+    # XLA knows the options by these names (an unknown one is refused at compile time).
     lowered = jax.jit(lambda a: a @ a).lower(jnp.ones((4, 4)))
-    assert float(lowered.compile(OFF)(jnp.ones((4, 4)))[0, 0]) == 4.0
+    for opts in (OFF, NO_SPLIT_K):
+        assert float(lowered.compile(opts)(jnp.ones((4, 4)))[0, 0]) == 4.0
 
 
-def test_compile_hands_each_forward_bucket_its_options(tmp_path, monkeypatch):
-    """With the platform check passed, forward executables of >= 32 tokens compile with the
-    option and the 16-token ones, the samplers and prompt logprobs without it."""
+@pytest.mark.parametrize("nvidia", [True, False])
+def test_buckets_below_the_threshold_from_64_tokens_turn_split_k_off(nvidia, monkeypatch):
+    """XLA's Triton GEMMs keep their split-K at 16 and 32 tokens, lose it from 64 up to the
+    cuBLAS threshold; with PAGEJAX_GPU_GEMM=xla (no threshold) XLA chooses everywhere."""
+    monkeypatch.setattr(hardware, "is_nvidia", lambda: nvidia)
+    options = {t: _options(128, t) for t in (16, 32, 63, 64, 127, 128)}
+    expected = {16: None, 32: None, 63: None, 64: NO_SPLIT_K, 127: NO_SPLIT_K, 128: OFF}
+    assert options == (expected if nvidia else dict.fromkeys(options))
+    assert _options(None, 64) is None
+
+
+@pytest.mark.parametrize(("threshold", "big"), [(32, OFF), (128, NO_SPLIT_K)])
+def test_compile_hands_each_forward_bucket_its_options(threshold, big, tmp_path, monkeypatch):
+    """With the platform check passed, the 64-token forward executable compiles with its
+    bucket's option (cuBLAS from a threshold of 32, no split-K below one of 128), and the
+    16-token one, the samplers and prompt logprobs without any."""
     folder = write_checkpoint("llama3", tmp_path / "llama3")
     monkeypatch.setattr(hardware, "is_nvidia", lambda: True)
     seen = []
@@ -57,14 +72,18 @@ def test_compile_hands_each_forward_bucket_its_options(tmp_path, monkeypatch):
     monkeypatch.setattr(jax.stages.Lowered, "compile", spy)
     # test_engine's tiny engine: token buckets 16 and 64, one request bucket on the CPU.
     llm = LLM(
-        str(folder), num_pages=32, compilation_cache_dir=False, cublas_min_tokens=32, **ENGINE_ARGS
+        str(folder),
+        num_pages=32,
+        compilation_cache_dir=False,
+        cublas_min_tokens=threshold,
+        **ENGINE_ARGS,
     )
     forward = [opts for name, opts in seen if name == "jit_forward_fn"]
     others = [opts for name, opts in seen if name != "jit_forward_fn"]
     layouts = llm.engine.runner.layouts()
     assert len(forward) == len(layouts) == 2 and others
     assert sorted(forward, key=str) == sorted(
-        [OFF if lay.num_tokens >= 32 else None for lay in layouts], key=str
+        [big if lay.num_tokens == 64 else None for lay in layouts], key=str
     )
     assert all(opts is None for opts in others)
 
