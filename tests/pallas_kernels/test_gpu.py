@@ -24,6 +24,8 @@ pytestmark = pytest.mark.gpu
 SCENARIOS = [
     ("decode", [1] * 30, [1 + 67 * i for i in range(30)], 32, 32, 16, 128),
     ("decode1", [1], [2000], 8, 8, 16, 128),  # one request: split-K carries it
+    # 48 requests in a 64-request bucket: at 8 kv heads, the 64-key / 4-warp decode tiles
+    ("decode48", [1] * 48, [1 + 41 * i for i in range(48)], 64, 64, 16, 128),
     ("prefill", [300, 77], [300, 77], 384, 8, 16, 32),
     ("mixed", [1, 1, 100, 1, 37], [900, 5, 400, 64, 37], 160, 8, 32, 32),
 ]
