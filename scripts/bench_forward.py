@@ -24,7 +24,6 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
-import glob
 import json
 import os
 import statistics
@@ -145,17 +144,17 @@ def time_step(loop: StepLoop, *, iters: int, reps: int) -> dict:
 def profile_step(loop: StepLoop, folder: str, *, iters: int, num_layers: int) -> dict:
     """`iters` forward + sampler calls under the JAX profiler (a Perfetto trace in `folder`),
     summarised per call by scripts/trace_step.py: device time by kernel kind and name."""
-    from trace_step import summarize  # a sibling script: scripts/ is on sys.path
+    from trace_step import newest_trace, summarize  # a sibling script: scripts/ is on sys.path
 
     loop.idle()
     with jax.profiler.trace(folder, create_perfetto_trace=True):
         for _ in range(iters):
             loop.call(True)
         loop.idle()
-    files = glob.glob(f"{folder}/**/*.trace.json.gz", recursive=True)
-    if not files:
+    trace = newest_trace(folder)
+    if trace is None:
         return {"error": "no perfetto trace"}
-    summary = summarize(files[0], iters, num_layers)
+    summary = summarize(trace, iters, num_layers)
     keep = ("steps", "device_busy_ms_per_step", "device_span_ms_per_step")
     keep += ("num_kernels_per_step", "kernel_kinds_ms_per_step", "top_kernels_ms_per_step")
     return {key: summary[key] for key in keep}

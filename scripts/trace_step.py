@@ -6,6 +6,8 @@ device time per step by kernel, device idle gaps, and host time per step.
 With `--prefill-len P`, every traced step also carries P tokens of a long prompt (a mixed step
 of batch + P tokens, as serving under load runs); with `--batch 0` as well, each step is
 `--prompts-per-step` fresh prompts of P tokens (pure prefill, as offline 1024/128 runs it).
+Steps run in the engine's bucket for their size (a power of two, padded): pick P so that
+batch + P is one to trace no padding.
 
 Writes the Perfetto trace (`*.trace.json.gz`) under --out and prints a JSON summary.
 """
@@ -17,6 +19,7 @@ import collections
 import glob
 import gzip
 import json
+import os
 import sys
 import time
 
@@ -46,6 +49,21 @@ def fill_decoding(llm, batch: int, input_len: int, temperature: float) -> None:
             bar.refresh()
     for _ in range(5):  # past the steps that still carry prompt tokens (async scheduling)
         eng.step()
+
+
+def engine_bucket(num_tokens: int) -> int:
+    """The token bucket of the engine's GPU ladder (powers of two from 16) that a step of
+    `num_tokens` runs in: traced steps run padded, as the engine's do. A bucket of its own
+    (12 decodes + 1,024 prompt tokens = 1,036) made XLA pad every matmul's operands for cuBLAS,
+    ~1.9 ms of pad fusions a step that the engine never runs (H100, fourteenth session)."""
+    return 1 << max(4, (num_tokens - 1).bit_length())
+
+
+def newest_trace(folder: str) -> str | None:
+    """The Perfetto trace the last profiler session wrote under `folder`: a folder used before
+    holds older traces too, and glob's order is arbitrary (a rerun once summarised a stale one)."""
+    files = glob.glob(f"{folder}/**/*.trace.json.gz", recursive=True)
+    return max(files, key=os.path.getmtime) if files else None
 
 
 def kernel_kind(name: str) -> str:
@@ -154,7 +172,7 @@ def main() -> None:
 
     b, p = args.batch, args.prefill_len
     n = args.prompts_per_step if p and not b else 1
-    step_tokens = max(16, b) if not p else b + p * n
+    step_tokens = engine_bucket(max(16, b) if not p else b + p * n)
     # Fresh prompts: the step in flight still holds its n requests when the next is scheduled
     # (async scheduling), so n new ones need 2n seats, or only every other call admits any.
     seats = max(8, b + 1, 2 * n)
@@ -211,11 +229,11 @@ def main() -> None:
                     add_prompt(f"fresh{i}_{j}", p)
             llm.engine.step(kind=OutputKind.FINAL_ONLY)
         host_ms = (time.perf_counter() - t) * 1e3 / args.steps
-    files = glob.glob(f"{args.out}/**/*.trace.json.gz", recursive=True)
+    trace = newest_trace(args.out)
     num_layers = llm.engine.model_config.num_layers
     out = (
-        summarize(files[0], args.steps, num_layers, args.top)
-        if files
+        summarize(trace, args.steps, num_layers, args.top)
+        if trace
         else {"error": "no perfetto trace"}
     )
     out.update(

@@ -5,6 +5,7 @@ from __future__ import annotations
 import gzip
 import importlib.util
 import json
+import os
 from pathlib import Path
 
 SCRIPT = Path(__file__).parents[2] / "scripts" / "trace_step.py"
@@ -125,3 +126,22 @@ def test_mixed_steps_carry_the_long_prompts_chunk(tmp_path):
     nothing told)."""
     out = _run_script(tmp_path, "--batch", "3", "--input-len", "20", "--prefill-len", "24")
     assert out["long_prompt_tokens_per_step"] == 24
+
+
+def test_the_newest_trace_of_a_reused_folder_is_summarised(tmp_path):
+    """A profile folder used twice holds two traces; the summary must read the later one."""
+    old = Path(_trace(tmp_path, 1))
+    newer = tmp_path / "run2"
+    newer.mkdir()
+    new = Path(_trace(newer, 3))
+    os.utime(old, (1_000, 1_000))  # the first run's file, whatever glob lists first
+    assert trace_step.newest_trace(str(tmp_path)) == str(new)
+    assert trace_step.newest_trace(str(tmp_path / "empty")) is None
+
+
+def test_traced_steps_run_in_the_engines_power_of_two_buckets():
+    """12 decodes + 1,024 prompt tokens run in the 2,048 bucket, as in the engine, not in a
+    bucket of 1,036 (XLA pads unaligned matmul operands for cuBLAS: fusions the engine never
+    runs); 16 is the smallest."""
+    sizes = {n: trace_step.engine_bucket(n) for n in (1, 16, 17, 64, 100, 1036, 2048)}
+    assert sizes == {1: 16, 16: 16, 17: 32, 64: 64, 100: 128, 1036: 2048, 2048: 2048}
