@@ -56,13 +56,14 @@ MAX_STOP_IDS = 64  # EOS + stop_token_ids banned until min_tokens
 SPLIT_REQUESTS_FROM = 128  # token buckets this large get several request buckets
 # XLA splits the K dimension of a decode step's Triton GEMMs to occupy every SM: each split
 # writes float32 partials [splits, T, N] that a separate fusion sums (with the residual add).
-# From 64 tokens that costs more than it gains. On an H100, 64 requests of 512 + 256 tokens
+# At 64-127 tokens (the band measured; below `cublas_min_tokens` only) that costs more than
+# it gains. On an H100, 64 requests of 512 + 256 tokens
 # (`bench latency`, alternated) decoded in 8.52-8.56 ms a step without split-K against
 # 8.74-8.77 with it: 421 -> 372 kernels a step, and XLA picks cuBLAS for o_proj and
 # down_proj. At 32 tokens the device time was the same (7.65 against 7.63 ms at 1,100
 # tokens of context) with 0.4 ms more host time a call; at 16 split-K gains (batch 1: 5.94
 # against 6.08 ms). docs/BENCHMARKS.md, fourteenth session.
-NO_SPLIT_K_MIN_TOKENS = 64
+NO_SPLIT_K_MIN_TOKENS, NO_SPLIT_K_MAX_TOKENS = 64, 127
 NO_SPLIT_K = {"xla_gpu_experimental_force_split_k": 1}
 
 
@@ -248,13 +249,14 @@ class ModelRunner:
     def compiler_options(self, layout: StepLayout) -> dict | None:
         """XLA options for one forward bucket on a CUDA GPU: from `cublas_min_tokens` tokens,
         no Triton GEMMs, so XLA's dots go to cuBLAS (see `engine.config.parse_gpu_gemm`);
-        from `NO_SPLIT_K_MIN_TOKENS` up to there, no split-K (`NO_SPLIT_K`)."""
+        below that, from `NO_SPLIT_K_MIN_TOKENS` to `NO_SPLIT_K_MAX_TOKENS`, no split-K
+        (`NO_SPLIT_K`; XLA then takes cuBLAS for some of the dots itself)."""
         threshold = self.config.compile.cublas_min_tokens
         if threshold is None or not hardware.is_nvidia():
             return None
         if layout.num_tokens >= threshold:
             return {"xla_gpu_enable_triton_gemm": False}
-        if layout.num_tokens >= NO_SPLIT_K_MIN_TOKENS:
+        if NO_SPLIT_K_MIN_TOKENS <= layout.num_tokens <= NO_SPLIT_K_MAX_TOKENS:
             return dict(NO_SPLIT_K)
         return None
 
@@ -314,8 +316,9 @@ class ModelRunner:
     def _compile_order(self, layout: StepLayout) -> tuple:
         """Forward buckets, slowest to compile first. On NVIDIA GPUs, the buckets whose dots XLA
         autotunes as Triton GEMMs (below `cublas_min_tokens`), smallest first: 17-26 s of a
-        compile thread for 16 and 32 tokens on an H200, 10 s for 128, against 4-6 s for the
-        cuBLAS buckets. Elsewhere, and then, the biggest steps first."""
+        compile thread for 16 and 32 tokens on an H200 (10 s for 128 when it was below the
+        threshold), against 4-6 s for the cuBLAS buckets. Elsewhere, and then, the biggest
+        steps first."""
         threshold = self.config.compile.cublas_min_tokens
         autotuned = hardware.is_nvidia() and (threshold is None or layout.num_tokens < threshold)
         return (not autotuned, layout.num_tokens if autotuned else -layout.num_tokens)

@@ -101,7 +101,8 @@ def default_config(
     ~256 (request, kv head) pairs, up to 8 ways (a batch of 1: 8 splits; >= 32 requests at 8
     kv heads: none; more splits cost more in the merge than they save); 8 warps unsplit below
     1024 pairs, else 4 (the faster of the two at each measured batch: 1, 8, 16, 32, 256),
-    except from 257 to 512 pairs: 64 keys, 4 warps (measured at 40-64 requests).
+    except in the 64-request bucket of 32 query / 8 kv heads: 64 keys, 4 warps (measured at
+    40-64 requests; other head layouts and the 128-request bucket were not).
     Otherwise blocks of few tokens take 16-row tiles and the rest: with up to 8 requests
     (prefill-heavy) 128-row tiles, 8 warps; with more (decodes beside chunks) 64-row tiles,
     64 keys, 4 warps: smaller tiles leave shared memory for two programs an SM, which the
@@ -111,11 +112,12 @@ def default_config(
     group = _next_pow2(num_heads // num_kv_heads)
     if num_tokens <= 2 * num_requests:
         pairs = max(1, num_requests * num_kv_heads)
-        if 256 < pairs <= 512:
-            # 33-64 requests at 8 kv heads: small programs, several an SM (at most 512 of
-            # them, about one wave). H200, kernel alone: 1-21 % faster at 40-64 requests and
-            # 640-4,096 tokens; in the forward at 64 x 640, 1.49 against 1.70 ms a step
-            # (H100: 2.12 against 2.29). docs/BENCHMARKS.md, fourteenth session.
+        if group == 4 and num_kv_heads == 8 and 32 < num_requests <= 64:
+            # The 64-request bucket of Llama-3-8B's / Qwen3-8B's head layout (the one
+            # measured): small programs, several an SM (512 with work, about one wave). H200,
+            # kernel alone: 1-21 % faster at 40-64 requests and 640-4,096 tokens; in the
+            # forward at 64 x 640, 1.49 against 1.70 ms a step (H100, same call: 2.12
+            # against 2.29). docs/BENCHMARKS.md, fourteenth session.
             return GpuBlockConfig(max(1, _MIN_ROWS // group), 64, num_warps=4, num_stages=3)
         splits = min(8, _next_pow2(256 // pairs + 1) // 2) if pairs < 256 else 1
         return GpuBlockConfig(

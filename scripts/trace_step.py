@@ -51,12 +51,14 @@ def fill_decoding(llm, batch: int, input_len: int, temperature: float) -> None:
         eng.step()
 
 
-def engine_bucket(num_tokens: int) -> int:
-    """The token bucket of the engine's GPU ladder (powers of two from 16) that a step of
-    `num_tokens` runs in: traced steps run padded, as the engine's do. A bucket of its own
-    (12 decodes + 1,024 prompt tokens = 1,036) made XLA pad every matmul's operands for cuBLAS,
-    ~1.9 ms of pad fusions a step that the engine never runs (H100, fourteenth session)."""
-    return 1 << max(4, (num_tokens - 1).bit_length())
+def engine_bucket(n: int, smallest: int = 16) -> int:
+    """The rung of the engine's GPU ladders (powers of two from 16 tokens, from 8 requests)
+    that `n` tokens or requests run in: traced steps run padded, as the engine's do. A bucket
+    of its own (12 decodes + 1,024 prompt tokens = 1,036) made XLA pad every matmul's operands
+    for cuBLAS, ~1.9 ms of pad fusions a step that the engine never runs (H100, fourteenth
+    session). Past the default budget of 8,192 tokens the rung is still a power of two, which
+    only an engine with a larger `max_num_batched_tokens` would run."""
+    return max(smallest, 1 << (n - 1).bit_length())
 
 
 def newest_trace(folder: str) -> str | None:
@@ -172,7 +174,7 @@ def main() -> None:
 
     b, p = args.batch, args.prefill_len
     n = args.prompts_per_step if p and not b else 1
-    step_tokens = engine_bucket(max(16, b) if not p else b + p * n)
+    step_tokens = engine_bucket(b if not p else b + p * n)
     # Fresh prompts: the step in flight still holds its n requests when the next is scheduled
     # (async scheduling), so n new ones need 2n seats, or only every other call admits any.
     seats = max(8, b + 1, 2 * n)
@@ -184,8 +186,8 @@ def main() -> None:
         enable_prefix_caching=False,
         max_num_batched_tokens=max(2048, step_tokens),
         max_model_len=max(args.input_len + 512, p * (args.steps + 4)),
-        token_buckets=tuple(sorted({max(16, b), step_tokens, 2048})),
-        request_buckets=tuple(sorted({max(8, b, n), -(-seats // 8) * 8})),
+        token_buckets=tuple(sorted({engine_bucket(b), step_tokens, 2048})),
+        request_buckets=tuple(sorted({engine_bucket(max(b, n), 8), engine_bucket(seats, 8)})),
         long_prefill_token_threshold=p,
     )
     fill_decoding(llm, b, args.input_len, args.temperature)

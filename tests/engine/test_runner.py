@@ -44,13 +44,18 @@ def test_buckets_from_the_threshold_turn_triton_gemms_off_on_nvidia_gpus(nvidia,
 
 
 @pytest.mark.parametrize("nvidia", [True, False])
-def test_buckets_below_the_threshold_from_64_tokens_turn_split_k_off(nvidia, monkeypatch):
-    """XLA's Triton GEMMs keep their split-K at 16 and 32 tokens, lose it from 64 up to the
-    cuBLAS threshold; with PAGEJAX_GPU_GEMM=xla (no threshold) XLA chooses everywhere."""
+def test_buckets_of_64_to_127_tokens_turn_split_k_off(nvidia, monkeypatch):
+    """XLA's Triton GEMMs keep their split-K at 16 and 32 tokens and lose it at 64-127 (the
+    band measured), below the cuBLAS threshold only; a higher threshold leaves 128+ as they
+    were, and with PAGEJAX_GPU_GEMM=xla (no threshold) XLA chooses everywhere."""
     monkeypatch.setattr(hardware, "is_nvidia", lambda: nvidia)
     options = {t: _options(128, t) for t in (16, 32, 63, 64, 127, 128)}
     expected = {16: None, 32: None, 63: None, 64: NO_SPLIT_K, 127: NO_SPLIT_K, 128: OFF}
     assert options == (expected if nvidia else dict.fromkeys(options))
+    high = {t: _options(512, t) for t in (64, 128, 256, 512)}
+    assert high == (
+        {64: NO_SPLIT_K, 128: None, 256: None, 512: OFF} if nvidia else dict.fromkeys(high)
+    )
     assert _options(None, 64) is None
 
 
@@ -146,14 +151,18 @@ def test_forward_buckets_compile_slowest_first(nvidia, monkeypatch):
     """On NVIDIA GPUs the buckets whose Triton GEMMs XLA autotunes (below cublas_min_tokens)
     come first, smallest first; then, as everywhere else, the biggest steps first."""
     monkeypatch.setattr(hardware, "is_nvidia", lambda: nvidia)
-    runner = SimpleNamespace(
-        config=EngineConfig(compile=CompileConfig(cublas_min_tokens=128)),
-        compiler_options=lambda lay: ModelRunner.compiler_options(runner, lay),
-    )
     tokens = (16, 32, 64, 128, 1024, 8192)
     layouts = [StepLayout(t, 8, 4) for t in tokens]
-    order = [
-        lay.num_tokens
-        for lay in sorted(layouts, key=lambda lay: ModelRunner._compile_order(runner, lay))
-    ]
-    assert order == ([16, 32, 64, 8192, 1024, 128] if nvidia else [8192, 1024, 128, 64, 32, 16])
+
+    def order(threshold):
+        runner = SimpleNamespace(
+            config=EngineConfig(compile=CompileConfig(cublas_min_tokens=threshold))
+        )
+        key = lambda lay: ModelRunner._compile_order(runner, lay)  # noqa: E731
+        return [lay.num_tokens for lay in sorted(layouts, key=key)]
+
+    assert order(128) == (
+        [16, 32, 64, 8192, 1024, 128] if nvidia else [8192, 1024, 128, 64, 32, 16]
+    )
+    # PAGEJAX_GPU_GEMM=xla: XLA autotunes every bucket's GEMMs, smallest first.
+    assert order(None) == (list(tokens) if nvidia else list(reversed(tokens)))

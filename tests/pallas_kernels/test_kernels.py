@@ -241,8 +241,8 @@ def test_gpu_default_config():
     splits = [gpu.default_config(b, b, 32, 8, 16).num_splits for b in (1, 8, 16, 32, 256)]
     assert splits == [8, 4, 2, 1, 1]
     assert gpu.default_config(32, 32, 32, 8, 16).block_q * 4 == 16
-    # 257-512 (request, kv head) pairs (33-64 requests at 8 kv heads): 64 keys and 4 warps a
-    # program; 32 and 128 requests keep 128 keys.
+    # 33-64 requests at 32 query / 8 kv heads: 64 keys and 4 warps a program; 32 and 128
+    # requests keep 128 keys, and so do other head layouts at the same pair counts.
     tiles = {b: gpu.default_config(b, b, 32, 8, 16) for b in (32, 40, 64, 128)}
     assert {b: (c.block_kv, c.num_warps) for b, c in tiles.items()} == {
         32: (128, 8),
@@ -251,6 +251,8 @@ def test_gpu_default_config():
         128: (128, 4),
     }
     assert all(c.num_splits == 1 and c.block_q * 4 == 16 for c in tiles.values())
+    assert gpu.default_config(128, 128, 16, 4, 16).block_kv == 128  # 512 pairs, 4 kv heads
+    assert gpu.default_config(64, 64, 64, 8, 16).block_kv == 128  # group 8 (Llama-3-70B)
     prefill = gpu.default_config(2048, 8, 32, 8, 16)
     assert prefill.block_q * 4 == 128 and prefill.num_splits == 1
     mixed = gpu.default_config(576, 64, 32, 8, 16)

@@ -142,6 +142,8 @@ def test_the_newest_trace_of_a_reused_folder_is_summarised(tmp_path):
 def test_traced_steps_run_in_the_engines_power_of_two_buckets():
     """12 decodes + 1,024 prompt tokens run in the 2,048 bucket, as in the engine, not in a
     bucket of 1,036 (XLA pads unaligned matmul operands for cuBLAS: fusions the engine never
-    runs); 16 is the smallest."""
-    sizes = {n: trace_step.engine_bucket(n) for n in (1, 16, 17, 64, 100, 1036, 2048)}
-    assert sizes == {1: 16, 16: 16, 17: 32, 64: 64, 100: 128, 1036: 2048, 2048: 2048}
+    runs); 16 tokens and 8 requests are the smallest rungs."""
+    sizes = {n: trace_step.engine_bucket(n) for n in (0, 1, 16, 17, 64, 100, 1036, 2048)}
+    assert sizes == {0: 16, 1: 16, 16: 16, 17: 32, 64: 64, 100: 128, 1036: 2048, 2048: 2048}
+    requests = {n: trace_step.engine_bucket(n, 8) for n in (1, 8, 48, 65)}
+    assert requests == {1: 8, 8: 8, 48: 64, 65: 128}
