@@ -57,12 +57,12 @@ SPLIT_REQUESTS_FROM = 128  # token buckets this large get several request bucket
 # XLA splits the K dimension of a decode step's Triton GEMMs to occupy every SM: each split
 # writes float32 partials [splits, T, N] that a separate fusion sums (with the residual add).
 # At 64-127 tokens (the band measured; below `cublas_min_tokens` only) that costs more than
-# it gains. On an H100, 64 requests of 512 + 256 tokens
-# (`bench latency`, alternated) decoded in 8.52-8.56 ms a step without split-K against
-# 8.74-8.77 with it: 421 -> 372 kernels a step, and XLA picks cuBLAS for o_proj and
-# down_proj. At 32 tokens the device time was the same (7.65 against 7.63 ms at 1,100
-# tokens of context) with 0.4 ms more host time a call; at 16 split-K gains (batch 1: 5.94
-# against 6.08 ms). docs/BENCHMARKS.md, fourteenth session.
+# it gains. On an H100, 64 requests of 512 + 256 tokens (`bench latency`, alternated)
+# decoded in 8.52-8.56 ms a step without split-K against 8.74-8.77 with it: 421 -> 372
+# kernels a step, and XLA picks cuBLAS for o_proj and down_proj. At 32 tokens the device
+# time was the same (7.65 against 7.63 ms at 1,100 tokens of context) with 0.4 ms more host
+# time a call; at 16 split-K gains (batch 1: 5.94 against 6.08 ms). docs/BENCHMARKS.md,
+# fourteenth session.
 NO_SPLIT_K_MIN_TOKENS, NO_SPLIT_K_MAX_TOKENS = 64, 127
 NO_SPLIT_K = {"xla_gpu_experimental_force_split_k": 1}
 

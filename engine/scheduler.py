@@ -332,9 +332,9 @@ class Scheduler:
             return
         # The deferred tokens run in the next step, beside what cannot be trimmed (decodes, and
         # a token of each prompt chunk): trim only if that step's bucket grows by less than
-        # this one shrinks. Otherwise the
-        # same cut comes back every step, and a prompt's tail trickles in a token a step (63
-        # decodes with buckets of 64 and 2,048 tokens held a 640-token prompt for 588 steps).
+        # this one shrinks. Otherwise the same cut comes back every step, and a prompt's tail
+        # trickles in a token a step (63 decodes with buckets of 64 and 2,048 tokens held a
+        # 640-token prompt for 588 steps).
         kept = total - trimmable
         if self._bucket(kept + excess) - self._bucket(kept) >= buckets[i] - buckets[i - 1]:
             return
