@@ -101,8 +101,9 @@ def default_config(
     ~256 (request, kv head) pairs, up to 8 ways (a batch of 1: 8 splits; >= 32 requests at 8
     kv heads: none; more splits cost more in the merge than they save); 8 warps unsplit below
     1024 pairs, else 4 (the faster of the two at each measured batch: 1, 8, 16, 32, 256),
-    except in the 64-request bucket of 32 query / 8 kv heads: 64 keys, 4 warps (measured at
-    40-64 requests; other head layouts and the 128-request bucket were not).
+    except in two buckets of 32 query / 8 kv heads: 64 requests, 64 keys, 4 warps (measured
+    at 40-64 requests; other head layouts and the 128-request bucket were not); 16 requests,
+    64 keys split 4 ways, 4 warps (measured at 9-16 requests).
     Otherwise blocks of few tokens take 16-row tiles and the rest: with up to 8 requests
     (prefill-heavy) 128-row tiles, 8 warps; with more (decodes beside chunks) 64-row tiles,
     64 keys, 4 warps: smaller tiles leave shared memory for two programs an SM, which the
@@ -119,6 +120,13 @@ def default_config(
             # forward at 64 x 640, 1.49 against 1.70 ms a step (H100, same call: 2.12
             # against 2.29). docs/BENCHMARKS.md, fourteenth session.
             return GpuBlockConfig(max(1, _MIN_ROWS // group), 64, num_warps=4, num_stages=3)
+        if group == 4 and num_kv_heads == 8 and 8 < num_requests <= 16:
+            # The 16-request bucket of the same layout (serving at ~16 requests a second runs
+            # 9-16 decodes a step): 64 keys, split 4 ways, 4 warps. H200, one call (kernel,
+            # block table, split merge) at 9, 12 and 16 requests of 1,100 and 2,048 tokens:
+            # 4-6 % faster than 128 keys split 2 ways; in the forward at 12 x 1,100, attention
+            # 0.65 against 0.73 ms a step. docs/BENCHMARKS.md, fifteenth session.
+            return GpuBlockConfig(max(1, _MIN_ROWS // group), 64, 4, num_warps=4, num_stages=3)
         splits = min(8, _next_pow2(256 // pairs + 1) // 2) if pairs < 256 else 1
         return GpuBlockConfig(
             block_q=max(1, _MIN_ROWS // group),

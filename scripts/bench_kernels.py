@@ -243,7 +243,7 @@ def decode_sweep_configs(batch: int) -> list:
         combos = [(32, 4, 3), (32, 4, 4), (64, 4, 2), (64, 4, 3), (64, 4, 4), (64, 8, 3)]
         combos += [(128, 4, 1), (128, 4, 2), (128, 4, 3), (128, 8, 2), (128, 8, 3), (128, 8, 4)]
         combos += [(256, 4, 2), (256, 8, 2)]
-        splits = (1, 2, 4) if batch <= 32 else (1, 2)
+        splits = (1, 2, 4, 8) if batch <= 16 else (1, 2, 4) if batch <= 32 else (1, 2)
     return [gpu.GpuBlockConfig(bq, kv, s, w, st) for kv, w, st in combos for s in splits]
 
 

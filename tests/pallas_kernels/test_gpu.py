@@ -29,6 +29,8 @@ SCENARIOS = [
     # 48 requests in a 64-request bucket: at 32 heads / 8 kv heads, the 64-key / 4-warp decode
     # tiles (last, so that SCENARIOS[3] stays the mixed batch)
     ("decode48", [1] * 48, [1 + 41 * i for i in range(48)], 64, 64, 16, 128),
+    # 12 requests in a 16-request bucket: the 64-key tiles split 4 ways at 32 / 8 heads
+    ("decode12", [1] * 12, [1 + 173 * i for i in range(12)], 16, 16, 16, 128),
 ]
 HEADS = [(32, 8, 128), (8, 1, 64), (16, 16, 128), (28, 4, 128)]  # G = 4, 8, 1, 7
 

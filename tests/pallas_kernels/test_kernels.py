@@ -156,7 +156,8 @@ def test_gpu_config_fits_shared_memory():
     assert abs(gpu.smem_bytes(big, 4, 128, 4) - 270368) <= 64
     wide = gpu.GpuBlockConfig(block_q=32, block_kv=128, num_splits=1, num_warps=8, num_stages=2)
     assert abs(gpu.smem_bytes(wide, 4, 128, 4) - 262144) <= 64  # seen at 128 rows, fp32
-    defaults = [gpu.default_config(t, r, 32, 8, 16) for t, r in ((32, 32), (2048, 8), (576, 64))]
+    pairs = ((16, 16), (32, 32), (2048, 8), (576, 64))
+    defaults = [gpu.default_config(t, r, 32, 8, 16) for t, r in pairs]
     for cfg in (big, wide, *defaults):
         fitted = gpu.fit_config(cfg, 4, 128, 4)
         assert gpu.smem_bytes(fitted, 4, 128, 4) <= 200 * 1024
@@ -238,8 +239,9 @@ def test_dispatch_rejects_cpu():
 def test_gpu_default_config():
     """Decode-like batches: 16-row tiles, split-K only below ~256 (request, kv head) pairs;
     prefill-heavy batches (<= 8 requests): 128 rows; decodes beside chunks: 64 rows."""
-    splits = [gpu.default_config(b, b, 32, 8, 16).num_splits for b in (1, 8, 16, 32, 256)]
-    assert splits == [8, 4, 2, 1, 1]
+    splits = [gpu.default_config(b, b, 32, 8, 16).num_splits for b in (1, 8, 32, 256)]
+    assert splits == [8, 4, 1, 1]
+    assert gpu.default_config(16, 16, 16, 8, 16).num_splits == 2  # 128 pairs, group 2
     assert gpu.default_config(32, 32, 32, 8, 16).block_q * 4 == 16
     # 33-64 requests at 32 query / 8 kv heads: 64 keys and 4 warps a program; 32 and 128
     # requests keep 128 keys, and so do other head layouts at the same pair counts.
@@ -251,6 +253,15 @@ def test_gpu_default_config():
         128: (128, 4),
     }
     assert all(c.num_splits == 1 and c.block_q * 4 == 16 for c in tiles.values())
+    # 9-16 requests (the 16-request bucket) of that layout: 64 keys split 4 ways, 4 warps;
+    # 8 requests and other layouts keep 128 keys.
+    small = {b: gpu.default_config(b, b, 32, 8, 16) for b in (8, 12, 16)}
+    assert {b: (c.block_kv, c.num_splits, c.num_warps) for b, c in small.items()} == {
+        8: (128, 4, 4),
+        12: (64, 4, 4),
+        16: (64, 4, 4),
+    }
+    assert gpu.default_config(16, 16, 16, 4, 16).block_kv == 128  # 64 pairs, 4 kv heads
     assert gpu.default_config(128, 128, 16, 4, 16).block_kv == 128  # 512 pairs, 4 kv heads
     assert gpu.default_config(64, 64, 64, 8, 16).block_kv == 128  # group 8 (Llama-3-70B)
     prefill = gpu.default_config(2048, 8, 32, 8, 16)
