@@ -140,13 +140,29 @@ def measure_copy_tbps() -> float:
     return 2 * x.nbytes / sec / 1e12
 
 
-def make_inputs(q_lens: list[int], kv_lens: list[int], page_size: int, seed: int = 0):
+def make_inputs(
+    q_lens: list[int],
+    kv_lens: list[int],
+    page_size: int,
+    seed: int = 0,
+    *,
+    buckets: tuple[int, int] | None = None,
+):
     """A random ragged batch: (args, [args with another page table, ...]).
 
     args = (q, kv_cache, kv_lens, page_table, query_start, num_seqs). Each rotation's page table
     takes a disjoint random set of pages, enough rotations for ~3x L2 of KV between repeats.
+    `buckets` (T, R): padded as the engine pads a step, to T tokens and R requests (the
+    padding requests have no tokens and no keys; `num_seqs` counts the real ones), so that
+    the kernel's default tiles are the ones the engine's bucket runs.
     """
     rng = np.random.default_rng(seed)
+    num_real = len(q_lens)
+    if buckets is not None:
+        num_tokens, num_requests = buckets
+        assert num_tokens >= sum(q_lens) and num_requests >= num_real, (buckets, num_real)
+        q_lens = [*q_lens, *[0] * (num_requests - num_real)]
+        kv_lens = [*kv_lens, *[0] * (num_requests - num_real)]
     num_req = len(q_lens)
     pages_per_req = max(-(-kv // page_size) for kv in kv_lens)
     kv_bytes = kv_bytes_of(kv_lens)
@@ -159,12 +175,17 @@ def make_inputs(q_lens: list[int], kv_lens: list[int], page_size: int, seed: int
         for r in range(rotations)
     ]
     key = jax.random.key(seed)
-    q = jax.random.normal(key, (sum(q_lens), NUM_HEADS, HEAD_DIM), DTYPE)
+    num_tokens = sum(q_lens) if buckets is None else buckets[0]
+    q = jax.random.normal(key, (num_tokens, NUM_HEADS, HEAD_DIM), DTYPE)
     kv_cache = jax.random.normal(key, (2, NUM_KV_HEADS, num_pages, page_size, HEAD_DIM), DTYPE)
     query_start = jnp.asarray(np.concatenate([[0], np.cumsum(q_lens)]), jnp.int32)
     lens = jnp.asarray(kv_lens, jnp.int32)
-    num_seqs = jnp.asarray([num_req], jnp.int32)
+    num_seqs = jnp.asarray([num_real], jnp.int32)
     return [(q, kv_cache, lens, pt, query_start, num_seqs) for pt in tables]
+
+
+def _pow2(n: int) -> int:
+    return 1 << max(0, n - 1).bit_length()
 
 
 def kv_bytes_of(kv_lens: list[int]) -> int:
@@ -326,8 +347,13 @@ def bench_decode(args) -> list[dict]:
         for ctx in args.contexts:
             label = f"decode B={batch} ctx={ctx}"
             configs = [None] + (decode_sweep_configs(batch) if args.sweep else args.configs)
-            arg_sets = make_inputs([1] * batch, [ctx] * batch, args.page_size)
-            extra = {"jax_paged_attention": old_paged_attention(arg_sets)}
+            buckets = None
+            if args.engine_buckets:  # the engine's rungs: tokens from 16, requests from 8
+                buckets = (max(16, _pow2(batch)), max(8, _pow2(batch)))
+                label += f" (bucket T={buckets[0]} R={buckets[1]})"
+            arg_sets = make_inputs([1] * batch, [ctx] * batch, args.page_size, buckets=buckets)
+            # The deprecated kernel reads every row of its batch: only on unpadded ones.
+            extra = {} if buckets else {"jax_paged_attention": old_paged_attention(arg_sets)}
             point = bench_point(args, label, arg_sets, [ctx] * batch, configs, extra)
             print_rows(point)
             rows += point
@@ -486,6 +512,12 @@ def main() -> None:
         "--configs", nargs="+", default=[], type=parse_config, help="also time q4/kv128/s1/w4/st3.."
     )
     parser.add_argument("--quick", action="store_true", help="B in {1,32,256}, ctx in {2048}")
+    parser.add_argument(
+        "--engine-buckets",
+        action="store_true",
+        help="decode: pad each batch to the engine's token and request buckets (powers of two "
+        "from 16 / 8), so that `default` is the config the engine runs",
+    )
     args = parser.parse_args()
     if args.quick:
         args.batches, args.contexts, args.prefill_lens = [1, 32, 256], [2048], [2048]
