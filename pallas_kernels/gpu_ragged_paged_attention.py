@@ -103,7 +103,7 @@ def default_config(
     1024 pairs, else 4 (the faster of the two at each measured batch: 1, 8, 16, 32, 256),
     except in two buckets of 32 query / 8 kv heads: 64 requests, 64 keys, 4 warps (measured
     at 40-64 requests; other head layouts and the 128-request bucket were not); 16 requests,
-    64 keys split 4 ways, 4 warps (measured at 9-16 requests).
+    64 keys split 4 ways, 4 warps (measured at 1-16 requests in that bucket).
     Otherwise blocks of few tokens take 16-row tiles and the rest: with up to 8 requests
     (prefill-heavy) 128-row tiles, 8 warps; with more (decodes beside chunks) 64-row tiles,
     64 keys, 4 warps: smaller tiles leave shared memory for two programs an SM, which the
@@ -113,19 +113,21 @@ def default_config(
     group = _next_pow2(num_heads // num_kv_heads)
     if num_tokens <= 2 * num_requests:
         pairs = max(1, num_requests * num_kv_heads)
-        if group == 4 and num_kv_heads == 8 and 32 < num_requests <= 64:
+        llama_8b_heads = num_heads == 32 and num_kv_heads == 8  # the layout measured
+        if llama_8b_heads and 32 < num_requests <= 64:
             # The 64-request bucket of Llama-3-8B's / Qwen3-8B's head layout (the one
             # measured): small programs, several an SM (512 with work, about one wave). H200,
             # kernel alone: 1-21 % faster at 40-64 requests and 640-4,096 tokens; in the
             # forward at 64 x 640, 1.49 against 1.70 ms a step (H100, same call: 2.12
             # against 2.29). docs/BENCHMARKS.md, fourteenth session.
             return GpuBlockConfig(max(1, _MIN_ROWS // group), 64, num_warps=4, num_stages=3)
-        if group == 4 and num_kv_heads == 8 and 8 < num_requests <= 16:
-            # The 16-request bucket of the same layout (serving at ~16 requests a second runs
-            # 9-16 decodes a step): 64 keys, split 4 ways, 4 warps. H200, one call (kernel,
-            # block table, split merge) at 9, 12 and 16 requests of 1,100 and 2,048 tokens:
-            # 4-6 % faster than 128 keys split 2 ways; in the forward at 12 x 1,100, attention
-            # 0.65 against 0.73 ms a step. docs/BENCHMARKS.md, fifteenth session.
+        if llama_8b_heads and 8 < num_requests <= 16:
+            # The 16-request bucket of the same layout, which the engine's default ladders run
+            # every step of 1-16 decodes in: 64 keys, split 4 ways, 4 warps. H200, one call
+            # (kernel, block table, split merge) padded to the bucket, 1-16 requests of 384-
+            # 2,048 tokens: 2-12 % faster than 128 keys split 2 ways (2 x 384: 1 % slower); in
+            # the forward at 12 x 1,100, attention 0.65 against 0.73 ms a step.
+            # docs/BENCHMARKS.md, fifteenth session.
             return GpuBlockConfig(max(1, _MIN_ROWS // group), 64, 4, num_warps=4, num_stages=3)
         splits = min(8, _next_pow2(256 // pairs + 1) // 2) if pairs < 256 else 1
         return GpuBlockConfig(

@@ -184,8 +184,23 @@ def make_inputs(
     return [(q, kv_cache, lens, pt, query_start, num_seqs) for pt in tables]
 
 
-def _pow2(n: int) -> int:
-    return 1 << max(0, n - 1).bit_length()
+def engine_decode_buckets(
+    batch: int, max_num_seqs: int = 256, budget: int = 8192
+) -> tuple[int, int]:
+    """The (T, R) bucket that a decode step of `batch` requests runs in with the engine's
+    default GPU ladders (`ModelRunner._ladders`, `request_buckets_for`): below 128 tokens the
+    token bucket's one request rung, so 1-16 decodes run at (16, 16)."""
+    from types import SimpleNamespace
+
+    from engine.config import bucket_ladder
+    from engine.runner import ModelRunner
+    from engine.step_input import pick_bucket
+
+    t = pick_bucket(bucket_ladder(16, budget), batch)
+    runner = SimpleNamespace(
+        request_buckets=bucket_ladder(8, max_num_seqs), max_num_seqs=max_num_seqs
+    )
+    return t, pick_bucket(ModelRunner.request_buckets_for(runner, t), batch)
 
 
 def kv_bytes_of(kv_lens: list[int]) -> int:
@@ -348,8 +363,8 @@ def bench_decode(args) -> list[dict]:
             label = f"decode B={batch} ctx={ctx}"
             configs = [None] + (decode_sweep_configs(batch) if args.sweep else args.configs)
             buckets = None
-            if args.engine_buckets:  # the engine's rungs: tokens from 16, requests from 8
-                buckets = (max(16, _pow2(batch)), max(8, _pow2(batch)))
+            if args.engine_buckets:
+                buckets = engine_decode_buckets(batch)
                 label += f" (bucket T={buckets[0]} R={buckets[1]})"
             arg_sets = make_inputs([1] * batch, [ctx] * batch, args.page_size, buckets=buckets)
             # The deprecated kernel reads every row of its batch: only on unpadded ones.
@@ -515,8 +530,8 @@ def main() -> None:
     parser.add_argument(
         "--engine-buckets",
         action="store_true",
-        help="decode: pad each batch to the engine's token and request buckets (powers of two "
-        "from 16 / 8), so that `default` is the config the engine runs",
+        help="decode: pad each batch to the token and request buckets of the engine's default "
+        "ladders (`engine_decode_buckets`), so that `default` is the config the engine runs",
     )
     args = parser.parse_args()
     if args.quick:

@@ -262,6 +262,9 @@ def test_gpu_default_config():
         16: (64, 4, 4),
     }
     assert gpu.default_config(16, 16, 16, 4, 16).block_kv == 128  # 64 pairs, 4 kv heads
+    # 24 query / 8 kv heads (a group of 3, padded to 4 rows like 32 / 8) was not measured.
+    assert gpu.default_config(16, 16, 24, 8, 16).block_kv == 128
+    assert gpu.default_config(64, 64, 24, 8, 16).block_kv == 128
     assert gpu.default_config(128, 128, 16, 4, 16).block_kv == 128  # 512 pairs, 4 kv heads
     assert gpu.default_config(64, 64, 64, 8, 16).block_kv == 128  # group 8 (Llama-3-70B)
     prefill = gpu.default_config(2048, 8, 32, 8, 16)

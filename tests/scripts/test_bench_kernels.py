@@ -1,7 +1,8 @@
-"""`scripts/bench_kernels.py --engine-buckets`: a decode batch padded as the engine pads a step
-(its token and request buckets, `num_seqs` the real requests) is one the kernel serves (the
-Triton kernel in interpret mode against the jnp reference, on the real rows), and its bucket
-picks the engine's tiles, not the unpadded batch's."""
+"""`scripts/bench_kernels.py --engine-buckets`: a decode batch padded as the engine pads a step.
+The bucket is the one the runner's rules give with the default GPU ladders (below 128 tokens a
+token bucket has one request rung: 1-16 decodes run at 16 x 16, as tests/engine/test_runner.py
+pins), and the padded batch is one the kernel serves (the Triton kernel in interpret mode
+against the jnp reference, padding rows zero)."""
 
 from __future__ import annotations
 
@@ -21,21 +22,36 @@ sys.modules["bench_kernels"] = bench_kernels  # its dataclasses look their modul
 spec.loader.exec_module(bench_kernels)
 
 
-def test_engine_buckets_pad_the_batch_and_keep_its_rows():
+def test_engine_decode_buckets():
+    got = {n: bench_kernels.engine_decode_buckets(n) for n in (1, 3, 16, 17, 33, 64, 65, 200)}
+    assert got == {
+        1: (16, 16),
+        3: (16, 16),
+        16: (16, 16),
+        17: (32, 32),
+        33: (64, 64),
+        64: (64, 64),
+        65: (128, 128),
+        200: (256, 256),
+    }
+    # The batch of 3 runs the 16-request bucket's tiles, not those of 3 requests alone.
+    assert gpu.default_config(16, 16, 32, 8, 16) != gpu.default_config(3, 3, 32, 8, 16)
+
+
+def test_padded_batch_matches_the_reference():
     lens = [40, 40, 40]
-    (plain, *_) = bench_kernels.make_inputs([1] * 3, lens, 16)
-    (padded, *_) = bench_kernels.make_inputs([1] * 3, lens, 16, buckets=(16, 8))
+    buckets = bench_kernels.engine_decode_buckets(len(lens))
+    (padded, *_) = bench_kernels.make_inputs([1] * 3, lens, 16, buckets=buckets)
     q, kv_cache, kv_lens, page_table, query_start, num_seqs = padded
-    assert q.shape[0] == 16 and kv_lens.shape == (8,) and page_table.shape[0] == 8
-    assert int(num_seqs[0]) == 3 and list(np.asarray(kv_lens)) == [*lens, 0, 0, 0, 0, 0]
-    assert list(np.asarray(query_start)) == [0, 1, 2, 3, 3, 3, 3, 3, 3]
-    # The engine's 8-request bucket: 4 splits (128 keys); the unpadded 3 requests: 8.
-    assert gpu.default_config(16, 8, 32, 8, 16).num_splits == 4
-    assert gpu.default_config(3, 3, 32, 8, 16).num_splits == 8
+    assert q.shape[0] == 16 and kv_lens.shape == (16,) and page_table.shape[0] == 16
+    assert int(num_seqs[0]) == 3 and list(np.asarray(kv_lens)) == [*lens, *[0] * 13]
+    assert list(np.asarray(query_start)) == [0, 1, 2, *[3] * 14]
     scale = bench_kernels.HEAD_DIM**-0.5
-    got = gpu.ragged_paged_attention(*padded, sm_scale=scale, interpret=True)
-    ref = ragged_paged_attention_reference(*padded, sm_scale=scale)
-    np.testing.assert_allclose(  # the real rows; the padding rows are never written
-        np.asarray(got[:3], np.float32), np.asarray(ref[:3], np.float32), atol=2e-2, rtol=2e-2
+    got = np.asarray(
+        gpu.ragged_paged_attention(*padded, sm_scale=scale, interpret=True), np.float32
     )
-    assert plain[0].shape[0] == 3 and int(plain[5][0]) == 3  # unpadded: as before
+    ref = np.asarray(ragged_paged_attention_reference(*padded, sm_scale=scale), np.float32)
+    np.testing.assert_allclose(got, ref, atol=2e-2, rtol=2e-2)
+    assert not got[3:].any()  # the padding rows are zero, as the reference says
+    (plain, *_) = bench_kernels.make_inputs([1] * 3, lens, 16)  # unpadded: as before
+    assert plain[0].shape[0] == 3 and int(plain[5][0]) == 3
