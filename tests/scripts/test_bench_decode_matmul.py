@@ -1,0 +1,46 @@
+"""`scripts/bench_decode_matmul.py` end to end on the CPU, shrunk: each matmul's entries (XLA's
+fusion and the Pallas kernel, here in interpret mode) compile, run on rotating weights and give
+one row each."""
+
+from __future__ import annotations
+
+import argparse
+import functools
+import importlib.util
+import sys
+from pathlib import Path
+
+from pallas_kernels import gpu_decode_matmul as dm
+
+SCRIPTS = Path(__file__).parents[2] / "scripts"
+
+
+def _load(name: str):
+    spec = importlib.util.spec_from_file_location(name, SCRIPTS / f"{name}.py")
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[name] = module  # dataclasses look their module up
+    spec.loader.exec_module(module)
+    return module
+
+
+def test_bench_rows(monkeypatch):
+    monkeypatch.syspath_prepend(str(SCRIPTS))  # it imports bench_kernels as a sibling
+    bench = _load("bench_decode_matmul")
+    monkeypatch.setattr(
+        bench,
+        "SHAPES",
+        {"qkv": (256, 192, True, False, False), "gate_up": (256, 256, True, False, True),
+         "down": (512, 128, False, True, False)},
+    )  # fmt: skip
+    monkeypatch.setattr(
+        bench.dm, "decode_matmul", functools.partial(dm.decode_matmul, interpret=True)
+    )
+    args = argparse.Namespace(inner=2, reps=1, sweep=False)
+    cfg = dm.DecodeMatmulConfig(block_n=32, block_k=128)
+    for name in ("qkv", "gate_up", "down"):
+        rows = bench.bench(name, 16, [cfg], args)
+        assert [r["config"] for r in sorted(rows, key=lambda r: r["config"])] == [
+            "bn32/bk128/w4/st4",
+            "xla",
+        ]
+        assert all(r["matmul"] == name and r["rows"] == 16 and r["device_us"] > 0 for r in rows)
