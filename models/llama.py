@@ -22,7 +22,7 @@ import jax.numpy as jnp
 from flax import nnx
 
 from models.config import ModelConfig, RopeScaling
-from pallas_kernels import gate_up
+from pallas_kernels import decode_matmul, gate_up
 from pallas_kernels.attention import AttentionBackend, AttentionMetadata, paged_attention
 
 
@@ -121,9 +121,22 @@ class Attention(nnx.Module):
         meta: AttentionMetadata,
     ) -> tuple[jax.Array, jax.Array]:
         """x: [T, D] -> ([T, D], updated kv_cache)."""
-        t = x.shape[0]
+        out, kv_cache = self.attend(self.qkv_proj(x), positions, inv_freq, kv_cache, meta)
+        return self.o_proj(out), kv_cache
+
+    def attend(
+        self,
+        qkv: jax.Array,
+        positions: jax.Array,
+        inv_freq: jax.Array,
+        kv_cache: jax.Array,
+        meta: AttentionMetadata,
+    ) -> tuple[jax.Array, jax.Array]:
+        """The fused projection [T, (N + 2K) H] -> the attention's output [T, N H] (before
+        o_proj), updated kv_cache."""
+        t = qkv.shape[0]
         n, k, h = self.num_heads, self.num_kv_heads, self.head_dim
-        q, k, v = jnp.split(self.qkv_proj(x), [n * h, (n + k) * h], axis=-1)
+        q, k, v = jnp.split(qkv, [n * h, (n + k) * h], axis=-1)
         q = q.reshape(t, n, h)
         k = k.reshape(t, self.num_kv_heads, h)
         v = v.reshape(t, self.num_kv_heads, h)
@@ -141,7 +154,7 @@ class Attention(nnx.Module):
             sliding_window=self.sliding_window,
             backend=self.backend,
         )
-        return self.o_proj(out.reshape(t, -1)), kv_cache
+        return out.reshape(t, -1), kv_cache
 
 
 def arrange_fused(name: str, value, cfg: ModelConfig):
@@ -181,11 +194,34 @@ class DecoderLayer(nnx.Module):
         self.self_attn = Attention(cfg, dtype=dtype, backend=backend, rngs=rngs)
         self.post_attention_layernorm = RMSNorm(cfg.hidden_size, eps=cfg.rms_norm_eps, dtype=dtype)
         self.mlp = MLP(cfg, dtype=dtype, backend=backend, rngs=rngs)
+        self.fused_shapes = decode_matmul.layer_shapes(cfg)  # None: never fused
+        self.backend = backend
 
     def __call__(self, x, positions, inv_freq, kv_cache, meta):
+        mode = decode_matmul.layer_mode(self.backend, x.shape[0], self.fused_shapes)
+        if mode is not None:
+            return self._fused(x, positions, inv_freq, kv_cache, meta, mode)
         h, kv_cache = self.self_attn(self.input_layernorm(x), positions, inv_freq, kv_cache, meta)
         x = x + h
         return x + self.mlp(self.post_attention_layernorm(x)), kv_cache
+
+    def _fused(self, x, positions, inv_freq, kv_cache, meta, mode: str):
+        """The same layer in four fused matmuls (pallas_kernels/decode_matmul.py): each
+        RMSNorm inside the next matmul, each residual add and silu * up in its epilogue."""
+        attn, mlp = self.self_attn, self.mlp
+        mm = functools.partial(decode_matmul.matmul, mode=mode)
+        norm1, norm2 = self.input_layernorm, self.post_attention_layernorm
+        qkv = mm(x, attn.qkv_proj.kernel[...], norm_weight=norm1.scale[...], eps=norm1.eps)
+        out, kv_cache = attn.attend(qkv, positions, inv_freq, kv_cache, meta)
+        x = mm(out, attn.o_proj.kernel[...], residual=x)
+        h = mm(
+            x,
+            mlp.gate_up_proj.kernel[...],
+            norm_weight=norm2.scale[...],
+            eps=norm2.eps,
+            gate_up_block=mlp.block,
+        )
+        return mm(h, mlp.down_proj.kernel[...], residual=x), kv_cache
 
 
 @functools.partial(jax.jit, static_argnames=("graphdef",))

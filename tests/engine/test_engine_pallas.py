@@ -42,3 +42,24 @@ def test_pallas_backend_matches_reference(folder, tmp_path, backend):
     prompts = [rng.integers(3, 320, size=n).tolist() for n in (3, 20, 45)]
     want = _generate(folder, "reference", prompts, str(tmp_path))
     assert _generate(folder, backend, prompts, str(tmp_path)) == want
+
+
+@pytest.fixture(scope="module")
+def llama_folder(tmp_path_factory):
+    return write_checkpoint("llama3", tmp_path_factory.mktemp("llama3"))
+
+
+def test_fused_decode_matmuls_match_reference(llama_folder, tmp_path, monkeypatch):
+    """`PAGEJAX_GPU_DECODE_MATMUL=pallas`: every 32-token step (prompt chunks and decodes) runs
+    its layers as the four fused Triton matmuls (pallas_kernels/decode_matmul.py), interpreted."""
+    rng = np.random.default_rng(6)
+    prompts = [rng.integers(3, 320, size=n).tolist() for n in (4, 30, 41)]
+    want = _generate(llama_folder, "reference", prompts, str(tmp_path))
+    monkeypatch.setenv("PAGEJAX_GPU_DECODE_MATMUL", "pallas")
+    calls = []
+    from pallas_kernels import decode_matmul
+
+    matmul = decode_matmul.matmul
+    monkeypatch.setattr(decode_matmul, "matmul", lambda *a, **k: calls.append(k) or matmul(*a, **k))
+    assert _generate(llama_folder, "pallas-interpret-gpu", prompts, str(tmp_path)) == want
+    assert calls and all(k["mode"] == "interpret" for k in calls)  # the fused path ran
