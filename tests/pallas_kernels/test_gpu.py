@@ -221,3 +221,38 @@ def test_fused_gate_up_kernel_matches_float32(m, k, f):
     via_model = gate_up.silu_gate_up(xb, wi, None, block=gate_up.BLOCK, use_kernels=True)
     via_model = np.asarray(via_model.astype(jnp.float32))
     np.testing.assert_allclose(via_model, want, rtol=2e-2, atol=2e-2)
+
+
+# The four matmuls of a Llama-3-8B decode layer (K, N, norm, residual, gate/up block), at the
+# engine's decode buckets.
+DECODE_MATMULS = {
+    "qkv": (4096, 6144, True, False, None),
+    "o_proj": (4096, 4096, False, True, None),
+    "gate_up": (4096, 28672, True, False, 64),
+    "down": (14336, 4096, False, True, None),
+}
+
+
+@pytest.mark.parametrize("name", DECODE_MATMULS)
+@pytest.mark.parametrize("m", [16, 64])
+def test_decode_matmul_kernel_matches_the_reference(name, m):
+    from pallas_kernels import decode_matmul, gpu_decode_matmul
+
+    k, n, norm, res, block = DECODE_MATMULS[name]
+    keys = jax.random.split(jax.random.key(0), 4)
+    x = jax.random.normal(keys[0], (m, k), jnp.bfloat16)
+    w = (jax.random.normal(keys[1], (k, n), jnp.float32) * k**-0.5).astype(jnp.bfloat16)
+    kw = dict(gate_up_block=block, eps=1e-5)
+    if norm:
+        kw["norm_weight"] = (1 + 0.1 * jax.random.normal(keys[2], (k,))).astype(jnp.bfloat16)
+    if res:
+        kw["residual"] = jax.random.normal(keys[3], (m, n), jnp.bfloat16)
+    got = decode_matmul.matmul(x, w, mode="gpu", **kw)
+    with jax.default_matmul_precision("float32"):
+        ref = gpu_decode_matmul.decode_matmul_reference(
+            x.astype(jnp.float32), w.astype(jnp.float32),
+            **{a: (b.astype(jnp.float32) if hasattr(b, "astype") else b) for a, b in kw.items()},
+        )  # fmt: skip
+    np.testing.assert_allclose(
+        np.asarray(got, np.float32), np.asarray(ref, np.float32), rtol=3e-2, atol=3e-2
+    )
