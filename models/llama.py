@@ -194,7 +194,7 @@ class DecoderLayer(nnx.Module):
         self.self_attn = Attention(cfg, dtype=dtype, backend=backend, rngs=rngs)
         self.post_attention_layernorm = RMSNorm(cfg.hidden_size, eps=cfg.rms_norm_eps, dtype=dtype)
         self.mlp = MLP(cfg, dtype=dtype, backend=backend, rngs=rngs)
-        self.fused_shapes = decode_matmul.layer_shapes(cfg)  # None: never fused
+        self.fused_shapes = decode_matmul.layer_shapes(cfg, dtype)  # None: never fused
         self.backend = backend
 
     def __call__(self, x, positions, inv_freq, kv_cache, meta):
@@ -205,7 +205,15 @@ class DecoderLayer(nnx.Module):
         x = x + h
         return x + self.mlp(self.post_attention_layernorm(x)), kv_cache
 
-    def _fused(self, x, positions, inv_freq, kv_cache, meta, mode: str):
+    def _fused(
+        self,
+        x: jax.Array,
+        positions: jax.Array,
+        inv_freq: jax.Array,
+        kv_cache: jax.Array,
+        meta: AttentionMetadata,
+        mode: str,
+    ) -> tuple[jax.Array, jax.Array]:
         """The same layer in four fused matmuls (pallas_kernels/decode_matmul.py): each
         RMSNorm inside the next matmul, each residual add and silu * up in its epilogue."""
         attn, mlp = self.self_attn, self.mlp

@@ -11,7 +11,10 @@ two or three:
 - Grid: one program per `block_n` output columns. It streams its `[K, block_n]` slab of W
   `block_k` rows at a time (Triton's software pipeline keeps `num_stages` slabs in flight) and
   multiplies the whole `[M, K]` x by it, so no split of K and no partials: with 16-64 rows
-  the weights are the traffic, and 128-224 programs (Llama-3-8B) keep every SM streaming.
+  the weights are the HBM traffic. Llama-3-8B's matmuls make 128-224 programs (o_proj and
+  down_proj one wave of 128 on 132 SMs). Each program reads all of x from L2, M / block_n
+  times its W bytes: at 64 rows and 32 columns twice, which may bind before HBM does; the
+  sweep (scripts/bench_decode_matmul.py) decides the tiles.
 - RMSNorm as a prologue: every program reads all of x anyway, so it also sums x^2 over K and
   scales its accumulator's rows by `rsqrt(mean + eps)` at the end; the norm's weight scales x
   as it is loaded. (HF rounds the normalised x to the model's dtype before the weight and the
@@ -49,10 +52,11 @@ class DecodeMatmulConfig:
 
 
 def supports(m: int, k: int, n: int, cfg: DecodeMatmulConfig, gate_up_block: int | None) -> bool:
-    """Whole tiles only: M a multiple of 16 (the engine's decode buckets), K of `block_k`, N
-    of the program's columns."""
+    """Whole tiles only: M a power of two from 16 (Triton's tiles; the engine's decode
+    buckets), K a multiple of `block_k`, N of the program's columns."""
     block_n = 2 * gate_up_block if gate_up_block else cfg.block_n
-    return m % _MIN_ROWS == 0 and k % cfg.block_k == 0 and n % block_n == 0
+    pow2 = m >= _MIN_ROWS and m & (m - 1) == 0
+    return pow2 and k % cfg.block_k == 0 and n % block_n == 0
 
 
 def decode_matmul_reference(
@@ -80,7 +84,7 @@ def decode_matmul_reference(
 
 def _kernel(
     *refs, cfg: DecodeMatmulConfig, block_n: int, eps: float, norm: bool, res: bool, gate_up: bool
-):
+) -> None:
     x_ref, w_ref, *rest = refs
     nw_ref = rest.pop(0) if norm else None
     res_ref = rest.pop(0) if res else None

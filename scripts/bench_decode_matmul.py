@@ -17,6 +17,7 @@ cache. Reports device us a call, kernels a call and the weights' streaming rate.
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import functools
 import json
 import time
@@ -27,6 +28,7 @@ from bench_kernels import L2_BYTES, time_entries  # a sibling script: scripts/ i
 
 from engine.runner import NO_SPLIT_K, NO_SPLIT_K_MAX_TOKENS, NO_SPLIT_K_MIN_TOKENS
 from pallas_kernels import gpu_decode_matmul as dm
+from pallas_kernels.decode_matmul import config_for
 from pallas_kernels.gate_up import BLOCK
 
 D, F, QKV = 4096, 14336, 6144
@@ -69,16 +71,24 @@ def entry(fn, arg_sets, options=None):
     return compiled, arg_sets
 
 
-def bench(name: str, rows: int, configs: list, args) -> list[dict]:
+def bench(name: str, rows: int, configs: list | None, args) -> list[dict]:
     k, n, norm, res, gate_up = SHAPES[name]
     arg_sets = inputs(name, rows)
     block = BLOCK if gate_up else None
     ref = functools.partial(_call, dm.decode_matmul_reference, gate_up_block=block)
     options = dict(NO_SPLIT_K) if NO_SPLIT_K_MIN_TOKENS <= rows <= NO_SPLIT_K_MAX_TOKENS else None
     names, entries = ["xla"], [entry(ref, arg_sets, options)]
+    if configs is None:  # the engine's tiles (decode_matmul.config_for)
+        configs = [config_for(rows, k, n, block)]
+    seen = set()
     for cfg in configs:
-        if not dm.supports(rows, k, n, cfg, block):
+        if cfg is None or not dm.supports(rows, k, n, cfg, block):
             continue
+        if block:  # the gate/up epilogue fixes the columns: block_n does not apply
+            cfg = dataclasses.replace(cfg, block_n=2 * block)
+        if cfg in seen:
+            continue
+        seen.add(cfg)
         fn = functools.partial(_call, dm.decode_matmul, gate_up_block=block, config=cfg)
         try:
             entries.append(entry(fn, arg_sets))
@@ -119,13 +129,15 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--rows", type=int, nargs="+", default=[16, 64])
     ap.add_argument("--matmuls", nargs="+", default=list(SHAPES))
-    ap.add_argument("--sweep", action="store_true", help="36 tile configs, else the default")
+    ap.add_argument(
+        "--sweep", action="store_true", help="36 tile configs, else the engine's (config_for)"
+    )
     ap.add_argument("--reps", type=int, default=5)
     ap.add_argument("--inner", type=int, default=20)
     ap.add_argument("--output-json", required=True)
     args = ap.parse_args()
     assert jax.devices()[0].platform == "gpu", "needs a GPU"
-    configs = sweep_configs() if args.sweep else [dm.DecodeMatmulConfig()]
+    configs = sweep_configs() if args.sweep else None
     result = dict(device=jax.devices()[0].device_kind, jax=jax.__version__,
                   date=time.strftime("%Y-%m-%d"), rows=[])  # fmt: skip
     for rows in args.rows:

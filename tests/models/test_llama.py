@@ -112,3 +112,26 @@ def test_full_size_parameter_count_without_allocating(name, hf_config, expected)
     leaves = jax.tree.leaves(nnx.state(model, nnx.Param))
     assert all(isinstance(x, jax.ShapeDtypeStruct) for x in leaves)
     assert sum(int(np.prod(x.shape)) for x in leaves) == expected, name
+
+
+def test_fused_decode_matmuls_match_transformers(tmp_path, monkeypatch):
+    """`PAGEJAX_GPU_DECODE_MATMUL=pallas`, the GPU kernels interpreted: a 32-token step and a
+    16-token step, each layer as the four fused matmuls (pallas_kernels/decode_matmul.py),
+    against transformers' logits."""
+    from pallas_kernels import decode_matmul
+
+    folder = write_checkpoint("llama3", tmp_path)
+    monkeypatch.setenv("PAGEJAX_GPU_DECODE_MATMUL", "pallas")  # read when the model is built
+    rows, matmul = [], decode_matmul.matmul
+    spy = lambda x, *a, **k: rows.append(x.shape[0]) or matmul(x, *a, **k)
+    monkeypatch.setattr(decode_matmul, "matmul", spy)
+    model = load_model(folder, dtype="float32", attention_backend="pallas-interpret-gpu")
+    token_ids = np.random.default_rng(2).integers(3, 320, size=48).tolist()
+    caches = empty_caches(model, 13, PAGE_SIZE)
+    first, caches = _run(model, caches, token_ids[:32], 0)
+    second, _ = _run(model, caches, token_ids[32:], 32)
+    logits = np.concatenate([np.asarray(first), np.asarray(second)])
+    ref = hf_logits(folder, token_ids)
+    rel = np.abs(logits - ref).max() / np.abs(ref).max()
+    assert rel <= 1e-4, f"max relative error {rel:.2e}"
+    assert sorted(set(rows)) == [16, 32]  # both steps took the fused path

@@ -121,14 +121,16 @@ def test_unsupported_shapes_and_epilogues_are_refused():
                          gate_up_block=64, config=CFG, interpret=True)  # fmt: skip
     assert dm.supports(16, 4096, 6144, dm.DecodeMatmulConfig(), None)
     assert not dm.supports(16, 4096, 6144, dm.DecodeMatmulConfig(block_n=64 * 5), None)
+    assert not dm.supports(48, 4096, 6144, dm.DecodeMatmulConfig(), None)  # Triton: 2^n rows
 
 
 @pytest.mark.parametrize("variant", VARIANTS)
-def test_kernel_lowers_for_cuda(variant):
-    x = jax.ShapeDtypeStruct((16, 4096), jnp.bfloat16)
+@pytest.mark.parametrize("m", [16, 32, 64])
+def test_kernel_lowers_for_cuda(variant, m):
+    x = jax.ShapeDtypeStruct((m, 4096), jnp.bfloat16)
     w = jax.ShapeDtypeStruct((4096, 6144), jnp.bfloat16)
     nw = jax.ShapeDtypeStruct((4096,), jnp.bfloat16)
-    r = jax.ShapeDtypeStruct((16, 6144), jnp.bfloat16)
+    r = jax.ShapeDtypeStruct((m, 6144), jnp.bfloat16)
     kw = _kwargs(variant, nw, r, as_array=lambda a: a)
     static = {key: kw.pop(key) for key in ("eps", "gate_up_block") if key in kw}
     fn = functools.partial(dm.decode_matmul, **static)
