@@ -195,10 +195,9 @@ class DecoderLayer(nnx.Module):
         self.post_attention_layernorm = RMSNorm(cfg.hidden_size, eps=cfg.rms_norm_eps, dtype=dtype)
         self.mlp = MLP(cfg, dtype=dtype, backend=backend, rngs=rngs)
         self.fused_shapes = decode_matmul.layer_shapes(cfg, dtype)  # None: never fused
-        self.backend = backend
 
     def __call__(self, x, positions, inv_freq, kv_cache, meta):
-        mode = decode_matmul.layer_mode(self.backend, x.shape[0], self.fused_shapes)
+        mode = decode_matmul.layer_mode(self.self_attn.backend, x.shape[0], self.fused_shapes)
         if mode is not None:
             return self._fused(x, positions, inv_freq, kv_cache, meta, mode)
         h, kv_cache = self.self_attn(self.input_layernorm(x), positions, inv_freq, kv_cache, meta)

@@ -6,26 +6,14 @@ from __future__ import annotations
 
 import argparse
 import functools
-import importlib.util
-import sys
-from pathlib import Path
 
 from pallas_kernels import gpu_decode_matmul as dm
-
-SCRIPTS = Path(__file__).parents[2] / "scripts"
-
-
-def _load(name: str):
-    spec = importlib.util.spec_from_file_location(name, SCRIPTS / f"{name}.py")
-    module = importlib.util.module_from_spec(spec)
-    sys.modules[name] = module  # dataclasses look their module up
-    spec.loader.exec_module(module)
-    return module
+from tests.scripts import SCRIPTS, load_script
 
 
 def test_bench_rows(monkeypatch):
     monkeypatch.syspath_prepend(str(SCRIPTS))  # it imports bench_kernels as a sibling
-    bench = _load("bench_decode_matmul")
+    bench = load_script("bench_decode_matmul")
     monkeypatch.setattr(
         bench,
         "SHAPES",

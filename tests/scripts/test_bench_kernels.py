@@ -6,20 +6,13 @@ against the jnp reference, padding rows zero)."""
 
 from __future__ import annotations
 
-import importlib.util
-import sys
-from pathlib import Path
-
 import numpy as np
 
 from pallas_kernels import gpu_ragged_paged_attention as gpu
 from pallas_kernels.reference import ragged_paged_attention_reference
+from tests.scripts import load_script
 
-SCRIPT = Path(__file__).parents[2] / "scripts" / "bench_kernels.py"
-spec = importlib.util.spec_from_file_location("bench_kernels", SCRIPT)
-bench_kernels = importlib.util.module_from_spec(spec)
-sys.modules["bench_kernels"] = bench_kernels  # its dataclasses look their module up
-spec.loader.exec_module(bench_kernels)
+bench_kernels = load_script("bench_kernels")
 
 
 def test_engine_decode_buckets():

@@ -2,15 +2,11 @@
 
 from __future__ import annotations
 
-import importlib.util
-from pathlib import Path
-
 import pytest
 
-SCRIPT = Path(__file__).parents[2] / "scripts" / "step_trace_summary.py"
-spec = importlib.util.spec_from_file_location("step_trace_summary", SCRIPT)
-step_trace_summary = importlib.util.module_from_spec(spec)
-spec.loader.exec_module(step_trace_summary)
+from tests.scripts import load_script
+
+step_trace_summary = load_script("step_trace_summary")
 
 
 def _line(t, tokens, bucket, wait=0.0, sched=0.5, disp=1.0, outputs=0.25, requests=2, prefill=0):

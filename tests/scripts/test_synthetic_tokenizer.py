@@ -3,16 +3,13 @@ through transformers' loader and the detokenizer's streaming decode."""
 
 from __future__ import annotations
 
-import importlib.util
 import json
-from pathlib import Path
 
 import numpy as np
 
-SCRIPT = Path(__file__).parents[2] / "scripts" / "synthetic_tokenizer.py"
-spec = importlib.util.spec_from_file_location("synthetic_tokenizer", SCRIPT)
-synthetic_tokenizer = importlib.util.module_from_spec(spec)
-spec.loader.exec_module(synthetic_tokenizer)
+from tests.scripts import load_script
+
+synthetic_tokenizer = load_script("synthetic_tokenizer")
 
 
 def test_random_ids_round_trip_as_words(tmp_path):

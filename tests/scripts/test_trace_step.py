@@ -3,15 +3,14 @@
 from __future__ import annotations
 
 import gzip
-import importlib.util
 import json
 import os
 from pathlib import Path
 
-SCRIPT = Path(__file__).parents[2] / "scripts" / "trace_step.py"
-spec = importlib.util.spec_from_file_location("trace_step", SCRIPT)
-trace_step = importlib.util.module_from_spec(spec)
-spec.loader.exec_module(trace_step)
+from tests.scripts import SCRIPTS, load_script
+
+trace_step = load_script("trace_step")
+SCRIPT = SCRIPTS / "trace_step.py"
 
 LAYERS = 2
 
