@@ -196,48 +196,55 @@ class DecoderLayer(nnx.Module):
         self.mlp = MLP(cfg, dtype=dtype, backend=backend, rngs=rngs)
         self.fused_shapes = decode_matmul.layer_shapes(cfg, dtype)  # None: never fused
 
+    def fused_mode(self, num_tokens: int) -> str | None:
+        """How a step of `num_tokens` runs this layer: "gpu" / "interpret" (`fused`), or None
+        (`__call__`, XLA's fusions; pallas_kernels/decode_matmul.py)."""
+        return decode_matmul.layer_mode(self.self_attn.backend, num_tokens, self.fused_shapes)
+
     def __call__(self, x, positions, inv_freq, kv_cache, meta):
-        mode = decode_matmul.layer_mode(self.self_attn.backend, x.shape[0], self.fused_shapes)
-        if mode is not None:
-            return self._fused(x, positions, inv_freq, kv_cache, meta, mode)
         h, kv_cache = self.self_attn(self.input_layernorm(x), positions, inv_freq, kv_cache, meta)
         x = x + h
         return x + self.mlp(self.post_attention_layernorm(x)), kv_cache
 
-    def _fused(
+    def fused(
         self,
         x: jax.Array,
+        norm_in: tuple[jax.Array, jax.Array],
+        next_norm: jax.Array,
         positions: jax.Array,
         inv_freq: jax.Array,
         kv_cache: jax.Array,
         meta: AttentionMetadata,
-        mode: str,
-    ) -> tuple[jax.Array, jax.Array]:
-        """The same layer in four fused matmuls (pallas_kernels/decode_matmul.py): each
-        RMSNorm inside the next matmul, each residual add and silu * up in its epilogue."""
+    ) -> tuple[tuple[jax.Array, tuple[jax.Array, jax.Array]], jax.Array]:
+        """The same layer with three of its matmuls fused with their neighbours
+        (pallas_kernels/gpu_decode_matmul.py): the input norm split between the previous layer
+        and qkv, o_proj's residual add making the post-attention norm's inputs, that norm and
+        silu * up inside gate/up. down_proj stays with XLA, its residual add in the sum of its
+        split-K partials, and makes the next layer's norm inputs. `norm_in`: this layer's
+        input norm's inputs (`decode_matmul.norm_inputs(x, input_layernorm weight)`);
+        `next_norm`: the next layer's input norm's weight (the model's final norm's for the
+        last). Returns (x, the next norm's inputs) and the cache."""
         attn, mlp = self.self_attn, self.mlp
-        mm = functools.partial(decode_matmul.matmul, mode=mode)
+        mm = functools.partial(decode_matmul.matmul, mode=self.fused_mode(x.shape[0]))
         norm1, norm2 = self.input_layernorm, self.post_attention_layernorm
-        qkv = mm(x, attn.qkv_proj.kernel[...], norm_weight=norm1.scale[...], eps=norm1.eps)
+        xw, sq = norm_in
+        qkv = mm(xw, attn.qkv_proj.kernel[...], row_sq=sq, eps=norm1.eps)
         out, kv_cache = attn.attend(qkv, positions, inv_freq, kv_cache, meta)
-        x = mm(out, attn.o_proj.kernel[...], residual=x)
-        h = mm(
-            x,
-            mlp.gate_up_proj.kernel[...],
-            norm_weight=norm2.scale[...],
-            eps=norm2.eps,
-            gate_up_block=mlp.block,
-        )
-        return mm(h, mlp.down_proj.kernel[...], residual=x), kv_cache
+        x, xw, sq = mm(out, attn.o_proj.kernel[...], residual=x, next_norm_weight=norm2.scale[...])
+        h = mm(xw, mlp.gate_up_proj.kernel[...], row_sq=sq, eps=norm2.eps, gate_up_block=mlp.block)
+        x = x + mlp.down_proj(h)
+        xw, sq = decode_matmul.norm_inputs(x, next_norm)
+        return (x, (xw, sq)), kv_cache
 
 
-@functools.partial(jax.jit, static_argnames=("graphdef",))
-def _layer_call(graphdef, state, x, positions, inv_freq, kv_cache, meta):
-    """One decoder layer as a jitted function of its weights. Every layer has the same graph
-    and shapes, so the layer is traced and lowered once per step shape instead of once per
-    layer (start-up time: tracing the unrolled 32 layers dominated a warm start). XLA inlines
-    the calls before optimising, so the compiled step is the same unrolled program."""
-    return nnx.merge(graphdef, state)(x, positions, inv_freq, kv_cache, meta)
+@functools.partial(jax.jit, static_argnames=("graphdef", "method"))
+def _layer_call(graphdef, state, *args, method: str = "__call__"):
+    """One decoder layer (`method` of it) as a jitted function of its weights. Every layer has
+    the same graph and shapes, so the layer is traced and lowered once per step shape instead
+    of once per layer (start-up time: tracing the unrolled 32 layers dominated a warm start).
+    XLA inlines the calls before optimising, so the compiled step is the same unrolled
+    program."""
+    return getattr(nnx.merge(graphdef, state), method)(*args)
 
 
 class Embed(nnx.Module):
@@ -293,10 +300,21 @@ class LlamaForCausalLM(nnx.Module):
         x = self.model.embed_tokens(token_ids)
         cfg = self.config
         inv_freq = rope_inv_freq(cfg.head_dim, cfg.rope_theta, cfg.rope_scaling)  # constant
+        layers = self.model.layers
+        fused = layers[0].fused_mode(token_ids.shape[0]) is not None
+        if fused:  # the first layer's input norm's inputs; each layer makes the next one's
+            norm_in = decode_matmul.norm_inputs(x, layers[0].input_layernorm.scale[...])
         new_caches = []
-        for layer, kv_cache in zip(self.model.layers, kv_caches, strict=True):
+        for i, (layer, kv_cache) in enumerate(zip(layers, kv_caches, strict=True)):
             graphdef, state = nnx.split(layer)
-            x, kv_cache = _layer_call(graphdef, state, x, positions, inv_freq, kv_cache, meta)
+            if fused:
+                next_norm = (
+                    layers[i + 1].input_layernorm if i + 1 < len(layers) else self.model.norm
+                )
+                args = (x, norm_in, next_norm.scale[...], positions, inv_freq, kv_cache, meta)
+                (x, norm_in), kv_cache = _layer_call(graphdef, state, *args, method="fused")
+            else:
+                x, kv_cache = _layer_call(graphdef, state, x, positions, inv_freq, kv_cache, meta)
             new_caches.append(kv_cache)
         return self.model.norm(x), new_caches
 

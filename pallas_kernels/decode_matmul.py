@@ -1,12 +1,15 @@
 """When a decoder layer runs its matmuls fused with their neighbours (gpu_decode_matmul.py):
-`PAGEJAX_GPU_DECODE_MATMUL=pallas` asks for it, for steps of 16, 32 or 64 tokens (the decode
-buckets) on an NVIDIA GPU with the Pallas backend, or in Pallas' interpreter with the
-`pallas-interpret-gpu` backend (tests). The default, `xla`, leaves the layer to XLA: the kernel
-has not been measured against XLA's fusions on a GPU yet (scripts/bench_decode_matmul.py).
+steps of 16, 32 or 64 tokens (the decode buckets) on an NVIDIA GPU with the Pallas backend,
+and in Pallas' interpreter with the `pallas-interpret-gpu` backend (tests), unless
+`PAGEJAX_GPU_DECODE_MATMUL=xla` leaves every layer to XLA's fusions (the default is `pallas`).
 
-A fused layer is four kernels besides the attention's:
-  qkv = rmsnorm(x) @ W_qkv;  x = attn @ W_o + x;  h = silu * up of rmsnorm(x) @ W_gate_up;
-  x = h @ W_down + x.
+A fused layer's matmuls (DecoderLayer.fused, models/llama.py):
+  qkv = rmsnorm(x) @ W_qkv;  x = attn @ W_o + x;  h = silu * up of rmsnorm(x) @ W_gate_up
+are these kernels; x = h @ W_down + x stays with XLA, whose split-K GEMM streams that weight
+faster than this kernel (34 against 31 us at 16 rows, H200: each of its 128 programs reads
+all of the [M, 14336] x). On an H200 (sixteenth session, docs/BENCHMARKS.md): a forward of
+32 or 64 decodes 1.9 / 2.9 % faster, batch-1 decode steps (`bench latency`) 1.7-5 % faster,
+TPOT p50 at rate 16 10 % lower.
 Layers with biases, q/k norms, a plain (not interleaved) gate/up weight or float16 weights
 stay with XLA. The variable is read when the model is built (`layer_shapes`), so it is part
 of the layer's definition: two settings never share a trace.
@@ -26,43 +29,55 @@ ROWS = (16, 32, 64)  # decode buckets: Triton tiles are powers of two; cuBLAS fr
 # Shared memory a program's pipeline may take: num_stages x (W slab + x slab). Hopper gives a
 # block 227 KiB; the rest is Triton's own scratch.
 _SMEM_BUDGET = 160 * 1024
-_STAGES = 4
+_MAX_STAGES = 6
+_BLOCK_K = 128
+_GATE_UP_BLOCK_K, _GATE_UP_STAGES = 64, 3
+_MIN_PROGRAMS = 96  # wider column slabs while the grid still fills most of an H100/H200's SMs
 
 MatmulShape = tuple[int, int, int | None]  # K, N, gate/up block (None: a plain matmul)
 
 
 def choice() -> str:
-    value = os.environ.get("PAGEJAX_GPU_DECODE_MATMUL", "xla")
+    value = os.environ.get("PAGEJAX_GPU_DECODE_MATMUL", "pallas")
     if value not in ("xla", "pallas"):
         raise ValueError(f"PAGEJAX_GPU_DECODE_MATMUL must be xla or pallas, got {value!r}")
     return value
 
 
 def config_for(m: int, k: int, n: int, gate_up_block: int | None = None):
-    """Tiles for x [M, K] @ w [K, N] (a `DecodeMatmulConfig`, or None where none fits): 32
-    columns a program (16 where 32 does not divide N; a gate/up pair with the gate/up
-    epilogue), and the largest K step of at most 256 rows that divides K and keeps
-    `_STAGES` slabs of W and x within `_SMEM_BUDGET`."""
+    """Tiles for x [M, K] @ w [K, N] (a `DecodeMatmulConfig`, or None where none fits).
+    - A plain matmul: the widest of 64, 32, 16 columns a program that divides N and leaves
+      `_MIN_PROGRAMS` programs (or 16: the most); K steps of 128 rows (or the largest power
+      of two below that divides K); as many pipeline stages as fit `_SMEM_BUDGET`, up to 6.
+    - With the gate/up epilogue: a whole gate/up pair of blocks a program, K steps of 64
+      rows, 3 stages: small enough that two programs share an SM, which the 224 programs of
+      Llama-3-8B's gate/up need on 132 SMs.
+    Measured on an H200 (sixteenth session, scripts/bench_decode_matmul.py --sweep) at 16
+    and 32 rows: 64 columns, 128-row steps and 6 stages for qkv; gate/up 55.6 us at 16 rows
+    against 58.1 with 128-row steps and 4 stages."""
     from pallas_kernels.gpu_decode_matmul import DecodeMatmulConfig
 
-    block_n = next((b for b in (32, 16) if n % b == 0), None)
-    cols = 2 * gate_up_block if gate_up_block else block_n
-    if cols is None or n % cols:
+    if gate_up_block:
+        cols = 2 * gate_up_block if n % (2 * gate_up_block) == 0 else None
+        steps, max_stages = (_GATE_UP_BLOCK_K, 32, 16), _GATE_UP_STAGES
+    else:
+        fits = [b for b in (64, 32, 16) if n % b == 0]
+        cols = next((b for b in fits if n // b >= _MIN_PROGRAMS), fits[-1] if fits else None)
+        steps, max_stages = (_BLOCK_K, 64, 32, 16), _MAX_STAGES
+    block_k = next((b for b in steps if k % b == 0), None)
+    if cols is None or block_k is None:
         return None
-    per_row = _STAGES * (cols + m) * 2  # bytes a K row of the slabs takes, 16-bit weights
-    block_k = next(
-        (b for b in (256, 128, 64, 32, 16) if k % b == 0 and b * per_row <= _SMEM_BUDGET), None
-    )
-    if block_k is None:
+    stages = min(max_stages, _SMEM_BUDGET // (block_k * (cols + m) * 2))  # 16-bit weights
+    if stages < 2:
         return None
-    return DecodeMatmulConfig(block_n=block_n or cols, block_k=block_k, num_stages=_STAGES)
+    return DecodeMatmulConfig(block_n=cols, block_k=block_k, num_stages=stages)
 
 
 def layer_mode(
     backend: AttentionBackend, num_tokens: int, shapes: tuple[MatmulShape, ...] | None
 ) -> str | None:
     """ "gpu", "interpret" or None (XLA) for a layer of this step size. `shapes`: the layer's
-    four matmuls (`layer_shapes`), None when the layer is not to be fused."""
+    fused matmuls (`layer_shapes`), None when the layer is not to be fused."""
     if shapes is None or num_tokens not in ROWS:
         return None
     if backend is AttentionBackend.PALLAS_INTERPRET_GPU:
@@ -71,12 +86,20 @@ def layer_mode(
         mode = "gpu"
     else:
         return None
-    return mode if all(config_for(num_tokens, *s) is not None for s in shapes) else None
+    configs = [config_for(num_tokens, *s) for s in shapes]
+    if any(c is None for c in configs):
+        return None
+    # o_proj's residual add hands the post-attention norm its partial sums of squares, one a
+    # program: gate/up loads them as one tile, so their count is a power of two.
+    _, (_, d, _), _ = shapes
+    partials = d // configs[1].block_n
+    return mode if partials & (partials - 1) == 0 else None
 
 
 def layer_shapes(cfg, dtype) -> tuple[MatmulShape, ...] | None:
-    """The four matmuls of a decoder layer of `cfg` (a `ModelConfig`), or None when the layer
-    is not to be fused: `PAGEJAX_GPU_DECODE_MATMUL` is not `pallas`, or the layer has what the
+    """The fused matmuls of a decoder layer of `cfg` (a `ModelConfig`): qkv, o_proj, gate/up
+    (down_proj stays with XLA: `DecoderLayer.fused`), or None when the layer
+    is not to be fused: `PAGEJAX_GPU_DECODE_MATMUL` is `xla`, or the layer has what the
     fused kernels do not take (biases, q/k norms, a plain gate/up layout), or float16 weights
     (the norm's weight scales x before the norm does, which float16 could overflow)."""
     if choice() != "pallas" or jnp.dtype(dtype) == jnp.float16:
@@ -88,29 +111,26 @@ def layer_shapes(cfg, dtype) -> tuple[MatmulShape, ...] | None:
         return None
     d, f = cfg.hidden_size, cfg.intermediate_size
     n, k, h = cfg.num_heads, cfg.num_kv_heads, cfg.head_dim
-    return ((d, (n + 2 * k) * h, None), (n * h, d, None), (d, 2 * f, block), (f, d, None))
+    return ((d, (n + 2 * k) * h, None), (n * h, d, None), (d, 2 * f, block))
 
 
-def matmul(
-    x: jax.Array,
-    w: jax.Array,
-    *,
-    mode: str,
-    norm_weight: jax.Array | None = None,
-    eps: float = 1e-6,
-    residual: jax.Array | None = None,
-    gate_up_block: int | None = None,
-) -> jax.Array:
-    """`gpu_decode_matmul.decode_matmul` with `config_for`'s tiles."""
+def norm_inputs(h: jax.Array, norm_weight: jax.Array) -> tuple[jax.Array, jax.Array]:
+    """`gpu_decode_matmul.norm_inputs`: the first fused layer's norm inputs."""
+    from pallas_kernels import gpu_decode_matmul
+
+    return gpu_decode_matmul.norm_inputs(h, norm_weight)
+
+
+def matmul(x: jax.Array, w: jax.Array, *, mode: str, gate_up_block: int | None = None, **kw):
+    """`gpu_decode_matmul.decode_matmul` with `config_for`'s tiles; `kw`: its row_sq, eps,
+    residual and next_norm_weight."""
     from pallas_kernels import gpu_decode_matmul
 
     return gpu_decode_matmul.decode_matmul(
         x,
         w,
-        norm_weight=norm_weight,
-        eps=eps,
-        residual=residual,
         gate_up_block=gate_up_block,
         config=config_for(x.shape[0], x.shape[1], w.shape[1], gate_up_block),
         interpret=mode == "interpret",
+        **kw,
     )

@@ -1,31 +1,33 @@
-"""A decode step's matmul with its neighbours fused: `rmsnorm(x) @ W`, `x @ W + residual`, and
-`silu(gate) * up` of an interleaved gate/up weight, for the few rows (16-64 tokens) of a decode
-step. Pallas with the Triton lowering, for NVIDIA GPUs; `decode_matmul_reference` is the same
-computation in jnp.
+"""A decode step's matmul with its neighbours fused, for the few rows (16-64 tokens) of a
+decode step: `rmsnorm(h) @ W`, `x @ W + residual` and `silu(gate) * up` of an interleaved
+gate/up weight. Pallas with the Triton lowering, for NVIDIA GPUs; `decode_matmul_reference` is
+the same computation in jnp.
 
 Why: at 16 tokens XLA runs a Llama layer as 13 kernels. Its GEMMs split K 4-8 ways and write
-float32 partials that the next fusion sums, and the RMSNorm, the residual adds and silu * up
+float32 partials that the next fusion sums, and the RMSNorms, the residual adds and silu * up
 are kernels of their own (docs/kernel_notes.md, fifteenth session). Each small kernel costs
-1.5-2.3 us, ~0.42 ms of a 4.4 ms batch-1 step on an H200. Here one kernel does the work of
-two or three:
-- Grid: one program per `block_n` output columns. It streams its `[K, block_n]` slab of W
-  `block_k` rows at a time (Triton's software pipeline keeps `num_stages` slabs in flight) and
-  multiplies the whole `[M, K]` x by it, so no split of K and no partials: with 16-64 rows
-  the weights are the HBM traffic. Llama-3-8B's matmuls make 128-224 programs (o_proj and
-  down_proj one wave of 128 on 132 SMs). Each program reads all of x from L2, M / block_n
-  times its W bytes: at 64 rows and 32 columns twice, which may bind before HBM does; the
-  sweep (scripts/bench_decode_matmul.py) decides the tiles.
-- RMSNorm as a prologue: every program reads all of x anyway, so it also sums x^2 over K and
-  scales its accumulator's rows by `rsqrt(mean + eps)` at the end; the norm's weight scales x
-  as it is loaded. (HF rounds the normalised x to the model's dtype before the weight and the
-  matmul; here the scale applies in float32 after it: the same within the dtype's rounding.)
-- Epilogues: `+ residual` (the o_proj and down_proj residual adds), or silu(gate) * up for the
-  MLP's gate/up weight stored interleaved (gate_up.py): a program's `2 * block` columns hold
-  the gate and up columns of `block` features, so it writes `block` columns of [M, F].
+1.5-2.3 us, ~0.42 ms of a 4.4 ms batch-1 step on an H200. Here the matmuls take their
+neighbours' work into their prologue and epilogue:
+- Grid: one program per `block_n` columns of W. It streams its `[K, block_n]` slab `block_k`
+  rows at a time (Triton's software pipeline keeps `num_stages` slabs in flight) and multiplies
+  the whole `[M, K]` x by it: no split of K, no partials. x is loaded as it is, straight into
+  the MMA's operand: any arithmetic on it inside the loop (an RMSNorm prologue) made the
+  kernel 2-3x slower on an H200 (sixteenth session).
+- The RMSNorm is split between two kernels instead. `rmsnorm(h) @ W` equals
+  `rsqrt(mean(h^2) + eps) * ((h * norm_weight) @ W)` by rows. The kernel that produces h (the
+  residual add of o_proj or down_proj, `next_norm_weight`) also writes `h * norm_weight` of
+  the next norm and each program's sum of h^2 over its columns (`[N / block_n, M]` float32);
+  the kernel that consumes them (`row_sq`) sums those partials and scales its accumulator's
+  rows at the end. `norm_inputs` makes the pair in jnp for the first layer. (HF rounds the
+  normalised h to the model's dtype before the weight; here the scale applies in float32
+  after the matmul: the same within the dtype's rounding.)
+- Epilogues: `+ residual`, or silu(gate) * up for the MLP's gate/up weight stored interleaved
+  (gate_up.py): a program's columns are `block_n / 2` gate ones and the up ones that pair with
+  them, and it writes `block_n / 2` columns of [M, F].
 
-Opt-in and not yet measured on a GPU: `PAGEJAX_GPU_DECODE_MATMUL=pallas` makes the decoder
-layers of decode-sized steps use it (decode_matmul.py, models/llama.py);
-`scripts/bench_decode_matmul.py` times it against XLA's fusions of the same work.
+Decoder layers of decode-sized steps use it for qkv, o_proj and gate/up (decode_matmul.py,
+models/llama.py; `PAGEJAX_GPU_DECODE_MATMUL=xla` opts out); `scripts/bench_decode_matmul.py`
+times it against XLA's fusions of the same work.
 """
 
 from __future__ import annotations
@@ -45,18 +47,25 @@ _MIN_ROWS = 16  # Triton's smallest MMA tile
 
 @dataclasses.dataclass(frozen=True)
 class DecodeMatmulConfig:
-    block_n: int = 32  # output columns a program (with gate/up: 2 * block, fixed by the layout)
+    block_n: int = 32  # W columns a program (with gate/up: half gate, half up, within one block)
     block_k: int = 256  # rows of W a pipeline step
     num_warps: int = 4
     num_stages: int = 4
 
 
+def _pow2(n: int) -> bool:
+    return n > 0 and n & (n - 1) == 0
+
+
 def supports(m: int, k: int, n: int, cfg: DecodeMatmulConfig, gate_up_block: int | None) -> bool:
     """Whole tiles only: M a power of two from 16 (Triton's tiles; the engine's decode
-    buckets), K a multiple of `block_k`, N of the program's columns."""
-    block_n = 2 * gate_up_block if gate_up_block else cfg.block_n
-    pow2 = m >= _MIN_ROWS and m & (m - 1) == 0
-    return pow2 and k % cfg.block_k == 0 and n % block_n == 0
+    buckets), K a multiple of `block_k`, N of the program's columns; with gate/up, half the
+    program's columns divide the gate/up block."""
+    pow2 = m >= _MIN_ROWS and _pow2(m)
+    whole = k % cfg.block_k == 0 and n % cfg.block_n == 0
+    if gate_up_block:
+        whole = whole and cfg.block_n % 2 == 0 and gate_up_block % (cfg.block_n // 2) == 0
+    return pow2 and whole
 
 
 def decode_matmul_reference(
@@ -82,50 +91,76 @@ def decode_matmul_reference(
     return y
 
 
+def norm_inputs(h: jax.Array, norm_weight: jax.Array) -> tuple[jax.Array, jax.Array]:
+    """What `decode_matmul(x, w, row_sq=...)` takes for `rmsnorm(h) @ w`: `h * norm_weight` in
+    h's dtype and the rows' sums of h^2, as one partial ([1, M] float32)."""
+    h32 = h.astype(jnp.float32)
+    return (h32 * norm_weight.astype(jnp.float32)).astype(h.dtype), jnp.sum(h32 * h32, 1)[None]
+
+
 def _kernel(
-    *refs, cfg: DecodeMatmulConfig, block_n: int, eps: float, norm: bool, res: bool, gate_up: bool
+    *refs,
+    cfg: DecodeMatmulConfig,
+    eps: float,
+    scale_rows: bool,
+    res: bool,
+    next_norm: bool,
+    gate_up: int | None,
 ) -> None:
     x_ref, w_ref, *rest = refs
-    nw_ref = rest.pop(0) if norm else None
+    sq_in_ref = rest.pop(0) if scale_rows else None
     res_ref = rest.pop(0) if res else None
-    (o_ref,) = rest
+    nw_ref = rest.pop(0) if next_norm else None
+    o_ref, *next_refs = rest
     m, k = x_ref.shape
-    bk = cfg.block_k
-    col0 = pl.program_id(0) * block_n
-    # With the gate/up epilogue the program's columns are `block` gate then `block` up ones:
-    # two slabs and two accumulators (a register tile cannot be sliced in Triton).
+    bk, block_n, pid = cfg.block_k, cfg.block_n, pl.program_id(0)
+    # With the gate/up epilogue the program's columns are `width` gate ones and the `width` up
+    # ones that pair with them, `gate_up` (the layout's block) apart: two slabs and two
+    # accumulators (a register tile cannot be sliced in Triton).
     parts = 2 if gate_up else 1
     width = block_n // parts
+    if gate_up:  # block b of the layout holds gate then up columns of its `gate_up` features
+        per_block = gate_up // width
+        col0 = (pid // per_block) * 2 * gate_up + (pid % per_block) * width
+        offsets = (col0, col0 + gate_up)
+    else:
+        col0 = pid * block_n
+        offsets = (col0,)
 
-    def body(i, carry):
-        *accs, sq = carry
-        x = x_ref[:, pl.ds(i * bk, bk)]  # [M, bk]
-        if norm:
-            x32 = x.astype(jnp.float32)
-            sq = sq + jnp.sum(x32 * x32, axis=1)
-            x = (x32 * nw_ref[pl.ds(i * bk, bk)].astype(jnp.float32)[None, :]).astype(x.dtype)
-        for p in range(parts):
-            wt = w_ref[pl.ds(i * bk, bk), pl.ds(col0 + p * width, width)]  # [bk, width]
-            accs[p] = accs[p] + jax.lax.dot_general(
-                x, wt, (((1,), (0,)), ((), ())), preferred_element_type=jnp.float32
+    def body(i, accs):
+        x = x_ref[:, pl.ds(i * bk, bk)]  # [M, bk], as loaded: no arithmetic before the MMA
+        return tuple(
+            acc
+            + jax.lax.dot_general(
+                x,
+                w_ref[pl.ds(i * bk, bk), pl.ds(offset, width)],  # [bk, width]
+                (((1,), (0,)), ((), ())),
+                preferred_element_type=jnp.float32,
             )
-        return (*accs, sq)
+            for acc, offset in zip(accs, offsets, strict=True)
+        )
 
-    init = (*[jnp.zeros((m, width), jnp.float32)] * parts, jnp.zeros((m,), jnp.float32))
-    *accs, sq = jax.lax.fori_loop(0, k // bk, body, init)
-    if norm:
-        scale = jax.lax.rsqrt(sq / k + eps)[:, None]
-        accs = [acc * scale for acc in accs]
+    accs = jax.lax.fori_loop(0, k // bk, body, (jnp.zeros((m, width), jnp.float32),) * parts)
+    if scale_rows:  # the RMSNorm's scale, from the producer's partial sums of h^2
+        mean_sq = jnp.sum(sq_in_ref[...], axis=0) / k
+        accs = [acc * jax.lax.rsqrt(mean_sq + eps)[:, None] for acc in accs]
     if gate_up:
         gate, up = accs
-        o_ref[:, pl.ds(pl.program_id(0) * width, width)] = (
-            gate / (1.0 + jnp.exp(-gate)) * up
-        ).astype(o_ref.dtype)
+        o_ref[:, pl.ds(pid * width, width)] = (gate / (1.0 + jnp.exp(-gate)) * up).astype(
+            o_ref.dtype
+        )
         return
     (acc,) = accs
     if res:
         acc = acc + res_ref[:, pl.ds(col0, block_n)].astype(jnp.float32)
-    o_ref[:, pl.ds(col0, block_n)] = acc.astype(o_ref.dtype)
+    y = acc.astype(o_ref.dtype)
+    o_ref[:, pl.ds(col0, block_n)] = y
+    if next_norm:  # the next RMSNorm's inputs (norm_inputs), from the rounded output
+        hw_ref, sq_ref = next_refs
+        y32 = y.astype(jnp.float32)
+        nw = nw_ref[pl.ds(col0, block_n)].astype(jnp.float32)
+        hw_ref[:, pl.ds(col0, block_n)] = (y32 * nw[None, :]).astype(hw_ref.dtype)
+        sq_ref[pl.ds(pid, 1), :] = jnp.sum(y32 * y32, axis=1)[None, :]
 
 
 @functools.partial(jax.jit, static_argnames=("eps", "gate_up_block", "config", "interpret"))
@@ -133,44 +168,54 @@ def decode_matmul(
     x: jax.Array,
     w: jax.Array,
     *,
-    norm_weight: jax.Array | None = None,
+    row_sq: jax.Array | None = None,
     eps: float = 1e-6,
     residual: jax.Array | None = None,
+    next_norm_weight: jax.Array | None = None,
     gate_up_block: int | None = None,
     config: DecodeMatmulConfig | None = None,
     interpret: bool = False,
-) -> jax.Array:
-    """x [M, K] @ w [K, N] in x's dtype, with `norm_weight` [K]: rmsnorm(x) first; with
-    `residual` [M, N]: added; with `gate_up_block`: w is an interleaved gate/up weight and the
-    result silu(gate) * up [M, N / 2] (no residual then). Same contract as
-    `decode_matmul_reference`."""
+) -> jax.Array | tuple[jax.Array, jax.Array, jax.Array]:
+    """x [M, K] @ w [K, N] in x's dtype.
+    - `row_sq` [P, M] float32: the result's rows scaled by `rsqrt(sum(row_sq, 0) / K + eps)`;
+      with x and row_sq from `norm_inputs(h, norm_weight)` that is `rmsnorm(h) @ w`.
+    - `residual` [M, N]: added. With `next_norm_weight` [N] too, the result y comes with the
+      next matmul's inputs: `(y, y * next_norm_weight, sums of y^2 [N / block_n, M])`.
+    - `gate_up_block`: w is an interleaved gate/up weight and the result silu(gate) * up
+      [M, N / 2] (no residual then).
+    `decode_matmul_reference` computes the same."""
     cfg = config or DecodeMatmulConfig()
     (m, k), (_, n) = x.shape, w.shape
     if gate_up_block and residual is not None:
         raise ValueError("decode_matmul: a residual with the gate/up epilogue")
+    if next_norm_weight is not None and residual is None:
+        raise ValueError("decode_matmul: next_norm_weight comes with a residual add")
     if not supports(m, k, n, cfg, gate_up_block):
         raise NotImplementedError(f"decode_matmul: x {x.shape}, w {w.shape}, {cfg}")
-    block_n = 2 * gate_up_block if gate_up_block else cfg.block_n
-    out_n = n // 2 if gate_up_block else n
-    args = [x, w]
-    if norm_weight is not None:
-        args.append(norm_weight)
-    if residual is not None:
-        args.append(residual)
+    if row_sq is not None and not _pow2(row_sq.shape[0]):  # a Triton tile: the partials
+        raise NotImplementedError(f"decode_matmul: {row_sq.shape[0]} partial sums of squares")
+    out_shape = [jax.ShapeDtypeStruct((m, n // 2 if gate_up_block else n), x.dtype)]
+    if next_norm_weight is not None:
+        out_shape += [
+            jax.ShapeDtypeStruct((m, n), x.dtype),
+            jax.ShapeDtypeStruct((n // cfg.block_n, m), jnp.float32),
+        ]
+    args = [x, w] + [a for a in (row_sq, residual, next_norm_weight) if a is not None]
     kernel = functools.partial(
         _kernel,
         cfg=cfg,
-        block_n=block_n,
         eps=eps,
-        norm=norm_weight is not None,
+        scale_rows=row_sq is not None,
         res=residual is not None,
-        gate_up=bool(gate_up_block),
+        next_norm=next_norm_weight is not None,
+        gate_up=gate_up_block,
     )
-    return pl.pallas_call(
+    out = pl.pallas_call(
         kernel,
-        grid=(n // block_n,),
-        out_shape=jax.ShapeDtypeStruct((m, out_n), x.dtype),
+        grid=(n // cfg.block_n,),
+        out_shape=out_shape,
         compiler_params=plgpu.CompilerParams(num_warps=cfg.num_warps, num_stages=cfg.num_stages),
         interpret=interpret,
         name="decode_matmul",
     )(*args)
+    return tuple(out) if next_norm_weight is not None else out[0]

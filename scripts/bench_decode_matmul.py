@@ -10,14 +10,15 @@ Per matmul and row count (the engine's decode buckets), each entry does one laye
 - down: act @ W_down [14336, 4096] + h.
 `xla` is `decode_matmul_reference` compiled as the engine compiles that bucket (XLA's split-K
 below 64 rows, none at 64-127: engine/runner.py's NO_SPLIT_K), so its kernels are the ones a
-step runs. Weights rotate through copies larger than L2 together, so no call finds them in
+step runs. The kernel gets what the fused layer hands it: a norm's inputs as 128 partial sums
+(`norm_inputs`, made outside the timing), and the residual adds make the next norm's
+inputs. Weights rotate through copies larger than L2 together, so no call finds them in
 cache. Reports device us a call, kernels a call and the weights' streaming rate.
 """
 
 from __future__ import annotations
 
 import argparse
-import dataclasses
 import functools
 import json
 import time
@@ -41,12 +42,13 @@ SHAPES = {  # name: (K, N, norm, residual, gate_up)
 
 
 def sweep_configs() -> list[dm.DecodeMatmulConfig]:
-    out = []
-    for bn in (16, 32, 64):
-        for bk in (128, 256, 512):
-            for warps, stages in ((4, 3), (4, 4), (4, 5), (8, 4)):
-                out.append(dm.DecodeMatmulConfig(bn, bk, warps, stages))
-    return out
+    """27 tiles (4 warps); each matmul skips those that do not divide it."""
+    return [
+        dm.DecodeMatmulConfig(bn, bk, 4, stages)
+        for bn in (32, 64, 128)
+        for bk in (64, 128, 256)
+        for stages in (3, 4, 6)
+    ]
 
 
 def inputs(name: str, rows: int, seed: int = 0) -> list[tuple]:
@@ -63,6 +65,20 @@ def inputs(name: str, rows: int, seed: int = 0) -> list[tuple]:
     nw = jnp.ones((k,), jnp.bfloat16) if norm else None
     r = jax.random.normal(keys[2], (rows, n), jnp.bfloat16) if res else None
     return [(x, w, nw, r) for w in ws]
+
+
+def kernel_inputs(name: str, arg_sets: list[tuple]) -> list[tuple]:
+    """`inputs` as the fused layer hands them to the kernel: (x or x * norm weight, w, the
+    norm's 128 partial sums of squares or None, residual, the next norm's weight or None)."""
+    _, n, norm, res, _ = SHAPES[name]
+    out = []
+    for x, w, nw, r in arg_sets:
+        sq = None
+        if norm:
+            x, sq = dm.norm_inputs(x, nw)
+            sq = jnp.tile(sq / 128, (128, 1))
+        out.append((x, w, sq, r, jnp.ones((n,), x.dtype) if res else None))
+    return out
 
 
 def entry(fn, arg_sets, options=None):
@@ -84,14 +100,12 @@ def bench(name: str, rows: int, configs: list | None, args) -> list[dict]:
     for cfg in configs:
         if cfg is None or not dm.supports(rows, k, n, cfg, block):
             continue
-        if block:  # the gate/up epilogue fixes the columns: block_n does not apply
-            cfg = dataclasses.replace(cfg, block_n=2 * block)
         if cfg in seen:
             continue
         seen.add(cfg)
-        fn = functools.partial(_call, dm.decode_matmul, gate_up_block=block, config=cfg)
+        fn = functools.partial(_kernel_call, gate_up_block=block, config=cfg)
         try:
-            entries.append(entry(fn, arg_sets))
+            entries.append(entry(fn, kernel_inputs(name, arg_sets)))
         except Exception as e:  # a config that fails to compile is skipped, loudly
             print(f"  {name} {cfg} failed: {type(e).__name__}: {str(e)[:200]}", flush=True)
             continue
@@ -125,12 +139,16 @@ def _call(fn, x, w, nw, r, **kw):
     return fn(x, w, norm_weight=nw, residual=r, **kw)
 
 
+def _kernel_call(x, w, sq, r, next_nw, **kw):
+    return dm.decode_matmul(x, w, row_sq=sq, residual=r, next_norm_weight=next_nw, **kw)
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--rows", type=int, nargs="+", default=[16, 64])
     ap.add_argument("--matmuls", nargs="+", default=list(SHAPES))
     ap.add_argument(
-        "--sweep", action="store_true", help="36 tile configs, else the engine's (config_for)"
+        "--sweep", action="store_true", help="27 tile configs, else the engine's (config_for)"
     )
     ap.add_argument("--reps", type=int, default=5)
     ap.add_argument("--inner", type=int, default=20)

@@ -50,8 +50,10 @@ def llama_folder(tmp_path_factory):
 
 
 def test_fused_decode_matmuls_match_reference(llama_folder, tmp_path, monkeypatch):
-    """`PAGEJAX_GPU_DECODE_MATMUL=pallas`: every 32-token step (prompt chunks and decodes) runs
-    its layers as the four fused Triton matmuls (pallas_kernels/decode_matmul.py), interpreted."""
+    """`PAGEJAX_GPU_DECODE_MATMUL=pallas` (the default, set here so that the test does not
+    depend on the environment): every 32-token step (prompt chunks and decodes) runs its
+    layers' qkv, o_proj and gate/up as the fused Triton matmuls (pallas_kernels/
+    decode_matmul.py), interpreted."""
     rng = np.random.default_rng(6)
     prompts = [rng.integers(3, 320, size=n).tolist() for n in (4, 30, 41)]
     want = _generate(llama_folder, "reference", prompts, str(tmp_path))

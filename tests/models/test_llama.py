@@ -116,8 +116,8 @@ def test_full_size_parameter_count_without_allocating(name, hf_config, expected)
 
 def test_fused_decode_matmuls_match_transformers(tmp_path, monkeypatch):
     """`PAGEJAX_GPU_DECODE_MATMUL=pallas`, the GPU kernels interpreted: a 32-token step and a
-    16-token step, each layer as the four fused matmuls (pallas_kernels/decode_matmul.py),
-    against transformers' logits."""
+    16-token step, each layer's qkv, o_proj and gate/up as the fused matmuls
+    (pallas_kernels/decode_matmul.py), against transformers' logits."""
     from pallas_kernels import decode_matmul
 
     folder = write_checkpoint("llama3", tmp_path)

@@ -47,12 +47,29 @@ VARIANTS = {
     "plain": dict(),
     "norm": dict(norm=True),
     "residual": dict(residual=True),
-    "norm_residual": dict(norm=True, residual=True),
+    "norm_residual_next_norm": dict(norm=True, residual=True, next_norm=True),
     "norm_gate_up": dict(norm=True, gate_up=True),
 }
 
 
-def _kwargs(variant, nw, r, as_array=jnp.asarray):
+def _kernel_kwargs(variant, x, nw, r, nw_next, as_array=jnp.asarray):
+    """The kernel's x and keywords for `variant`: with a norm, x * norm weight and the sums of
+    x^2 (`norm_inputs`, as two partials where the rows allow, as a producer would hand them)."""
+    v = VARIANTS[variant]
+    x, kw = as_array(x), {"eps": EPS}
+    if v.get("norm"):
+        x, sq = dm.norm_inputs(x, as_array(nw))
+        kw["row_sq"] = jnp.concatenate([0.25 * sq, 0.75 * sq])  # any split of the sums
+    if v.get("residual"):
+        kw["residual"] = as_array(r)
+    if v.get("next_norm"):
+        kw["next_norm_weight"] = as_array(nw_next)
+    if v.get("gate_up"):
+        kw["gate_up_block"] = 64
+    return x, kw
+
+
+def _reference_kwargs(variant, nw, r, as_array=jnp.asarray):
     v = VARIANTS[variant]
     kw = {"eps": EPS}
     if v.get("norm"):
@@ -64,20 +81,33 @@ def _kwargs(variant, nw, r, as_array=jnp.asarray):
     return kw
 
 
+def _next_norm_numpy(y, nw_next, sq):
+    """What the residual add hands the next norm: y * weight, and partials that sum to y^2."""
+    return y * nw_next, (y * y).sum(axis=1), np.asarray(sq).sum(axis=0)
+
+
 @pytest.mark.parametrize("variant", VARIANTS)
 @pytest.mark.parametrize("m", [16, 32])
 def test_float32_kernel_and_reference_match_numpy(variant, m):
     x, w, nw, r = _case(m, 512, 256)
-    kw = _kwargs(variant, nw, r)
+    nw_next = 1 + 0.3 * np.random.default_rng(7).normal(size=256).astype(np.float32)
+    ref_kw = _reference_kwargs(variant, nw, r)
     want = _numpy(
         x,
         w,
-        nw if "norm_weight" in kw else None,
-        r if "residual" in kw else None,
-        kw.get("gate_up_block"),
+        nw if "norm_weight" in ref_kw else None,
+        r if "residual" in ref_kw else None,
+        ref_kw.get("gate_up_block"),
     )
-    ref = dm.decode_matmul_reference(jnp.asarray(x), jnp.asarray(w), **kw)
-    got = dm.decode_matmul(jnp.asarray(x), jnp.asarray(w), config=CFG, interpret=True, **kw)
+    ref = dm.decode_matmul_reference(jnp.asarray(x), jnp.asarray(w), **ref_kw)
+    kx, kw = _kernel_kwargs(variant, x, nw, r, nw_next)
+    got = dm.decode_matmul(kx, jnp.asarray(w), config=CFG, interpret=True, **kw)
+    if "next_norm_weight" in kw:
+        got, hw, sq = got
+        assert sq.shape == (256 // CFG.block_n, m)
+        want_hw, want_sq, got_sq = _next_norm_numpy(want, nw_next, sq)
+        np.testing.assert_allclose(np.asarray(hw), want_hw, rtol=1e-4, atol=1e-4)
+        np.testing.assert_allclose(got_sq, want_sq, rtol=1e-4)
     assert got.shape == want.shape == ref.shape
     with jax.default_matmul_precision("float32"):
         np.testing.assert_allclose(np.asarray(ref), want, rtol=1e-4, atol=1e-4)
@@ -88,23 +118,32 @@ def test_float32_kernel_and_reference_match_numpy(variant, m):
 def test_bfloat16_kernel_matches_the_reference(variant):
     x, w, nw, r = _case(16, 256, 384, seed=1)
     bf = lambda a: jnp.asarray(a, jnp.bfloat16)
-    kw = _kwargs(variant, nw, r, bf)
+    nw_next = bf(1 + 0.3 * np.random.default_rng(8).normal(size=384))
+    kx, kw = _kernel_kwargs(variant, x, nw, r, nw_next, bf)
     cfg = dm.DecodeMatmulConfig(block_n=64, block_k=64, num_warps=8, num_stages=3)
-    got = dm.decode_matmul(bf(x), bf(w), config=cfg, interpret=True, **kw)
-    ref = dm.decode_matmul_reference(bf(x), bf(w), **kw)
+    got = dm.decode_matmul(kx, bf(w), config=cfg, interpret=True, **kw)
+    ref = dm.decode_matmul_reference(bf(x), bf(w), **_reference_kwargs(variant, nw, r, bf))
+    close = functools.partial(np.testing.assert_allclose, rtol=3e-2, atol=6e-2)
+    if "next_norm_weight" in kw:
+        got, hw, sq = got
+        want_hw, want_sq = dm.norm_inputs(got, nw_next)  # from the rounded output, as HF's norm
+        assert hw.dtype == jnp.bfloat16 and sq.dtype == jnp.float32
+        close(np.asarray(hw, np.float32), np.asarray(want_hw, np.float32))
+        np.testing.assert_allclose(np.asarray(sq).sum(0), np.asarray(want_sq)[0], rtol=1e-5)
     assert got.dtype == jnp.bfloat16
-    np.testing.assert_allclose(
-        np.asarray(got, np.float32), np.asarray(ref, np.float32), rtol=3e-2, atol=6e-2
-    )
+    close(np.asarray(got, np.float32), np.asarray(ref, np.float32))
 
 
-def test_gate_up_epilogue_reads_the_interleaved_layout():
+@pytest.mark.parametrize("block_n", [32, 64, 128])
+def test_gate_up_epilogue_reads_the_interleaved_layout(block_n):
     """The kernel's silu * up on a weight interleaved by gate_up.interleave equals the plain
-    [gate | up] computation."""
+    [gate | up] computation, whether a program takes a whole gate/up block pair (128 columns)
+    or part of one."""
     x, w, nw, _ = _case(16, 128, 256, seed=2)
     plain_gate, plain_up = w[:, :128], w[:, 128:]
     wi = gate_up.interleave(w, 64)
-    got = dm.decode_matmul(jnp.asarray(x), jnp.asarray(wi), gate_up_block=64, config=CFG,
+    cfg = dm.DecodeMatmulConfig(block_n=block_n, block_k=128)
+    got = dm.decode_matmul(jnp.asarray(x), jnp.asarray(wi), gate_up_block=64, config=cfg,
                            interpret=True)  # fmt: skip
     g, u = x.astype(np.float64) @ plain_gate, x.astype(np.float64) @ plain_up
     np.testing.assert_allclose(np.asarray(got), g / (1 + np.exp(-g)) * u, rtol=1e-4, atol=1e-4)
@@ -112,27 +151,39 @@ def test_gate_up_epilogue_reads_the_interleaved_layout():
 
 def test_unsupported_shapes_and_epilogues_are_refused():
     x, w, nw, r = _case(16, 256, 256)
+    x, w, r = jnp.asarray(x), jnp.asarray(w), jnp.asarray(r)
     with pytest.raises(NotImplementedError):  # M not a multiple of 16
-        dm.decode_matmul(jnp.asarray(x[:8]), jnp.asarray(w), config=CFG, interpret=True)
+        dm.decode_matmul(x[:8], w, config=CFG, interpret=True)
     with pytest.raises(NotImplementedError):  # K not a multiple of block_k
-        dm.decode_matmul(jnp.asarray(x[:, :200]), jnp.asarray(w[:200]), config=CFG, interpret=True)
+        dm.decode_matmul(x[:, :200], w[:200], config=CFG, interpret=True)
+    with pytest.raises(NotImplementedError):  # three partials: not one Triton tile
+        dm.decode_matmul(x, w, row_sq=jnp.ones((3, 16)), config=CFG, interpret=True)
     with pytest.raises(ValueError):
-        dm.decode_matmul(jnp.asarray(x), jnp.asarray(w), residual=jnp.asarray(r),
-                         gate_up_block=64, config=CFG, interpret=True)  # fmt: skip
+        dm.decode_matmul(x, w, residual=r, gate_up_block=64, config=CFG, interpret=True)
+    with pytest.raises(ValueError):  # the next norm's inputs come from a residual add
+        dm.decode_matmul(x, w, next_norm_weight=jnp.ones(256), config=CFG, interpret=True)
     assert dm.supports(16, 4096, 6144, dm.DecodeMatmulConfig(), None)
     assert not dm.supports(16, 4096, 6144, dm.DecodeMatmulConfig(block_n=64 * 5), None)
     assert not dm.supports(48, 4096, 6144, dm.DecodeMatmulConfig(), None)  # Triton: 2^n rows
+    assert not dm.supports(16, 4096, 28672, dm.DecodeMatmulConfig(block_n=96), 64)
 
 
 @pytest.mark.parametrize("variant", VARIANTS)
 @pytest.mark.parametrize("m", [16, 32, 64])
 def test_kernel_lowers_for_cuda(variant, m):
-    x = jax.ShapeDtypeStruct((m, 4096), jnp.bfloat16)
-    w = jax.ShapeDtypeStruct((4096, 6144), jnp.bfloat16)
-    nw = jax.ShapeDtypeStruct((4096,), jnp.bfloat16)
-    r = jax.ShapeDtypeStruct((m, 6144), jnp.bfloat16)
-    kw = _kwargs(variant, nw, r, as_array=lambda a: a)
-    static = {key: kw.pop(key) for key in ("eps", "gate_up_block") if key in kw}
-    fn = functools.partial(dm.decode_matmul, **static)
+    sds = jax.ShapeDtypeStruct
+    n = 28672 if VARIANTS[variant].get("gate_up") else 4096
+    x, w = sds((m, 4096), jnp.bfloat16), sds((4096, n), jnp.bfloat16)
+    kw = {}
+    if VARIANTS[variant].get("norm"):
+        kw["row_sq"] = sds((128, m), jnp.float32)
+    if VARIANTS[variant].get("residual"):
+        kw["residual"] = sds((m, n), jnp.bfloat16)
+    if VARIANTS[variant].get("next_norm"):
+        kw["next_norm_weight"] = sds((n,), jnp.bfloat16)
+    cfg = dm.DecodeMatmulConfig(block_n=128 if n == 28672 else 32, block_k=128, num_stages=4)
+    fn = functools.partial(
+        dm.decode_matmul, eps=EPS, gate_up_block=64 if n == 28672 else None, config=cfg
+    )
     text = jax.jit(fn).trace(x, w, **kw).lower(lowering_platforms=("cuda",)).as_text()
     assert "__gpu$xla.gpu.triton" in text

@@ -23,9 +23,12 @@ def _cfg(family: str) -> ModelConfig:
 
 def test_layer_shapes(monkeypatch):
     cfg = _cfg("llama3")  # 64 wide, 4 / 2 heads of 16, MLP 192 (three blocks of 64)
-    assert dmm.layer_shapes(cfg, jnp.float32) is None  # off by default
+    want = ((64, 128, None), (64, 64, None), (64, 384, 64))  # qkv, o_proj, gate/up
+    monkeypatch.delenv("PAGEJAX_GPU_DECODE_MATMUL", raising=False)
+    assert dmm.layer_shapes(cfg, jnp.bfloat16) == want  # on by default
+    monkeypatch.setenv("PAGEJAX_GPU_DECODE_MATMUL", "xla")
+    assert dmm.layer_shapes(cfg, jnp.bfloat16) is None  # the opt-out
     monkeypatch.setenv("PAGEJAX_GPU_DECODE_MATMUL", "pallas")
-    want = ((64, 128, None), (64, 64, None), (64, 384, 64), (192, 64, None))
     assert dmm.layer_shapes(cfg, jnp.bfloat16) == want
     assert dmm.layer_shapes(cfg, jnp.float16) is None  # x * norm weight could overflow
     assert dmm.layer_shapes(_cfg("llama2_tied"), jnp.bfloat16) is None  # MLP 112: plain layout
@@ -37,27 +40,38 @@ def test_layer_shapes(monkeypatch):
 
 
 def test_layer_mode():
-    shapes = ((64, 128, None), (64, 64, None), (64, 384, 64), (192, 64, None))
+    shapes = ((64, 128, None), (64, 64, None), (64, 384, 64))
     assert [dmm.layer_mode(INTERPRET, t, shapes) for t in (16, 32, 64)] == ["interpret"] * 3
     assert dmm.layer_mode(INTERPRET, 128, shapes) is None  # past the decode buckets
     assert dmm.layer_mode(INTERPRET, 48, shapes) is None  # Triton tiles: powers of two
     assert dmm.layer_mode(INTERPRET, 16, None) is None
     assert dmm.layer_mode(AttentionBackend.REFERENCE, 16, shapes) is None
     assert dmm.layer_mode(AttentionBackend.PALLAS, 16, shapes) is None  # no NVIDIA GPU here
-    assert dmm.layer_mode(INTERPRET, 16, ((100, 64, None),)) is None  # no K step divides 100
+    bad_k = ((100, 128, None), (64, 64, None), (64, 384, 64))
+    assert dmm.layer_mode(INTERPRET, 16, bad_k) is None  # no K step divides 100
 
 
-def test_config_for_keeps_the_pipeline_in_shared_memory():
-    """4 stages of the W and x slabs within 160 KiB: the gate/up pair (128 columns) takes
-    smaller K steps, more so at 64 rows."""
-    plain = dmm.config_for(16, 4096, 6144)
-    assert (plain.block_n, plain.block_k, plain.num_stages) == (32, 256, 4)
-    assert dmm.config_for(64, 14336, 4096).block_k == 128
-    assert dmm.config_for(16, 4096, 28672, 64).block_k == 128
-    assert dmm.config_for(64, 4096, 28672, 64).block_k == 64
+def test_layer_mode_needs_a_power_of_two_of_partial_sums():
+    """o_proj's residual add hands the next norm one partial sum of squares a program, which
+    gate/up loads as one Triton tile: 48 wide makes three programs of 16 columns."""
+    shapes = ((48, 96, None), (64, 48, None), (48, 384, 64))
+    assert dmm.layer_mode(INTERPRET, 16, shapes) is None
+
+
+def test_config_for():
+    """Measured tiles (H200): 64 columns a program where that leaves 96 programs (qkv), else
+    32 (o_proj); K steps of 128 rows and up to 6 stages within 160 KiB of shared memory; the
+    gate/up pair (128 columns) 64-row steps and 3 stages."""
+    tiles = lambda *a: (lambda c: (c.block_n, c.block_k, c.num_stages))(dmm.config_for(*a))
+    assert tiles(16, 4096, 6144) == (64, 128, 6)  # qkv
+    assert tiles(16, 4096, 4096) == (32, 128, 6)  # o_proj
+    assert tiles(16, 14336, 4096) == (32, 128, 6)  # down_proj
+    assert tiles(16, 4096, 28672, 64) == (128, 64, 3)  # gate/up
+    assert tiles(64, 4096, 28672, 64) == (128, 64, 3)
+    assert tiles(64, 4096, 4096) == (32, 128, 6)
     for m, k, n, block in ((16, 4096, 6144, None), (64, 4096, 28672, 64), (64, 14336, 4096, None)):
         cfg = dmm.config_for(m, k, n, block)
-        cols = 2 * block if block else cfg.block_n
-        assert cfg.num_stages * cfg.block_k * (cols + m) * 2 <= 160 * 1024
-    assert dmm.config_for(16, 192, 48).block_n == 16
+        assert cfg.num_stages * cfg.block_k * (cfg.block_n + m) * 2 <= 160 * 1024
+    assert tiles(16, 192, 48) == (16, 64, 6)  # narrow: the most programs; K: 64 divides 192
     assert dmm.config_for(16, 64, 20) is None
+    assert dmm.config_for(16, 4096, 200, 64) is None  # not whole gate/up pairs
