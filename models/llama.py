@@ -199,7 +199,10 @@ class DecoderLayer(nnx.Module):
     def fused_mode(self, num_tokens: int) -> str | None:
         """How a step of `num_tokens` runs this layer: "gpu" / "interpret" (`fused`), or None
         (`__call__`, XLA's fusions; pallas_kernels/decode_matmul.py)."""
-        return decode_matmul.layer_mode(self.self_attn.backend, num_tokens, self.fused_shapes)
+        dtype = self.self_attn.qkv_proj.kernel.dtype
+        return decode_matmul.layer_mode(
+            self.self_attn.backend, num_tokens, self.fused_shapes, dtype
+        )
 
     def __call__(self, x, positions, inv_freq, kv_cache, meta):
         h, kv_cache = self.self_attn(self.input_layernorm(x), positions, inv_freq, kv_cache, meta)
@@ -219,8 +222,9 @@ class DecoderLayer(nnx.Module):
         """The same layer with three of its matmuls fused with their neighbours
         (pallas_kernels/gpu_decode_matmul.py): the input norm split between the previous layer
         and qkv, o_proj's residual add making the post-attention norm's inputs, that norm and
-        silu * up inside gate/up. down_proj stays with XLA, its residual add in the sum of its
-        split-K partials, and makes the next layer's norm inputs. `norm_in`: this layer's
+        silu * up inside gate/up. down_proj stays with XLA (its residual add fused into the
+        sum of its split-K partials, or at 64 tokens into cuBLAS' epilogue), and so do the
+        next layer's norm inputs. `norm_in`: this layer's
         input norm's inputs (`decode_matmul.norm_inputs(x, input_layernorm weight)`);
         `next_norm`: the next layer's input norm's weight (the model's final norm's for the
         last). Returns (x, the next norm's inputs) and the cache."""

@@ -1,15 +1,16 @@
 """When a decoder layer runs its matmuls fused with their neighbours (gpu_decode_matmul.py):
-steps of 16, 32 or 64 tokens (the decode buckets) on an NVIDIA GPU with the Pallas backend,
-and in Pallas' interpreter with the `pallas-interpret-gpu` backend (tests), unless
-`PAGEJAX_GPU_DECODE_MATMUL=xla` leaves every layer to XLA's fusions (the default is `pallas`).
+steps of 16, 32 or 64 tokens (the decode buckets) of bfloat16 models on a Hopper GPU with the
+Pallas backend, and in Pallas' interpreter with the `pallas-interpret-gpu` backend (tests),
+unless `PAGEJAX_GPU_DECODE_MATMUL=xla` leaves every layer to XLA's fusions (the default is
+`pallas`). The tiles assume Hopper's shared memory (227 KiB a block) and 16-bit weights.
 
 A fused layer's matmuls (DecoderLayer.fused, models/llama.py):
   qkv = rmsnorm(x) @ W_qkv;  x = attn @ W_o + x;  h = silu * up of rmsnorm(x) @ W_gate_up
 are these kernels; x = h @ W_down + x stays with XLA, whose split-K GEMM streams that weight
-faster than this kernel (34 against 31 us at 16 rows, H200: each of its 128 programs reads
-all of the [M, 14336] x). On an H200 (sixteenth session, docs/BENCHMARKS.md): a forward of
-32 or 64 decodes 1.9 / 2.9 % faster, batch-1 decode steps (`bench latency`) 1.7-5 % faster,
-TPOT p50 at rate 16 10 % lower.
+faster: 31 us against this kernel's 34 at 16 rows on an H200, as each of the kernel's 128
+programs reads all of the [M, 14336] x. On an H200 (sixteenth session, docs/BENCHMARKS.md): a
+forward of 32 or 64 decodes 1.9 / 2.9 % faster, of one decode even (4.42 against 4.40 ms);
+batch-1 decode steps in `bench latency` 1.7-5 % faster; TPOT p50 at rate 16 10 % lower.
 Layers with biases, q/k norms, a plain (not interleaved) gate/up weight or float16 weights
 stay with XLA. The variable is read when the model is built (`layer_shapes`), so it is part
 of the layer's definition: two settings never share a trace.
@@ -74,17 +75,23 @@ def config_for(m: int, k: int, n: int, gate_up_block: int | None = None):
 
 
 def layer_mode(
-    backend: AttentionBackend, num_tokens: int, shapes: tuple[MatmulShape, ...] | None
+    backend: AttentionBackend,
+    num_tokens: int,
+    shapes: tuple[MatmulShape, ...] | None,
+    dtype: jnp.dtype = jnp.bfloat16,
 ) -> str | None:
     """ "gpu", "interpret" or None (XLA) for a layer of this step size. `shapes`: the layer's
-    fused matmuls (`layer_shapes`), None when the layer is not to be fused."""
+    fused matmuls (`layer_shapes`), None when the layer is not to be fused; `dtype`: its
+    weights' (the GPU's tiles are for bfloat16; the interpreter takes float32 too)."""
     if shapes is None or num_tokens not in ROWS:
         return None
     if backend is AttentionBackend.PALLAS_INTERPRET_GPU:
         mode = "interpret"
-    elif backend is AttentionBackend.PALLAS and hardware.is_nvidia():
+    elif backend is AttentionBackend.PALLAS and hardware.is_hopper():
         mode = "gpu"
     else:
+        return None
+    if mode == "gpu" and jnp.dtype(dtype) != jnp.bfloat16:
         return None
     configs = [config_for(num_tokens, *s) for s in shapes]
     if any(c is None for c in configs):
@@ -115,22 +122,36 @@ def layer_shapes(cfg, dtype) -> tuple[MatmulShape, ...] | None:
 
 
 def norm_inputs(h: jax.Array, norm_weight: jax.Array) -> tuple[jax.Array, jax.Array]:
-    """`gpu_decode_matmul.norm_inputs`: the first fused layer's norm inputs."""
+    """`gpu_decode_matmul.norm_inputs`: the norm inputs a fused layer's qkv takes, made in
+    jnp from the embeddings and from XLA's down_proj."""
     from pallas_kernels import gpu_decode_matmul
 
     return gpu_decode_matmul.norm_inputs(h, norm_weight)
 
 
-def matmul(x: jax.Array, w: jax.Array, *, mode: str, gate_up_block: int | None = None, **kw):
-    """`gpu_decode_matmul.decode_matmul` with `config_for`'s tiles; `kw`: its row_sq, eps,
-    residual and next_norm_weight."""
+def matmul(
+    x: jax.Array,
+    w: jax.Array,
+    *,
+    mode: str,
+    row_sq: jax.Array | None = None,
+    eps: float = 1e-6,
+    residual: jax.Array | None = None,
+    next_norm_weight: jax.Array | None = None,
+    gate_up_block: int | None = None,
+) -> jax.Array | tuple[jax.Array, jax.Array, jax.Array]:
+    """`gpu_decode_matmul.decode_matmul` with `config_for`'s tiles, interpreted in mode
+    "interpret"."""
     from pallas_kernels import gpu_decode_matmul
 
     return gpu_decode_matmul.decode_matmul(
         x,
         w,
+        row_sq=row_sq,
+        eps=eps,
+        residual=residual,
+        next_norm_weight=next_norm_weight,
         gate_up_block=gate_up_block,
         config=config_for(x.shape[0], x.shape[1], w.shape[1], gate_up_block),
         interpret=mode == "interpret",
-        **kw,
     )

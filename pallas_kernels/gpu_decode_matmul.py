@@ -3,7 +3,7 @@ decode step: `rmsnorm(h) @ W`, `x @ W + residual` and `silu(gate) * up` of an in
 gate/up weight. Pallas with the Triton lowering, for NVIDIA GPUs; `decode_matmul_reference` is
 the same computation in jnp.
 
-Why: at 16 tokens XLA runs a Llama layer as 13 kernels. Its GEMMs split K 4-8 ways and write
+Why: at 16 tokens XLA runs a Llama layer as 13-14 kernels. Its GEMMs split K 4-8 ways and write
 float32 partials that the next fusion sums, and the RMSNorms, the residual adds and silu * up
 are kernels of their own (docs/kernel_notes.md, fifteenth session). Each small kernel costs
 1.5-2.3 us, ~0.42 ms of a 4.4 ms batch-1 step on an H200. Here the matmuls take their
@@ -14,11 +14,12 @@ neighbours' work into their prologue and epilogue:
   the MMA's operand: any arithmetic on it inside the loop (an RMSNorm prologue) made the
   kernel 2-3x slower on an H200 (sixteenth session).
 - The RMSNorm is split between two kernels instead. `rmsnorm(h) @ W` equals
-  `rsqrt(mean(h^2) + eps) * ((h * norm_weight) @ W)` by rows. The kernel that produces h (the
-  residual add of o_proj or down_proj, `next_norm_weight`) also writes `h * norm_weight` of
+  `rsqrt(mean(h^2) + eps) * ((h * norm_weight) @ W)` by rows. The kernel that produces h by a
+  residual add (`next_norm_weight`; in the model, o_proj's) also writes `h * norm_weight` of
   the next norm and each program's sum of h^2 over its columns (`[N / block_n, M]` float32);
   the kernel that consumes them (`row_sq`) sums those partials and scales its accumulator's
-  rows at the end. `norm_inputs` makes the pair in jnp for the first layer. (HF rounds the
+  rows at the end. Where XLA makes h (the embeddings, down_proj), `norm_inputs` makes the
+  pair in jnp. (HF rounds the
   normalised h to the model's dtype before the weight; here the scale applies in float32
   after the matmul: the same within the dtype's rounding.)
 - Epilogues: `+ residual`, or silu(gate) * up for the MLP's gate/up weight stored interleaved

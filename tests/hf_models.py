@@ -118,3 +118,53 @@ def empty_caches(model, num_pages: int, page_size: int) -> list:
     dtype = model.model.embed_tokens.embedding[...].dtype
     shape = kv_cache_shape(num_pages, page_size, cfg.num_kv_heads, cfg.head_dim)
     return [jnp.zeros(shape, dtype) for _ in range(cfg.num_layers)]
+
+
+def fused_against_xla_layers(hidden: int, mlp: int, backend) -> tuple[np.ndarray, np.ndarray]:
+    """Logits of a 2-layer bf16 Llama (random weights and norm weights) over a 64-, a 32- and a
+    16-token step with its decode-sized layers fused (pallas_kernels/decode_matmul.py, the
+    default) and then with the same layers left to XLA (`fused_shapes` None, as
+    `PAGEJAX_GPU_DECODE_MATMUL=xla` builds them): (fused, xla). At 4,096 / 14,336 the widths
+    and heads (32 / 8) are Llama-3-8B's, so are the fused kernels' tiles and partial sums."""
+    from flax import nnx
+
+    from models.config import ModelConfig
+    from models.llama import LlamaForCausalLM
+
+    heads, kv_heads = (32, 8) if hidden == 4096 else (8, 2)
+    cfg = ModelConfig.from_hf_dict(
+        {"architectures": ["LlamaForCausalLM"], "hidden_size": hidden, "intermediate_size": mlp,
+         "num_attention_heads": heads, "num_key_value_heads": kv_heads, "head_dim": 128,
+         "num_hidden_layers": 2, "vocab_size": 1000, "rms_norm_eps": 1e-5}
+    )  # fmt: skip
+    model = LlamaForCausalLM(cfg, dtype=jnp.bfloat16, attention_backend=backend, rngs=nnx.Rngs(0))
+    rng = np.random.default_rng(0)
+    layers = model.model.layers
+    norms = [model.model.norm] + [layer.input_layernorm for layer in layers]
+    for norm in norms + [layer.post_attention_layernorm for layer in layers]:
+        norm.scale[...] = jnp.asarray(1 + 0.2 * rng.normal(size=hidden), jnp.bfloat16)
+    steps = ((0, 64), (64, 96), (96, 112))
+    assert all(layer.fused_mode(b - a) is not None for layer in layers for a, b in steps)
+    page_ids, tokens = [3, 1, 4, 2, 6, 8, 5], rng.integers(0, 1000, size=112)
+
+    @nnx.jit
+    def forward(model, token_ids, positions, caches, meta):
+        hidden, caches = model(token_ids, positions, caches, meta)
+        return model.logits(hidden), caches
+
+    def run():
+        caches, out = empty_caches(model, 9, 16), []
+        for start, stop in steps:
+            meta = single_request_metadata(start, stop - start, page_ids, 16)
+            positions = jnp.arange(start, stop, dtype=jnp.int32)
+            logits, caches = forward(
+                model, jnp.asarray(tokens[start:stop]), positions, caches, meta
+            )
+            out.append(np.asarray(logits))
+        return np.concatenate(out)
+
+    fused = run()
+    for layer in layers:
+        layer.fused_shapes = None
+    assert layers[0].fused_mode(16) is None
+    return fused, run()

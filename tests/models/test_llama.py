@@ -114,6 +114,20 @@ def test_full_size_parameter_count_without_allocating(name, hf_config, expected)
     assert sum(int(np.prod(x.shape)) for x in leaves) == expected, name
 
 
+def test_fused_layers_at_8b_widths_match_xla_layers(monkeypatch):
+    """The fused decode layers, interpreted, at Llama-3-8B's widths and tiles (128 partial sums
+    of squares from o_proj, 64-column qkv programs), bf16, against the same model's layers
+    left to XLA: 64-, 32- and 16-token steps (tests/hf_models.py)."""
+    from pallas_kernels.attention import AttentionBackend
+    from tests.hf_models import fused_against_xla_layers
+
+    monkeypatch.delenv("PAGEJAX_GPU_DECODE_MATMUL", raising=False)
+    fused, ref = fused_against_xla_layers(4096, 14336, AttentionBackend.PALLAS_INTERPRET_GPU)
+    rel = np.abs(fused - ref).max() / np.abs(ref).max()
+    assert rel <= 3e-2, f"max relative error {rel:.2e}"
+    assert (fused.argmax(-1) == ref.argmax(-1)).mean() >= 0.9
+
+
 def test_fused_decode_matmuls_match_transformers(tmp_path, monkeypatch):
     """`PAGEJAX_GPU_DECODE_MATMUL=pallas`, the GPU kernels interpreted: a 32-token step and a
     16-token step, each layer's qkv, o_proj and gate/up as the fused matmuls

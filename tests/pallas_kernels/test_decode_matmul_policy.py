@@ -46,9 +46,22 @@ def test_layer_mode():
     assert dmm.layer_mode(INTERPRET, 48, shapes) is None  # Triton tiles: powers of two
     assert dmm.layer_mode(INTERPRET, 16, None) is None
     assert dmm.layer_mode(AttentionBackend.REFERENCE, 16, shapes) is None
-    assert dmm.layer_mode(AttentionBackend.PALLAS, 16, shapes) is None  # no NVIDIA GPU here
+    assert dmm.layer_mode(AttentionBackend.PALLAS, 16, shapes) is None  # no Hopper GPU here
+    assert dmm.layer_mode(INTERPRET, 16, shapes, jnp.float32) == "interpret"
     bad_k = ((100, 128, None), (64, 64, None), (64, 384, 64))
     assert dmm.layer_mode(INTERPRET, 16, bad_k) is None  # no K step divides 100
+
+
+def test_layer_mode_on_a_hopper_gpu_takes_bfloat16_only(monkeypatch):
+    """The GPU tiles assume Hopper's shared memory and 16-bit weights: float32 and float16
+    layers, and other GPUs, stay with XLA."""
+    shapes = ((64, 128, None), (64, 64, None), (64, 384, 64))
+    monkeypatch.setattr(dmm.hardware, "is_hopper", lambda: True)
+    assert dmm.layer_mode(AttentionBackend.PALLAS, 16, shapes, jnp.bfloat16) == "gpu"
+    assert dmm.layer_mode(AttentionBackend.PALLAS, 16, shapes, jnp.float32) is None
+    assert dmm.layer_mode(AttentionBackend.PALLAS, 16, shapes, jnp.float16) is None
+    monkeypatch.setattr(dmm.hardware, "is_hopper", lambda: False)
+    assert dmm.layer_mode(AttentionBackend.PALLAS, 16, shapes, jnp.bfloat16) is None
 
 
 def test_layer_mode_needs_a_power_of_two_of_partial_sums():
@@ -56,6 +69,8 @@ def test_layer_mode_needs_a_power_of_two_of_partial_sums():
     gate/up loads as one Triton tile: 48 wide makes three programs of 16 columns."""
     shapes = ((48, 96, None), (64, 48, None), (48, 384, 64))
     assert dmm.layer_mode(INTERPRET, 16, shapes) is None
+    # 64 wide: four programs of 16 columns, and every matmul has tiles.
+    assert dmm.layer_mode(INTERPRET, 16, ((64, 96, None), (64, 64, None), (64, 384, 64)))
 
 
 def test_config_for():

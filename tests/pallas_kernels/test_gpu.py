@@ -268,56 +268,19 @@ def test_decode_matmul_kernel_matches_the_reference(name, m):
     )
 
 
-def test_fused_decode_layers_match_xla_layers(monkeypatch):
-    """A model's decode-sized steps with the fused layers (the default: qkv, o_proj and gate/up
-    as Triton kernels, pallas_kernels/decode_matmul.py) against the same model's layers left
-    to XLA (`fused_shapes` None, as `PAGEJAX_GPU_DECODE_MATMUL=xla` builds them): a 32-token
-    and a 16-token step, bf16, widths that Llama-3-8B's tiles apply to, random norm weights."""
-    from flax import nnx
-
-    from models.config import ModelConfig
-    from models.llama import LlamaForCausalLM
+@pytest.mark.parametrize("hidden, mlp", [(1024, 3584), (4096, 14336)])
+def test_fused_decode_layers_match_xla_layers(hidden, mlp, monkeypatch):
+    """The fused decode layers (the default: qkv, o_proj and gate/up as Triton kernels) against
+    the XLA layers of the same model, compiled for the GPU (tests/hf_models.py
+    `fused_against_xla_layers`). At 1,024 wide qkv and o_proj take 16 columns a program; at
+    4,096 the 8B model's tiles."""
     from pallas_kernels.attention import AttentionBackend
-    from tests.hf_models import empty_caches, single_request_metadata
+    from tests.hf_models import fused_against_xla_layers
 
     monkeypatch.delenv("PAGEJAX_GPU_DECODE_MATMUL", raising=False)
-    cfg = ModelConfig.from_hf_dict(
-        {"architectures": ["LlamaForCausalLM"], "hidden_size": 1024, "intermediate_size": 3584,
-         "num_attention_heads": 8, "num_key_value_heads": 2, "head_dim": 128,
-         "num_hidden_layers": 3, "vocab_size": 1000, "rms_norm_eps": 1e-5}
-    )  # fmt: skip
-    model = LlamaForCausalLM(
-        cfg, dtype=jnp.bfloat16, attention_backend=AttentionBackend.PALLAS, rngs=nnx.Rngs(0)
-    )
-    rng = np.random.default_rng(0)
-    norms = [layer.input_layernorm for layer in model.model.layers] + [model.model.norm]
-    norms += [layer.post_attention_layernorm for layer in model.model.layers]
-    for norm in norms:
-        norm.scale[...] = jnp.asarray(1 + 0.2 * rng.normal(size=1024), jnp.bfloat16)
-    assert all(layer.fused_mode(t) == "gpu" for layer in model.model.layers for t in (16, 32))
-    page_ids, tokens = [3, 1, 4, 2], rng.integers(0, 1000, size=48)
-
-    @nnx.jit
-    def forward(model, token_ids, positions, caches, meta):
-        hidden, caches = model(token_ids, positions, caches, meta)
-        return model.logits(hidden), caches
-
-    def run():
-        caches, out = empty_caches(model, 5, 16), []
-        for start, stop in ((0, 32), (32, 48)):
-            meta = single_request_metadata(start, stop - start, page_ids, 16)
-            positions = jnp.arange(start, stop, dtype=jnp.int32)
-            logits, caches = forward(
-                model, jnp.asarray(tokens[start:stop]), positions, caches, meta
-            )
-            out.append(np.asarray(logits))
-        return np.concatenate(out)
-
-    fused = run()
-    for layer in model.model.layers:
-        layer.fused_shapes = None
-    assert model.model.layers[0].fused_mode(16) is None
-    ref = run()
+    if not hardware.is_hopper():
+        pytest.skip("the fused decode layers: Hopper only")
+    fused, ref = fused_against_xla_layers(hidden, mlp, AttentionBackend.PALLAS)
     rel = np.abs(fused - ref).max() / np.abs(ref).max()
     assert rel <= 3e-2, f"max relative error {rel:.2e}"
     assert (fused.argmax(-1) == ref.argmax(-1)).mean() >= 0.9
