@@ -15,6 +15,10 @@ decodes, captures the input of one decode step, and times (each `--reps` times):
 - with `--profile DIR`, `profile`: `--iters` steps traced, device time a step by kernel kind
   and name (scripts/trace_step.py's summary; a per-layer kernel's time over the number of
   layers is the per-launch figure that docs/BENCHMARKS.md's tenth session quotes).
+The step runs in the (tokens, requests) bucket a server with the default ladders and
+`--max-num-seqs` (default 256, the server's) gives it: 16 x 16 for 1-16 decodes, 32 x 32 for
+17-32. (Until the sixteenth session the tool ran up to 8 decodes in a 16 x 8 bucket, which
+only a user's request ladder runs.)
 The engine's step time (`pagejax bench latency`; `PAGEJAX_STEP_TRACE` for its host share) minus
 `forward_sampler_ms` is what the host adds to a step. `PAGEJAX_GPU_GEMM` is read as the CLI
 reads it. The script reaches into the runner's executable tables (`_forward`, `_sampler`).
@@ -166,6 +170,9 @@ def main() -> None:
     ap.add_argument("--load-format", default="dummy")
     ap.add_argument("--batch", type=int, default=64)
     ap.add_argument("--context", type=int, default=640)
+    ap.add_argument(
+        "--max-num-seqs", type=int, default=256, help="the request ladder's top (a server's 256)"
+    )
     ap.add_argument("--temperature", type=float, default=1.0)
     ap.add_argument("--iters", type=int, default=40)
     ap.add_argument("--reps", type=int, default=3)
@@ -175,19 +182,25 @@ def main() -> None:
     ap.add_argument("--output-json", required=True)
     args = ap.parse_args()
     from engine import LLM
-    from engine.config import parse_gpu_gemm
+    from engine.config import bucket_ladder, parse_gpu_gemm
 
     b = args.batch
+    # The buckets a server runs this decode batch in (its default ladders: engine/runner.py
+    # `_ladders`, `request_buckets_for`): the token rung that holds the batch, and the request
+    # ladder of `--max-num-seqs`, from which the runner picks the step's request rung (16 for
+    # 1-16 decodes with the server's 256). Only that token rung and 2,048 are compiled.
+    max_seqs = max(args.max_num_seqs, b)
+    rung = next(t for t in bucket_ladder(16, max(8192, b)) if t >= b)
     llm = LLM(
         args.model,
         load_format=args.load_format,
         skip_tokenizer_init=True,
-        max_num_seqs=b,
+        max_num_seqs=max_seqs,
         enable_prefix_caching=False,
-        max_num_batched_tokens=max(2048, b),
+        max_num_batched_tokens=max(2048, rung),
         max_model_len=args.context + 512,
-        token_buckets=tuple(sorted({max(16, b), max(2048, b)})),
-        request_buckets=(max(8, b),),
+        token_buckets=tuple(sorted({rung, max(2048, rung)})),
+        request_buckets=bucket_ladder(8, max_seqs),
         cublas_min_tokens=parse_gpu_gemm(os.environ.get("PAGEJAX_GPU_GEMM", "auto")),
     )
     step = capture_decode_step(llm, b, args.context, args.temperature)
