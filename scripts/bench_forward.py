@@ -181,16 +181,18 @@ def main() -> None:
     )
     ap.add_argument("--output-json", required=True)
     args = ap.parse_args()
+    from bench_kernels import engine_decode_buckets  # a sibling script: scripts/ is on sys.path
+
     from engine import LLM
     from engine.config import bucket_ladder, parse_gpu_gemm
 
     b = args.batch
-    # The buckets a server runs this decode batch in (its default ladders: engine/runner.py
-    # `_ladders`, `request_buckets_for`): the token rung that holds the batch, and the request
-    # ladder of `--max-num-seqs`, from which the runner picks the step's request rung (16 for
-    # 1-16 decodes with the server's 256). Only that token rung and 2,048 are compiled.
+    # The buckets a server runs this decode batch in (`engine_decode_buckets`: its default
+    # ladders): the token rung that holds the batch, and the request ladder of
+    # `--max-num-seqs`, from which the runner picks the step's request rung (16 for 1-16
+    # decodes with the server's 256). Only that token rung and 2,048 are compiled.
     max_seqs = max(args.max_num_seqs, b)
-    rung = next(t for t in bucket_ladder(16, max(8192, b)) if t >= b)
+    rung, _ = engine_decode_buckets(b, max_seqs, budget=max(8192, b))
     llm = LLM(
         args.model,
         load_format=args.load_format,

@@ -52,23 +52,6 @@ VARIANTS = {
 }
 
 
-def _kernel_kwargs(variant, x, nw, r, nw_next, as_array=jnp.asarray):
-    """The kernel's x and keywords for `variant`: with a norm, x * norm weight and the sums of
-    x^2 (`norm_inputs`, as two partials where the rows allow, as a producer would hand them)."""
-    v = VARIANTS[variant]
-    x, kw = as_array(x), {"eps": EPS}
-    if v.get("norm"):
-        x, sq = dm.norm_inputs(x, as_array(nw))
-        kw["row_sq"] = jnp.concatenate([0.25 * sq, 0.75 * sq])  # any split of the sums
-    if v.get("residual"):
-        kw["residual"] = as_array(r)
-    if v.get("next_norm"):
-        kw["next_norm_weight"] = as_array(nw_next)
-    if v.get("gate_up"):
-        kw["gate_up_block"] = 64
-    return x, kw
-
-
 def _reference_kwargs(variant, nw, r, as_array=jnp.asarray):
     v = VARIANTS[variant]
     kw = {"eps": EPS}
@@ -79,6 +62,20 @@ def _reference_kwargs(variant, nw, r, as_array=jnp.asarray):
     if v.get("gate_up"):
         kw["gate_up_block"] = 64
     return kw
+
+
+def _kernel_kwargs(variant, x, nw, r, nw_next, as_array=jnp.asarray):
+    """The reference's keywords as the kernel takes them: with a norm, x * norm weight and the
+    sums of x^2 (`norm_inputs`, as two partials, as a producer would hand them) instead of the
+    norm's weight; with `next_norm`, the next norm's weight."""
+    kw = _reference_kwargs(variant, nw, r, as_array)
+    x = as_array(x)
+    if "norm_weight" in kw:
+        x, sq = dm.norm_inputs(x, kw.pop("norm_weight"))
+        kw["row_sq"] = jnp.concatenate([0.25 * sq, 0.75 * sq])  # any split of the sums
+    if VARIANTS[variant].get("next_norm"):
+        kw["next_norm_weight"] = as_array(nw_next)
+    return x, kw
 
 
 def _next_norm_numpy(y, nw_next, sq):
