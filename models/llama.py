@@ -5,8 +5,9 @@ Attribute names follow Hugging Face's module names, so a checkpoint tensor
 `model.layers.3.self_attn.o_proj.weight` lands on `model.layers[3].self_attn.o_proj.kernel`,
 except that q/k/v and gate/up are fused (`fused_parts`): one [D, (N + 2K) H] and one [D, 2F]
 matmul instead of five, so a decode step launches fewer, larger kernels that stream the weights
-closer to HBM bandwidth. gate_up_proj keeps gate and up interleaved in column blocks
-(`arrange_fused`), so that a kernel can fuse the activation into the matmul. Linear kernels
+closer to HBM bandwidth. gate_up_proj keeps gate and up interleaved in column blocks, and
+q/k heads keep RoPE's rotated pairs side by side (`arrange_param`), so that a kernel can fuse
+the activation, RoPE and the KV cache write into the matmul. Linear kernels
 are stored [in, out] (transposed from torch): `x @ kernel`. Layers are a Python list, unrolled
 in the trace: on GPU, XLA streams unrolled per-layer weights at ~92% of HBM bandwidth against
 ~33% under `lax.scan` (DESIGN.md, "The fast path").
@@ -19,6 +20,7 @@ import math
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 from flax import nnx
 
 from models.config import ModelConfig, RopeScaling
@@ -85,14 +87,33 @@ def rope_inv_freq(head_dim: int, theta: float, scaling: RopeScaling) -> jnp.ndar
     return inv_freq
 
 
+def interleave_rope_pairs(x, head_dim: int):
+    """[..., heads * H] in HF's rotate-half layout (x_i and x_{i + H/2} rotate together) ->
+    each head's pairs side by side: (x_0, x_{H/2}, x_1, x_{H/2 + 1}, ...). numpy or jax
+    arrays. q and k heads are kept this way: attention scores are unchanged by a permutation
+    of q's and k's head dims alike, and a kernel holding any even run of a head's columns
+    holds whole pairs (pallas_kernels/gpu_decode_matmul.py)."""
+    *lead, width = x.shape
+    halves = x.reshape(*lead, width // head_dim, 2, head_dim // 2)
+    return halves.swapaxes(-1, -2).reshape(*lead, width)
+
+
+def deinterleave_rope_pairs(x, head_dim: int):
+    """The inverse of `interleave_rope_pairs`: back to HF's rotate-half layout."""
+    *lead, width = x.shape
+    pairs = x.reshape(*lead, width // head_dim, head_dim // 2, 2)
+    return pairs.swapaxes(-1, -2).reshape(*lead, width)
+
+
 def apply_rope(x: jax.Array, positions: jax.Array, inv_freq: jax.Array) -> jax.Array:
-    """Rotate-half RoPE (HF layout). x: [T, heads, H]; positions: [T]."""
+    """HF's rotate-half RoPE on heads with their pairs interleaved (`interleave_rope_pairs`).
+    x: [T, heads, H]; positions: [T]."""
     angles = positions.astype(jnp.float32)[:, None] * inv_freq[None, :]  # [T, H/2]
     cos = jnp.cos(angles)[:, None, :]
     sin = jnp.sin(angles)[:, None, :]
-    x1, x2 = jnp.split(x.astype(jnp.float32), 2, axis=-1)
-    out = jnp.concatenate([x1 * cos - x2 * sin, x2 * cos + x1 * sin], axis=-1)
-    return out.astype(x.dtype)
+    x1, x2 = jnp.unstack(x.astype(jnp.float32).reshape(*x.shape[:-1], -1, 2), axis=-1)
+    out = jnp.stack([x1 * cos - x2 * sin, x2 * cos + x1 * sin], axis=-1)
+    return out.reshape(x.shape).astype(x.dtype)
 
 
 class Attention(nnx.Module):
@@ -156,17 +177,44 @@ class Attention(nnx.Module):
         )
         return out.reshape(t, -1), kv_cache
 
+    def attend_written(self, q: jax.Array, kv_cache: jax.Array, meta: AttentionMetadata):
+        """q after RoPE [T, N H], this step's k and v already in the cache -> the attention's
+        output [T, N H]."""
+        t, h = q.shape[0], self.head_dim
+        out, _ = paged_attention(
+            q.reshape(t, -1, h),
+            None,
+            None,
+            kv_cache,
+            meta,
+            sm_scale=h**-0.5,
+            sliding_window=self.sliding_window,
+            backend=self.backend,
+        )
+        return out.reshape(t, -1)
 
-def arrange_fused(name: str, value, cfg: ModelConfig):
-    """A fused parameter (`fused_parts` order) in the layout the model keeps: gate_up_proj's
-    gate and up columns interleaved in blocks (pallas_kernels/gate_up.py)."""
+
+def arrange_param(name: str, value, cfg: ModelConfig):
+    """A parameter (a fused one whole, in `fused_parts` order) in the layout the model keeps,
+    from the checkpoint's (HF's): gate_up_proj's gate and up columns interleaved in blocks
+    (pallas_kernels/gate_up.py); qkv_proj's q and k columns (and bias), and q_norm's and
+    k_norm's weights, with RoPE's pairs interleaved (`interleave_rope_pairs`). Others as
+    they are. `name`: the parameter's module (`gate_up_proj`, `q_norm`, ...)."""
+    h = cfg.head_dim
     if name == "gate_up_proj":
         return gate_up.interleave(value, gate_up.block_for(cfg.intermediate_size))
+    if name == "qkv_proj":
+        rotated = (cfg.num_heads + cfg.num_kv_heads) * h  # q and k; v is not rotated
+        xp = jnp if isinstance(value, jax.Array) else np
+        parts = [interleave_rope_pairs(value[..., :rotated], h), value[..., rotated:]]
+        return xp.concatenate(parts, axis=-1)
+    if name in ("q_norm", "k_norm"):
+        return interleave_rope_pairs(value, h)
     return value
 
 
 class MLP(nnx.Module):
-    """down_proj(silu(gate) * up), gate_up_proj's columns interleaved (`arrange_fused`)."""
+    """down_proj(silu(gate) * up), gate_up_proj's columns interleaved (`arrange_param`)."""
 
     def __init__(
         self, cfg: ModelConfig, *, dtype: jnp.dtype, backend: AttentionBackend, rngs: nnx.Rngs
@@ -220,20 +268,36 @@ class DecoderLayer(nnx.Module):
         meta: AttentionMetadata,
     ) -> tuple[tuple[jax.Array, tuple[jax.Array, jax.Array]], jax.Array]:
         """The same layer with three of its matmuls fused with their neighbours
-        (pallas_kernels/gpu_decode_matmul.py): the input norm split between the previous layer
-        and qkv, o_proj's residual add making the post-attention norm's inputs, that norm and
-        silu * up inside gate/up. down_proj stays with XLA (its residual add fused into the
-        sum of its split-K partials, or at 64 tokens into cuBLAS' epilogue), and so do the
-        next layer's norm inputs. `norm_in`: this layer's
-        input norm's inputs (`decode_matmul.norm_inputs(x, input_layernorm weight)`);
-        `next_norm`: the next layer's input norm's weight (the model's final norm's for the
-        last). Returns (x, the next norm's inputs) and the cache."""
+        (pallas_kernels/gpu_decode_matmul.py): the input norm split between the previous
+        layer and qkv; RoPE and the KV cache write in qkv's epilogue (where the heads allow:
+        `decode_matmul.qkv_columns`); o_proj's residual add making the post-attention norm's
+        inputs; that norm and silu * up inside gate/up. down_proj stays with XLA (its residual
+        add fused into the sum of its split-K partials, or at 64 tokens into cuBLAS'
+        epilogue), and so do the next layer's norm inputs. `norm_in`: this layer's input
+        norm's inputs (`decode_matmul.norm_inputs(x, input_layernorm weight)`); `next_norm`:
+        the next layer's input norm's weight (the model's final norm's for the last). Returns
+        (x, the next norm's inputs) and the cache."""
         attn, mlp = self.self_attn, self.mlp
         mm = functools.partial(decode_matmul.matmul, mode=self.fused_mode(x.shape[0]))
         norm1, norm2 = self.input_layernorm, self.post_attention_layernorm
         xw, sq = norm_in
-        qkv = mm(xw, attn.qkv_proj.kernel[...], row_sq=sq, eps=norm1.eps)
-        out, kv_cache = attn.attend(qkv, positions, inv_freq, kv_cache, meta)
+        heads = self.fused_shapes[0][3]  # None: RoPE and the cache write stay with XLA
+        if heads is None:
+            qkv = mm(xw, attn.qkv_proj.kernel[...], row_sq=sq, eps=norm1.eps)
+            out, kv_cache = attn.attend(qkv, positions, inv_freq, kv_cache, meta)
+        else:
+            q, kv_cache = mm(
+                xw,
+                attn.qkv_proj.kernel[...],
+                row_sq=sq,
+                eps=norm1.eps,
+                qkv=heads,
+                positions=positions,
+                inv_freq=inv_freq,
+                kv_cache=kv_cache,
+                slot_ids=meta.slot_ids,
+            )
+            out = attn.attend_written(q, kv_cache, meta)
         x, xw, sq = mm(out, attn.o_proj.kernel[...], residual=x, next_norm_weight=norm2.scale[...])
         h = mm(xw, mlp.gate_up_proj.kernel[...], row_sq=sq, eps=norm2.eps, gate_up_block=mlp.block)
         x = x + mlp.down_proj(h)

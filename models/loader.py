@@ -23,7 +23,7 @@ from flax import nnx
 from tqdm import tqdm
 
 from models.config import ModelConfig
-from models.llama import arrange_fused, fused_parts
+from models.llama import arrange_param, fused_parts
 from models.registry import get_model_class
 from models.safetensors_reader import CheckpointError, iter_safetensors
 from pallas_kernels import gate_up
@@ -33,11 +33,14 @@ logger = logging.getLogger(__name__)
 
 LOAD_FORMATS = ("auto", "safetensors", "gguf", "orbax", "dummy")
 _ORBAX_DIR = "pagejax_params"
-# How save_orbax's parameters differ from the checkpoint's tensors besides fusing: gate_up_proj
-# interleaved (`arrange_fused`). Checkpoints saved before this file was written hold
-# [gate | up], and are rearranged as they load.
+# How save_orbax's parameters differ from the checkpoint's tensors besides fusing
+# (`arrange_param`): gate_up_proj interleaved, q/k heads with RoPE's pairs interleaved.
+# Checkpoints saved before this file was written hold HF's layouts, and are rearranged as they
+# load; those saved with the first layout file (gate/up alone) get their RoPE pairs arranged.
 _LAYOUT_FILE = "pagejax_layout.json"
-_LAYOUT = {"gate_up_proj": {"layout": "interleaved", "block": gate_up.BLOCK}}
+_GATE_UP_LAYOUT = {"gate_up_proj": {"layout": "interleaved", "block": gate_up.BLOCK}}
+_LAYOUT = {**_GATE_UP_LAYOUT, "rope": {"layout": "pairs_interleaved"}}
+_ROPE_PARAMS = ("qkv_proj", "q_norm", "k_norm")
 # Tensors some checkpoints carry that the model recomputes.
 _IGNORED_SUFFIXES = ("rotary_emb.inv_freq",)
 
@@ -169,8 +172,8 @@ def fill_params(
     arrange: Callable[[str, np.ndarray], np.ndarray] = lambda name, value: value,
 ) -> dict:
     """Put every checkpoint tensor at its parameter path (parts of fused parameters at their
-    column slice, then `arrange(fused name, whole value)` into the model's layout); errors
-    name the file and tensor."""
+    column slice), through `arrange(module name, whole value)` into the model's layout;
+    errors name the file and tensor."""
     expected = dict(_flatten(pure))
     loaded: set[tuple] = set()
     np_dtype = np.dtype(dtype)
@@ -203,7 +206,7 @@ def fill_params(
             host = buffers.put(target, path[-2], located[1], host, expected[target].shape, np_dtype)
             if host is None:
                 continue
-            host = arrange(target[-2], host)
+        host = arrange(target[-2], host)
         _set(pure, target, jax.device_put(host))
         loaded.add(target)
     never_seen = sorted(expected.keys() - loaded - set(buffers.filled), key=_path_name)
@@ -289,7 +292,7 @@ def load_model(
             dtype=dt,
             tied=config.tie_word_embeddings,
             fused=fused_parts(config),
-            arrange=lambda name, value: arrange_fused(name, value, config),
+            arrange=lambda name, value: arrange_param(name, value, config),
         )
     nnx.replace_by_pure_dict(state, pure)
     logger.info("loaded %s (%s, %s) from %s", config.architecture, fmt, dt.name, path)
@@ -339,13 +342,21 @@ def restore_orbax(path: Path, abstract_pure: dict, config: ModelConfig) -> dict:
     layout_file = path / _LAYOUT_FILE
     if layout_file.exists():
         saved = json.loads(layout_file.read_text())
-        if saved != _LAYOUT:
+        if saved == _LAYOUT:
+            return pure
+        if saved != _GATE_UP_LAYOUT:
             raise CheckpointError(
                 f"{layout_file}: parameters saved as {saved}, this version keeps {_LAYOUT}; "
                 "save it again from its source checkpoint (models.loader.save_orbax)"
             )
-        return pure
-    logger.info("%s: no %s, so gate_up_proj is [gate | up]: interleaving it", path, _LAYOUT_FILE)
+        logger.info("%s: q/k heads in HF's layout: interleaving RoPE's pairs", path)
+        names = _ROPE_PARAMS
+    else:
+        logger.info(
+            "%s: no %s, so parameters are in HF's layouts: arranging them", path, _LAYOUT_FILE
+        )
+        names = None
     for leaf_path, value in list(_flatten(pure)):
-        _set(pure, leaf_path, arrange_fused(leaf_path[-2], value, config))
+        if names is None or leaf_path[-2] in names:
+            _set(pure, leaf_path, arrange_param(leaf_path[-2], value, config))
     return pure

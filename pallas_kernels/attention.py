@@ -84,7 +84,8 @@ def paged_attention(
 ) -> tuple[jax.Array, jax.Array]:
     """Write this step's K/V into the cache, then attend.
 
-    q: [T, N, H]; k, v: [T, K, H]; kv_cache: [2, K, num_pages, S, H].
+    q: [T, N, H]; k, v: [T, K, H], or both None where the caller wrote them (a fused decode
+    layer's qkv: pallas_kernels/gpu_decode_matmul.py); kv_cache: [2, K, num_pages, S, H].
     Returns (out [T, N, H], updated kv_cache).
     """
     interpreted = {
@@ -106,7 +107,8 @@ def paged_attention(
             platform=interpreted.get(backend),
             interpret=backend in interpreted,
         )
-    kv_cache = write_kv_reference(kv_cache, k, v, meta.slot_ids)
+    if k is not None:
+        kv_cache = write_kv_reference(kv_cache, k, v, meta.slot_ids)
     # The jnp backend walks only the pages the batch needs (cpu_attention.py); it is tested
     # against the readable reference, which gathers max_model_len keys for every token.
     out = ragged_paged_attention_blocked(

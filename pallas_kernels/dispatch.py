@@ -5,7 +5,9 @@ cache is donated, so XLA updates it in place, and it fuses the stack/transpose o
 the scatter. Told that its indices are unique, XLA's scatter beat a Pallas write kernel
 (input_output_aliases, one program per 16 tokens and kv head) on an H100: 8.3 against 12.2 us
 a layer for 2,048 tokens, 3.9 against 5.6 us for 256; without the hint it took 40.5 and 7.6 us
-(docs/kernel_notes.md; `scripts/bench_kernels.py --parts kv_write` times the scatter).
+(docs/kernel_notes.md; `scripts/bench_kernels.py --parts kv_write` times the scatter). A fused
+decode layer (pallas_kernels/decode_matmul.py) writes K/V in its qkv matmul's epilogue instead
+and passes k = v = None.
 
 GPU kernels (`PAGEJAX_GPU_ATTENTION`): `auto`, the default, runs steps of long prompt chunks on
 the Mosaic GPU kernel on Hopper (gpu_mosaic_attention.py: one persistent launch for prompt
@@ -138,7 +140,7 @@ def paged_attention(
 ) -> tuple[jax.Array, jax.Array]:
     """Write this step's K/V into the cache, then ragged paged attention.
 
-    q: [T, N, H]; k, v: [T, K, H]; kv_cache: [2, K, num_pages, S, H].
+    q: [T, N, H]; k, v: [T, K, H] (None: already written); kv_cache: [2, K, num_pages, S, H].
     Returns (out [T, N, H], updated kv_cache).
 
     platform: which kernel family ("gpu"/"cuda" or "tpu"); default `jax.default_backend()`.
@@ -146,7 +148,8 @@ def paged_attention(
     then runs under `pltpu.force_tpu_interpret_mode`, which also simulates its DMAs.
     """
     platform = platform or jax.default_backend()
-    kv_cache = write_kv_reference(kv_cache, k, v, meta.slot_ids)
+    if k is not None:
+        kv_cache = write_kv_reference(kv_cache, k, v, meta.slot_ids)
     args = (q, kv_cache, meta.kv_lens, meta.page_table, meta.query_start, meta.num_seqs)
     kwargs = dict(sm_scale=sm_scale, sliding_window=sliding_window, soft_cap=soft_cap)
     if platform == "tpu":

@@ -25,6 +25,12 @@ neighbours' work into their prologue and epilogue:
 - Epilogues: `+ residual`, or silu(gate) * up for the MLP's gate/up weight stored interleaved
   (gate_up.py): a program's columns are `block_n / 2` gate ones and the up ones that pair with
   them, and it writes `block_n / 2` columns of [M, F].
+- The attention's epilogue (`qkv`): for the fused q/k/v weight, whose q and k heads the model
+  keeps with RoPE's rotated pairs interleaved (models/llama.py `interleave_rope_pairs`), a
+  program's columns lie in one head and hold whole pairs. It applies RoPE to q and k, writes q
+  out, and stores k and v straight into the paged KV cache at the tokens' slots (aliased in
+  place), which took three small XLA kernels (q's RoPE; k's RoPE with the cache scatter;
+  ~4.5 us a layer with their gaps on an H200).
 
 Decoder layers of decode-sized steps use it for qkv, o_proj and gate/up (decode_matmul.py,
 models/llama.py; `PAGEJAX_GPU_DECODE_MATMUL=xla` opts out); `scripts/bench_decode_matmul.py`
@@ -42,6 +48,7 @@ from jax.experimental import pallas as pl
 from jax.experimental.pallas import triton as plgpu
 
 from pallas_kernels.gate_up import silu_gate_up_reference
+from pallas_kernels.reference import write_kv_reference
 
 _MIN_ROWS = 16  # Triton's smallest MMA tile
 
@@ -54,18 +61,41 @@ class DecodeMatmulConfig:
     num_stages: int = 4
 
 
+@dataclasses.dataclass(frozen=True)
+class QkvHeads:
+    """The attention epilogue's static shape: a q/k/v weight's heads (N q, K kv) of `head_dim`."""
+
+    num_heads: int
+    num_kv_heads: int
+    head_dim: int
+
+    @property
+    def width(self) -> int:
+        return (self.num_heads + 2 * self.num_kv_heads) * self.head_dim
+
+
 def _pow2(n: int) -> bool:
     return n > 0 and n & (n - 1) == 0
 
 
-def supports(m: int, k: int, n: int, cfg: DecodeMatmulConfig, gate_up_block: int | None) -> bool:
+def supports(
+    m: int,
+    k: int,
+    n: int,
+    cfg: DecodeMatmulConfig,
+    gate_up_block: int | None,
+    qkv: QkvHeads | None = None,
+) -> bool:
     """Whole tiles only: M a power of two from 16 (Triton's tiles; the engine's decode
     buckets), K a multiple of `block_k`, N of the program's columns; with gate/up, half the
-    program's columns divide the gate/up block."""
+    program's columns divide the gate/up block; with the attention's epilogue, the program's
+    columns divide a head (whole RoPE pairs of one head)."""
     pow2 = m >= _MIN_ROWS and _pow2(m)
     whole = k % cfg.block_k == 0 and n % cfg.block_n == 0
     if gate_up_block:
         whole = whole and cfg.block_n % 2 == 0 and gate_up_block % (cfg.block_n // 2) == 0
+    if qkv:
+        whole = whole and n == qkv.width and qkv.head_dim % cfg.block_n == 0
     return pow2 and whole
 
 
@@ -92,6 +122,34 @@ def decode_matmul_reference(
     return y
 
 
+def rope_reference(x: jax.Array, positions: jax.Array, inv_freq: jax.Array) -> jax.Array:
+    """Rotate-half RoPE on heads with their rotated pairs interleaved (the model's layout:
+    models/llama.apply_rope). x: [T, heads, H]."""
+    angles = positions.astype(jnp.float32)[:, None, None] * inv_freq[None, None, :]
+    x1, x2 = jnp.unstack(x.astype(jnp.float32).reshape(*x.shape[:-1], -1, 2), axis=-1)
+    cos, sin = jnp.cos(angles), jnp.sin(angles)
+    out = jnp.stack([x1 * cos - x2 * sin, x2 * cos + x1 * sin], -1)
+    return out.reshape(x.shape).astype(x.dtype)
+
+
+def qkv_reference(
+    qkv: jax.Array,
+    heads: QkvHeads,
+    positions: jax.Array,
+    inv_freq: jax.Array,
+    kv_cache: jax.Array,
+    slot_ids: jax.Array,
+) -> tuple[jax.Array, jax.Array]:
+    """The attention's epilogue on a q/k/v projection [T, (N + 2K) H] (the model's order: RoPE
+    on q and k, then the cache write of reference.py): (q [T, N H], the updated cache)."""
+    t, (n, k, h) = qkv.shape[0], (heads.num_heads, heads.num_kv_heads, heads.head_dim)
+    q, kk, v = jnp.split(qkv, [n * h, (n + k) * h], axis=-1)
+    q = rope_reference(q.reshape(t, n, h), positions, inv_freq)
+    kk = rope_reference(kk.reshape(t, k, h), positions, inv_freq)
+    kv_cache = write_kv_reference(kv_cache, kk, v.reshape(t, k, h), slot_ids)
+    return q.reshape(t, n * h), kv_cache
+
+
 def norm_inputs(h: jax.Array, norm_weight: jax.Array) -> tuple[jax.Array, jax.Array]:
     """What `decode_matmul(x, w, row_sq=...)` takes for `rmsnorm(h) @ w`: `h * norm_weight` in
     h's dtype and the rows' sums of h^2, as one partial ([1, M] float32)."""
@@ -107,17 +165,20 @@ def _kernel(
     res: bool,
     next_norm: bool,
     gate_up: int | None,
+    qkv: QkvHeads | None,
+    page_size: int,
 ) -> None:
     x_ref, w_ref, *rest = refs
     sq_in_ref = rest.pop(0) if scale_rows else None
     res_ref = rest.pop(0) if res else None
     nw_ref = rest.pop(0) if next_norm else None
+    rope_refs = [rest.pop(0) for _ in range(4)] if qkv else None  # positions, freqs, slots, kv
     o_ref, *next_refs = rest
     m, k = x_ref.shape
     bk, block_n, pid = cfg.block_k, cfg.block_n, pl.program_id(0)
     # With the gate/up epilogue the program's columns are `width` gate ones and the `width` up
     # ones that pair with them, `gate_up` (the layout's block) apart: two slabs and two
-    # accumulators (a register tile cannot be sliced in Triton).
+    # accumulators.
     parts = 2 if gate_up else 1
     width = block_n // parts
     if gate_up:  # block b of the layout holds gate then up columns of its `gate_up` features
@@ -145,6 +206,9 @@ def _kernel(
     if scale_rows:  # the RMSNorm's scale, from the producer's partial sums of h^2
         mean_sq = jnp.sum(sq_in_ref[...], axis=0) / k
         accs = [acc * jax.lax.rsqrt(mean_sq + eps)[:, None] for acc in accs]
+    if qkv:
+        _qkv_epilogue(accs[0], col0, (*rope_refs[:3], o_ref, *next_refs), qkv, page_size)
+        return
     if gate_up:
         gate, up = accs
         o_ref[:, pl.ds(pid * width, width)] = (gate / (1.0 + jnp.exp(-gate)) * up).astype(
@@ -164,7 +228,42 @@ def _kernel(
         sq_ref[pl.ds(pid, 1), :] = jnp.sum(y32 * y32, axis=1)[None, :]
 
 
-@functools.partial(jax.jit, static_argnames=("eps", "gate_up_block", "config", "interpret"))
+def _qkv_epilogue(acc, col0, refs, qkv: QkvHeads, page_size: int) -> None:
+    """Columns `col0 + [0, block_n)` of the q/k/v projection (q's heads, then k's, then v's),
+    within one head, RoPE's pairs interleaved: RoPE on q and k, q to its output, k and v into
+    the cache at the rows' slots (rows in page 0, the padding tokens', are not written)."""
+    pos_ref, freq_ref, slot_ref, q_ref, cache_ref = refs
+    n, kv_heads, h = qkv.num_heads, qkv.num_kv_heads, qkv.head_dim
+    m, block_n = acc.shape
+    head, col = col0 // h, col0 % h
+    # The layer rounds its projection to the model's dtype before RoPE (models/llama.py).
+    y = acc.astype(q_ref.dtype).astype(jnp.float32)
+    x1, x2 = jnp.unstack(y.reshape(m, block_n // 2, 2), axis=-1)  # [M, block_n / 2] each
+    freqs = freq_ref[pl.ds(col // 2, block_n // 2)]
+    angles = pos_ref[...].astype(jnp.float32)[:, None] * freqs[None, :]
+    cos, sin = jnp.cos(angles), jnp.sin(angles)
+    rotated = jnp.stack([x1 * cos - x2 * sin, x2 * cos + x1 * sin], -1).reshape(m, block_n)
+    is_v = head >= n + kv_heads  # v is not rotated
+    y = jnp.where(is_v, y, rotated)
+
+    @pl.when(head < n)
+    def _():
+        q_ref[:, pl.ds(col0, block_n)] = y.astype(q_ref.dtype)
+
+    @pl.when(head >= n)
+    def _():
+        kv = is_v.astype(jnp.int32)  # the cache's K (0) or V (1) half
+        slots = slot_ref[...][:, None]  # [M, 1]
+        cols = (col + jnp.arange(block_n))[None, :]
+        # Every index an array (a scatter), which Pallas' interpreter needs.
+        plgpu.store(
+            cache_ref.at[kv, head - n - kv * kv_heads, slots, cols],
+            y.astype(cache_ref.dtype),
+            mask=jnp.broadcast_to(slots >= page_size, y.shape),
+        )
+
+
+@functools.partial(jax.jit, static_argnames=("eps", "gate_up_block", "qkv", "config", "interpret"))
 def decode_matmul(
     x: jax.Array,
     w: jax.Array,
@@ -174,9 +273,14 @@ def decode_matmul(
     residual: jax.Array | None = None,
     next_norm_weight: jax.Array | None = None,
     gate_up_block: int | None = None,
+    qkv: QkvHeads | None = None,
+    positions: jax.Array | None = None,
+    inv_freq: jax.Array | None = None,
+    kv_cache: jax.Array | None = None,
+    slot_ids: jax.Array | None = None,
     config: DecodeMatmulConfig | None = None,
     interpret: bool = False,
-) -> jax.Array | tuple[jax.Array, jax.Array, jax.Array]:
+) -> jax.Array | tuple[jax.Array, ...]:
     """x [M, K] @ w [K, N] in x's dtype.
     - `row_sq` [P, M] float32: the result's rows scaled by `rsqrt(sum(row_sq, 0) / K + eps)`;
       with x and row_sq from `norm_inputs(h, norm_weight)` that is `rmsnorm(h) @ w`.
@@ -184,15 +288,23 @@ def decode_matmul(
       next matmul's inputs: `(y, y * next_norm_weight, sums of y^2 [N / block_n, M])`.
     - `gate_up_block`: w is an interleaved gate/up weight and the result silu(gate) * up
       [M, N / 2] (no residual then).
+    - `qkv`: w is the attention's q/k/v weight (q and k heads with RoPE's pairs interleaved);
+      with `positions` [M] int32, `inv_freq` [H / 2]
+      float32, `kv_cache` [2, K, pages, S, H] and `slot_ids` [M] int32 the result is
+      `(q after RoPE [M, N H], the cache with this step's k (after RoPE) and v written)`,
+      the cache updated in place where the caller donates it (`qkv_reference`).
     `decode_matmul_reference` computes the same."""
     cfg = config or DecodeMatmulConfig()
     (m, k), (_, n) = x.shape, w.shape
+    rope_args = (positions, inv_freq, kv_cache, slot_ids)
     if gate_up_block and residual is not None:
         raise ValueError("decode_matmul: a residual with the gate/up epilogue")
     if next_norm_weight is not None and residual is None:
         raise ValueError("decode_matmul: next_norm_weight comes with a residual add")
-    if not supports(m, k, n, cfg, gate_up_block):
-        raise NotImplementedError(f"decode_matmul: x {x.shape}, w {w.shape}, {cfg}")
+    if qkv and (gate_up_block or residual is not None or any(a is None for a in rope_args)):
+        raise ValueError("decode_matmul: qkv takes positions, inv_freq, kv_cache and slot_ids")
+    if not supports(m, k, n, cfg, gate_up_block, qkv):
+        raise NotImplementedError(f"decode_matmul: x {x.shape}, w {w.shape}, {cfg}, {qkv}")
     if row_sq is not None and not _pow2(row_sq.shape[0]):  # a Triton tile: the partials
         raise NotImplementedError(f"decode_matmul: {row_sq.shape[0]} partial sums of squares")
     out_shape = [jax.ShapeDtypeStruct((m, n // 2 if gate_up_block else n), x.dtype)]
@@ -202,6 +314,17 @@ def decode_matmul(
             jax.ShapeDtypeStruct((n // cfg.block_n, m), jnp.float32),
         ]
     args = [x, w] + [a for a in (row_sq, residual, next_norm_weight) if a is not None]
+    aliases, page_size = {}, 0
+    if qkv:
+        two, kv_heads, num_pages, page_size, head_dim = kv_cache.shape
+        flat = kv_cache.reshape(two, kv_heads, num_pages * page_size, head_dim)  # a bitcast
+        out_shape = [
+            jax.ShapeDtypeStruct((m, qkv.num_heads * qkv.head_dim), x.dtype),
+            jax.ShapeDtypeStruct(flat.shape, flat.dtype),
+        ]
+        aliases = {len(args) + 3: 1}
+        args += [positions.astype(jnp.int32), inv_freq.astype(jnp.float32)]
+        args += [slot_ids.astype(jnp.int32), flat]
     kernel = functools.partial(
         _kernel,
         cfg=cfg,
@@ -210,13 +333,18 @@ def decode_matmul(
         res=residual is not None,
         next_norm=next_norm_weight is not None,
         gate_up=gate_up_block,
+        qkv=qkv,
+        page_size=page_size,
     )
     out = pl.pallas_call(
         kernel,
         grid=(n // cfg.block_n,),
         out_shape=out_shape,
+        input_output_aliases=aliases,
         compiler_params=plgpu.CompilerParams(num_warps=cfg.num_warps, num_stages=cfg.num_stages),
         interpret=interpret,
         name="decode_matmul",
     )(*args)
+    if qkv:
+        return out[0], out[1].reshape(kv_cache.shape)
     return tuple(out) if next_norm_weight is not None else out[0]

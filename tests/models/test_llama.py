@@ -128,16 +128,23 @@ def test_fused_layers_at_8b_widths_match_xla_layers(monkeypatch):
     assert (fused.argmax(-1) == ref.argmax(-1)).mean() >= 0.9
 
 
-def test_fused_decode_matmuls_match_transformers(tmp_path, monkeypatch):
+@pytest.mark.parametrize("head_dim", [8, 16])
+def test_fused_decode_matmuls_match_transformers(tmp_path, monkeypatch, head_dim):
     """`PAGEJAX_GPU_DECODE_MATMUL=pallas`, the GPU kernels interpreted: a 32-token step and a
     16-token step, each layer's qkv, o_proj and gate/up as the fused matmuls
-    (pallas_kernels/decode_matmul.py), against transformers' logits."""
+    (pallas_kernels/decode_matmul.py), against transformers' logits. Heads of 16 take RoPE and
+    the cache write into qkv's epilogue; heads of 8 leave them to XLA."""
     from pallas_kernels import decode_matmul
 
-    folder = write_checkpoint("llama3", tmp_path)
+    folder = write_checkpoint("llama3", tmp_path, head_dim=head_dim)
     monkeypatch.setenv("PAGEJAX_GPU_DECODE_MATMUL", "pallas")  # read when the model is built
-    rows, matmul = [], decode_matmul.matmul
-    spy = lambda x, *a, **k: rows.append(x.shape[0]) or matmul(x, *a, **k)
+    rows, epilogues, matmul = [], [], decode_matmul.matmul
+
+    def spy(x, *a, **k):
+        rows.append(x.shape[0])
+        epilogues.append(k.get("qkv") is not None)
+        return matmul(x, *a, **k)
+
     monkeypatch.setattr(decode_matmul, "matmul", spy)
     model = load_model(folder, dtype="float32", attention_backend="pallas-interpret-gpu")
     token_ids = np.random.default_rng(2).integers(3, 320, size=48).tolist()
@@ -149,3 +156,4 @@ def test_fused_decode_matmuls_match_transformers(tmp_path, monkeypatch):
     rel = np.abs(logits - ref).max() / np.abs(ref).max()
     assert rel <= 1e-4, f"max relative error {rel:.2e}"
     assert sorted(set(rows)) == [16, 32]  # both steps took the fused path
+    assert any(epilogues) == (head_dim == 16)

@@ -12,6 +12,7 @@ import pytest
 from flax import nnx
 from safetensors.numpy import save_file
 
+from models.llama import deinterleave_rope_pairs, interleave_rope_pairs
 from models.loader import load_model, save_orbax
 from models.registry import UnsupportedArchitectureError
 from models.safetensors_reader import CheckpointError, iter_safetensors
@@ -66,7 +67,8 @@ def test_bf16_checkpoint_loads_exactly(folder, tmp_path):
     qkv = np.asarray(model.model.layers[1].self_attn.qkv_proj.kernel[...])
     q = tensors["model.layers.1.self_attn.q_proj.weight"].T
     v = tensors["model.layers.1.self_attn.v_proj.weight"].T
-    np.testing.assert_array_equal(qkv[:, : q.shape[1]], q)
+    head_dim = model.config.head_dim  # q's heads with RoPE's pairs side by side
+    np.testing.assert_array_equal(qkv[:, : q.shape[1]], interleave_rope_pairs(q, head_dim))
     np.testing.assert_array_equal(qkv[:, -v.shape[1] :], v)
 
 
@@ -145,6 +147,40 @@ def test_unsupported_model_dtype(folder):
         load_model(folder, dtype="int8")
 
 
+def _deinterleave_rope_pairs(layer, cfg):
+    """Put a layer's q/k columns (and q/k norm weights) back in HF's layout, as pagejax kept
+    them before RoPE's pairs were interleaved."""
+    h, rotated = cfg.head_dim, (cfg.num_heads + cfg.num_kv_heads) * cfg.head_dim
+    kernel = layer.self_attn.qkv_proj.kernel
+    kernel[...] = kernel[...].at[:, :rotated].set(deinterleave_rope_pairs(kernel[:, :rotated], h))
+    for norm in (layer.self_attn.q_norm, layer.self_attn.k_norm):
+        if norm is not None:
+            norm.scale[...] = deinterleave_rope_pairs(norm.scale[...], h)
+
+
+def test_orbax_checkpoint_saved_with_the_gate_up_layout_alone_loads_rearranged(tmp_path):
+    """A checkpoint whose layout file names the interleaved gate/up only (q/k heads in HF's
+    layout, with q/k norms: Qwen3) loads with RoPE's pairs interleaved."""
+    src = write_checkpoint("qwen3", tmp_path / "qwen3")
+    model = load_model(src, dtype="float32")
+    old = load_model(save_orbax(model, src, tmp_path / "ckpt"), dtype="float32")
+    for layer in old.model.layers:
+        _deinterleave_rope_pairs(layer, old.config)
+    dest = save_orbax(old, src, tmp_path / "ckpt")
+    layout = json.loads((dest / "pagejax_layout.json").read_text())
+    (dest / "pagejax_layout.json").write_text(json.dumps({"gate_up_proj": layout["gate_up_proj"]}))
+    restored = load_model(dest, dtype="float32")
+    for x, y in zip(_params(model), _params(restored), strict=True):
+        np.testing.assert_array_equal(x, y)
+
+
+def test_rope_pairs_interleave_and_back():
+    x = np.arange(2 * 24).reshape(2, 24)  # three heads of 8
+    y = interleave_rope_pairs(x, 8)
+    np.testing.assert_array_equal(y[0, :8], [0, 4, 1, 5, 2, 6, 3, 7])
+    np.testing.assert_array_equal(deinterleave_rope_pairs(y, 8), x)
+
+
 def test_orbax_checkpoint_saved_before_the_interleaved_gate_up_loads_rearranged(tmp_path):
     from pallas_kernels import gate_up
 
@@ -158,6 +194,7 @@ def test_orbax_checkpoint_saved_before_the_interleaved_gate_up_loads_rearranged(
     for layer in old.model.layers:
         kernel = layer.mlp.gate_up_proj.kernel
         kernel[...] = gate_up.deinterleave(kernel[...], 64)
+        _deinterleave_rope_pairs(layer, old.config)
     (dest / "pagejax_layout.json").unlink()
     save_orbax(old, src, dest)
     (dest / "pagejax_layout.json").unlink()

@@ -184,3 +184,125 @@ def test_kernel_lowers_for_cuda(variant, m):
     )
     text = jax.jit(fn).trace(x, w, **kw).lower(lowering_platforms=("cuda",)).as_text()
     assert "__gpu$xla.gpu.triton" in text
+
+
+HEADS = dm.QkvHeads(num_heads=4, num_kv_heads=2, head_dim=64)
+PAGES, PAGE = 6, 16
+
+
+def _qkv_case(m, dtype, seed=3):
+    """x, a q/k/v weight of HEADS, a random cache, positions, and slots: distinct ones out of
+    page 0 in a random order for the first M - 4 rows, padding rows (page 0) for the rest."""
+    rng = np.random.default_rng(seed)
+    x = rng.normal(size=(m, 256)).astype(np.float32)
+    w = (rng.normal(size=(256, HEADS.width)) * 0.05).astype(np.float32)
+    cache = rng.normal(size=(2, 2, PAGES, PAGE, 64)).astype(np.float32)
+    slots = rng.permutation(np.arange(PAGE, PAGES * PAGE))[: m - 4]
+    slots = np.concatenate([slots, [0, 0, 3, PAGE - 1]]).astype(np.int32)
+    positions = rng.integers(0, 8000, size=m).astype(np.int32)
+    inv_freq = (1.0 / 500000.0 ** (np.arange(0, 64, 2) / 64)).astype(np.float32)
+    cast = lambda a: jnp.asarray(a, dtype)
+    return cast(x), cast(w), cast(cache), jnp.asarray(positions), jnp.asarray(inv_freq), slots
+
+
+def _qkv_numpy(y, positions, inv_freq, cache, slots):
+    """float64: rotate-half RoPE on q and k of y [M, (N + 2K) H], whose heads hold RoPE's pairs
+    side by side (x_i at 2i, x_{i + H/2} at 2i + 1: models/llama.py); k and v into their
+    slots (page 0's rows dropped)."""
+    n, k, h = HEADS.num_heads, HEADS.num_kv_heads, HEADS.head_dim
+    # The angle is a float32 product, as in HF's models (at 8,000 its rounding moves cos by
+    # ~4e-4); the rest in float64.
+    angles = (positions.astype(np.float32)[:, None, None] * inv_freq).astype(np.float64)
+
+    def rope(a):
+        a1, a2 = a[..., 0::2], a[..., 1::2]
+        out = np.empty_like(a)
+        out[..., 0::2] = a1 * np.cos(angles) - a2 * np.sin(angles)
+        out[..., 1::2] = a2 * np.cos(angles) + a1 * np.sin(angles)
+        return out
+
+    m = y.shape[0]
+    q = rope(y[:, : n * h].reshape(m, n, h)).reshape(m, n * h)
+    kk = rope(y[:, n * h : (n + k) * h].reshape(m, k, h))
+    v = y[:, (n + k) * h :].reshape(m, k, h)
+    cache = np.array(cache, np.float64).reshape(2, k, -1, h)
+    for t, slot in enumerate(slots):
+        if slot >= PAGE:
+            cache[0, :, slot], cache[1, :, slot] = kk[t], v[t]
+    return q, cache.reshape(2, k, PAGES, PAGE, h)
+
+
+def test_qkv_reference_matches_numpy():
+    x, w, cache, positions, inv_freq, slots = _qkv_case(16, jnp.float32)
+    with jax.default_matmul_precision("float32"):
+        y = np.asarray(x @ w)
+    q, got = dm.qkv_reference(jnp.asarray(y), HEADS, positions, inv_freq, cache, slots)
+    want_q, want = _qkv_numpy(y, np.asarray(positions), np.asarray(inv_freq), cache, slots)
+    np.testing.assert_allclose(np.asarray(q), want_q, rtol=1e-4, atol=1e-4)
+    np.testing.assert_allclose(np.asarray(got), want, rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("block_n", [16, 32, 64])  # four programs a head, two, or one
+@pytest.mark.parametrize("m", [16, 32])
+def test_qkv_epilogue_float32_matches_numpy(block_n, m):
+    """The kernel's RoPE and cache write after the split norm, against numpy: q, every slot of
+    the cache (this step's rows written, the rest and page 0 as they were)."""
+    x, w, cache, positions, inv_freq, slots = _qkv_case(m, jnp.float32)
+    nw = (1 + 0.2 * np.random.default_rng(4).normal(size=256)).astype(np.float32)
+    xw, sq = dm.norm_inputs(x, jnp.asarray(nw))
+    cfg = dm.DecodeMatmulConfig(block_n=block_n, block_k=128)
+    q, got = dm.decode_matmul(
+        xw, w, row_sq=jnp.concatenate([0.5 * sq, 0.5 * sq]), eps=EPS, qkv=HEADS,
+        positions=positions, inv_freq=inv_freq, kv_cache=cache, slot_ids=jnp.asarray(slots),
+        config=cfg, interpret=True,
+    )  # fmt: skip
+    y = _numpy(np.asarray(x), np.asarray(w), nw)
+    want_q, want = _qkv_numpy(y, np.asarray(positions), np.asarray(inv_freq), cache, slots)
+    np.testing.assert_allclose(np.asarray(q), want_q, rtol=1e-4, atol=1e-4)
+    np.testing.assert_allclose(np.asarray(got), want, rtol=1e-4, atol=1e-4)
+
+
+def test_qkv_epilogue_bfloat16_matches_the_reference():
+    x, w, cache, positions, inv_freq, slots = _qkv_case(16, jnp.bfloat16, seed=5)
+    cfg = dm.DecodeMatmulConfig(block_n=32, block_k=64, num_warps=8, num_stages=3)
+    kw = dict(positions=positions, inv_freq=inv_freq, kv_cache=cache, slot_ids=jnp.asarray(slots))
+    q, got = dm.decode_matmul(x, w, qkv=HEADS, config=cfg, interpret=True, **kw)
+    want_q, want = dm.qkv_reference(dm.decode_matmul_reference(x, w), HEADS, **kw)
+    assert q.dtype == got.dtype == jnp.bfloat16
+    close = functools.partial(np.testing.assert_allclose, rtol=3e-2, atol=6e-2)
+    close(np.asarray(q, np.float32), np.asarray(want_q, np.float32))
+    close(np.asarray(got, np.float32), np.asarray(want, np.float32))
+
+
+def test_qkv_epilogue_refusals():
+    x, w, cache, positions, inv_freq, slots = _qkv_case(16, jnp.float32)
+    kw = dict(positions=positions, inv_freq=inv_freq, kv_cache=cache, slot_ids=jnp.asarray(slots))
+    cfg = dm.DecodeMatmulConfig(block_n=32, block_k=128)
+    with pytest.raises(ValueError):  # the epilogue needs the positions (and the rest)
+        dm.decode_matmul(x, w, qkv=HEADS, config=cfg, interpret=True, **{**kw, "positions": None})
+    with pytest.raises(NotImplementedError):  # 128 columns: past one head
+        dm.decode_matmul(x, w, qkv=HEADS, config=dm.DecodeMatmulConfig(128, 128), **kw)
+    with pytest.raises(NotImplementedError):  # w is not q/k/v of these heads
+        dm.decode_matmul(x, w[:, :256], qkv=HEADS, config=cfg, **kw)
+
+
+@pytest.mark.parametrize("m", [16, 32, 64])
+def test_qkv_epilogue_lowers_for_cuda(m):
+    """Llama-3-8B's q/k/v (32 / 8 heads of 128) with the engine's tiles, cache aliased."""
+    from pallas_kernels.decode_matmul import config_for
+
+    sds = jax.ShapeDtypeStruct
+    heads = dm.QkvHeads(32, 8, 128)
+    fn = functools.partial(
+        dm.decode_matmul, eps=EPS, qkv=heads, config=config_for(m, 4096, heads.width, None, heads)
+    )
+    args = dict(
+        row_sq=sds((128, m), jnp.float32),
+        positions=sds((m,), jnp.int32),
+        inv_freq=sds((64,), jnp.float32),
+        kv_cache=sds((2, 8, 1024, 16, 128), jnp.bfloat16),
+        slot_ids=sds((m,), jnp.int32),
+    )
+    x, w = sds((m, 4096), jnp.bfloat16), sds((4096, heads.width), jnp.bfloat16)
+    text = jax.jit(fn).trace(x, w, **args).lower(lowering_platforms=("cuda",)).as_text()
+    assert "__gpu$xla.gpu.triton" in text and "output_operand_alias" in text

@@ -23,7 +23,8 @@ def _cfg(family: str) -> ModelConfig:
 
 def test_layer_shapes(monkeypatch):
     cfg = _cfg("llama3")  # 64 wide, 4 / 2 heads of 16, MLP 192 (three blocks of 64)
-    want = ((64, 128, None), (64, 64, None), (64, 384, 64))  # qkv, o_proj, gate/up
+    heads = dmm.QkvHeads(4, 2, 16)  # qkv with the attention's epilogue, o_proj, gate/up
+    want = ((64, 128, None, heads), (64, 64, None, None), (64, 384, 64, None))
     monkeypatch.delenv("PAGEJAX_GPU_DECODE_MATMUL", raising=False)
     assert dmm.layer_shapes(cfg, jnp.bfloat16) == want  # on by default
     monkeypatch.setenv("PAGEJAX_GPU_DECODE_MATMUL", "xla")
@@ -39,8 +40,21 @@ def test_layer_shapes(monkeypatch):
         dmm.layer_shapes(cfg, jnp.bfloat16)
 
 
+def test_qkv_columns():
+    """qkv's epilogue (RoPE, the KV cache write) takes a program's columns within one head:
+    the widest of 64, 32, 16 that divides the head and leaves 96 programs, or the narrowest;
+    none for a head of no multiple of 16 (its layer's RoPE stays with XLA)."""
+    assert dmm.qkv_columns(dmm.QkvHeads(32, 8, 128)) == 64  # Llama-3-8B: 96 programs
+    assert dmm.qkv_columns(dmm.QkvHeads(4, 2, 16)) == 16
+    assert dmm.qkv_columns(dmm.QkvHeads(9, 3, 64)) == 16  # SmolLM2-135M: 60 programs
+    assert dmm.qkv_columns(dmm.QkvHeads(4, 2, 8)) is None
+    cls, kwargs = FAMILIES["llama3"]
+    narrow = ModelConfig.from_hf_dict({"architectures": [ARCH[cls]], **kwargs, "head_dim": 8})
+    assert dmm.layer_shapes(narrow, jnp.bfloat16)[0] == (64, 64, None, None)
+
+
 def test_layer_mode():
-    shapes = ((64, 128, None), (64, 64, None), (64, 384, 64))
+    shapes = ((64, 128, None, None), (64, 64, None, None), (64, 384, 64, None))
     assert [dmm.layer_mode(INTERPRET, t, shapes) for t in (16, 32, 64)] == ["interpret"] * 3
     assert dmm.layer_mode(INTERPRET, 128, shapes) is None  # past the decode buckets
     assert dmm.layer_mode(INTERPRET, 48, shapes) is None  # Triton tiles: powers of two
@@ -48,14 +62,14 @@ def test_layer_mode():
     assert dmm.layer_mode(AttentionBackend.REFERENCE, 16, shapes) is None
     assert dmm.layer_mode(AttentionBackend.PALLAS, 16, shapes) is None  # no Hopper GPU here
     assert dmm.layer_mode(INTERPRET, 16, shapes, jnp.float32) == "interpret"
-    bad_k = ((100, 128, None), (64, 64, None), (64, 384, 64))
+    bad_k = ((100, 128, None, None), (64, 64, None, None), (64, 384, 64, None))
     assert dmm.layer_mode(INTERPRET, 16, bad_k) is None  # no K step divides 100
 
 
 def test_layer_mode_on_a_hopper_gpu_takes_bfloat16_only(monkeypatch):
     """The GPU tiles assume Hopper's shared memory and 16-bit weights: float32 and float16
     layers, and other GPUs, stay with XLA."""
-    shapes = ((64, 128, None), (64, 64, None), (64, 384, 64))
+    shapes = ((64, 128, None, None), (64, 64, None, None), (64, 384, 64, None))
     monkeypatch.setattr(dmm.hardware, "is_hopper", lambda: True)
     assert dmm.layer_mode(AttentionBackend.PALLAS, 16, shapes, jnp.bfloat16) == "gpu"
     assert dmm.layer_mode(AttentionBackend.PALLAS, 16, shapes, jnp.float32) is None
@@ -67,10 +81,11 @@ def test_layer_mode_on_a_hopper_gpu_takes_bfloat16_only(monkeypatch):
 def test_layer_mode_needs_a_power_of_two_of_partial_sums():
     """o_proj's residual add hands the next norm one partial sum of squares a program, which
     gate/up loads as one Triton tile: 48 wide makes three programs of 16 columns."""
-    shapes = ((48, 96, None), (64, 48, None), (48, 384, 64))
+    shapes = ((48, 96, None, None), (64, 48, None, None), (48, 384, 64, None))
     assert dmm.layer_mode(INTERPRET, 16, shapes) is None
     # 64 wide: four programs of 16 columns, and every matmul has tiles.
-    assert dmm.layer_mode(INTERPRET, 16, ((64, 96, None), (64, 64, None), (64, 384, 64)))
+    shapes = ((64, 96, None, None), (64, 64, None, None), (64, 384, 64, None))
+    assert dmm.layer_mode(INTERPRET, 16, shapes)
 
 
 def test_config_for():
@@ -79,6 +94,9 @@ def test_config_for():
     gate/up pair (128 columns) 64-row steps and 3 stages."""
     tiles = lambda *a: (lambda c: (c.block_n, c.block_k, c.num_stages))(dmm.config_for(*a))
     assert tiles(16, 4096, 6144) == (64, 128, 6)  # qkv
+    assert tiles(16, 4096, 6144, None, dmm.QkvHeads(32, 8, 128)) == (64, 128, 6)  # + epilogue
+    assert tiles(16, 64, 960, None, dmm.QkvHeads(9, 3, 64)) == (16, 64, 6)  # SmolLM2
+    assert dmm.config_for(16, 4096, 4096, None, dmm.QkvHeads(32, 8, 128)) is None  # not qkv
     assert tiles(16, 4096, 4096) == (32, 128, 6)  # o_proj
     assert tiles(16, 14336, 4096) == (32, 128, 6)  # down_proj
     assert tiles(16, 4096, 28672, 64) == (128, 64, 3)  # gate/up

@@ -268,6 +268,35 @@ def test_decode_matmul_kernel_matches_the_reference(name, m):
     )
 
 
+@pytest.mark.parametrize("m", [16, 64])
+def test_qkv_epilogue_matches_the_reference(m):
+    """Llama-3-8B's q/k/v with the attention's epilogue on the GPU: q after RoPE, and the cache
+    with this step's rows written at permuted slots, page 0's (padding) dropped, the rest as
+    it was."""
+    from pallas_kernels import decode_matmul, gpu_decode_matmul
+
+    heads = gpu_decode_matmul.QkvHeads(32, 8, 128)
+    keys = jax.random.split(jax.random.key(1), 4)
+    x = jax.random.normal(keys[0], (m, 4096), jnp.bfloat16)
+    w = (jax.random.normal(keys[1], (4096, heads.width), jnp.float32) / 64).astype(jnp.bfloat16)
+    cache = jax.random.normal(keys[2], (2, 8, 64, 16, 128), jnp.bfloat16)
+    slots = np.random.default_rng(m).permutation(np.arange(16, 64 * 16))[:m].astype(np.int32)
+    slots[-3:] = [0, 5, 0]  # padding tokens point into page 0
+    positions = jax.random.randint(keys[3], (m,), 0, 8192, jnp.int32)
+    inv_freq = 1.0 / (500000.0 ** (jnp.arange(0, 128, 2, dtype=jnp.float32) / 128))
+    kw = dict(positions=positions, inv_freq=inv_freq, slot_ids=jnp.asarray(slots))
+    q, got = decode_matmul.matmul(x, w, mode="gpu", qkv=heads, kv_cache=cache, **kw)
+    with jax.default_matmul_precision("float32"):
+        y = gpu_decode_matmul.decode_matmul_reference(x.astype(jnp.float32), w.astype(jnp.float32))
+    want_q, want = gpu_decode_matmul.qkv_reference(
+        y.astype(jnp.bfloat16), heads, kv_cache=cache, **kw
+    )
+    close = functools.partial(np.testing.assert_allclose, rtol=3e-2, atol=3e-2)
+    close(np.asarray(q, np.float32), np.asarray(want_q, np.float32))
+    close(np.asarray(got, np.float32), np.asarray(want, np.float32))
+    np.testing.assert_array_equal(np.asarray(got[:, :, 0]), np.asarray(cache[:, :, 0]))
+
+
 @pytest.mark.parametrize("hidden, mlp", [(1024, 3584), (4096, 14336)])
 def test_fused_decode_layers_match_xla_layers(hidden, mlp, monkeypatch):
     """The fused decode layers (the default: qkv, o_proj and gate/up as Triton kernels) against
