@@ -6,11 +6,11 @@ Attribute names follow Hugging Face's module names, so a checkpoint tensor
 except that q/k/v and gate/up are fused (`fused_parts`): one [D, (N + 2K) H] and one [D, 2F]
 matmul instead of five, so a decode step launches fewer, larger kernels that stream the weights
 closer to HBM bandwidth. gate_up_proj keeps gate and up interleaved in column blocks, and
-q/k heads keep RoPE's rotated pairs side by side (`arrange_param`), so that a kernel can fuse
-the activation, RoPE and the KV cache write into the matmul. Linear kernels
-are stored [in, out] (transposed from torch): `x @ kernel`. Layers are a Python list, unrolled
-in the trace: on GPU, XLA streams unrolled per-layer weights at ~92% of HBM bandwidth against
-~33% under `lax.scan` (DESIGN.md, "The fast path").
+q/k heads keep RoPE's rotated pairs side by side (`arrange_param`, pallas_kernels/rope.py), so
+that a kernel can fuse the activation, RoPE and the KV cache write into the matmul. Linear
+kernels are stored [in, out] (transposed from torch): `x @ kernel`. Layers are a Python list,
+unrolled in the trace: on GPU, XLA streams unrolled per-layer weights at ~92% of HBM bandwidth
+against ~33% under `lax.scan` (DESIGN.md, "The fast path").
 """
 
 from __future__ import annotations
@@ -26,6 +26,8 @@ from flax import nnx
 from models.config import ModelConfig, RopeScaling
 from pallas_kernels import decode_matmul, gate_up
 from pallas_kernels.attention import AttentionBackend, AttentionMetadata, paged_attention
+from pallas_kernels.gate_up import ArrayLike
+from pallas_kernels.rope import apply_rope, interleave_rope_pairs
 
 
 def fused_parts(cfg: ModelConfig) -> dict[str, tuple[tuple[str, int], ...]]:
@@ -85,35 +87,6 @@ def rope_inv_freq(head_dim: int, theta: float, scaling: RopeScaling) -> jnp.ndar
         mid = (wavelen >= high_wavelen) & (wavelen <= low_wavelen)
         return jnp.where(mid, blended, inv_freq)
     return inv_freq
-
-
-def interleave_rope_pairs(x, head_dim: int):
-    """[..., heads * H] in HF's rotate-half layout (x_i and x_{i + H/2} rotate together) ->
-    each head's pairs side by side: (x_0, x_{H/2}, x_1, x_{H/2 + 1}, ...). numpy or jax
-    arrays. q and k heads are kept this way: attention scores are unchanged by a permutation
-    of q's and k's head dims alike, and a kernel holding any even run of a head's columns
-    holds whole pairs (pallas_kernels/gpu_decode_matmul.py)."""
-    *lead, width = x.shape
-    halves = x.reshape(*lead, width // head_dim, 2, head_dim // 2)
-    return halves.swapaxes(-1, -2).reshape(*lead, width)
-
-
-def deinterleave_rope_pairs(x, head_dim: int):
-    """The inverse of `interleave_rope_pairs`: back to HF's rotate-half layout."""
-    *lead, width = x.shape
-    pairs = x.reshape(*lead, width // head_dim, head_dim // 2, 2)
-    return pairs.swapaxes(-1, -2).reshape(*lead, width)
-
-
-def apply_rope(x: jax.Array, positions: jax.Array, inv_freq: jax.Array) -> jax.Array:
-    """HF's rotate-half RoPE on heads with their pairs interleaved (`interleave_rope_pairs`).
-    x: [T, heads, H]; positions: [T]."""
-    angles = positions.astype(jnp.float32)[:, None] * inv_freq[None, :]  # [T, H/2]
-    cos = jnp.cos(angles)[:, None, :]
-    sin = jnp.sin(angles)[:, None, :]
-    x1, x2 = jnp.unstack(x.astype(jnp.float32).reshape(*x.shape[:-1], -1, 2), axis=-1)
-    out = jnp.stack([x1 * cos - x2 * sin, x2 * cos + x1 * sin], axis=-1)
-    return out.reshape(x.shape).astype(x.dtype)
 
 
 class Attention(nnx.Module):
@@ -177,7 +150,9 @@ class Attention(nnx.Module):
         )
         return out.reshape(t, -1), kv_cache
 
-    def attend_written(self, q: jax.Array, kv_cache: jax.Array, meta: AttentionMetadata):
+    def attend_written(
+        self, q: jax.Array, kv_cache: jax.Array, meta: AttentionMetadata
+    ) -> jax.Array:
         """q after RoPE [T, N H], this step's k and v already in the cache -> the attention's
         output [T, N H]."""
         t, h = q.shape[0], self.head_dim
@@ -194,11 +169,11 @@ class Attention(nnx.Module):
         return out.reshape(t, -1)
 
 
-def arrange_param(name: str, value, cfg: ModelConfig):
+def arrange_param(name: str, value: ArrayLike, cfg: ModelConfig) -> ArrayLike:
     """A parameter (a fused one whole, in `fused_parts` order) in the layout the model keeps,
     from the checkpoint's (HF's): gate_up_proj's gate and up columns interleaved in blocks
     (pallas_kernels/gate_up.py); qkv_proj's q and k columns (and bias), and q_norm's and
-    k_norm's weights, with RoPE's pairs interleaved (`interleave_rope_pairs`). Others as
+    k_norm's weights, with RoPE's pairs side by side (pallas_kernels/rope.py). Others as
     they are. `name`: the parameter's module (`gate_up_proj`, `q_norm`, ...)."""
     h = cfg.head_dim
     if name == "gate_up_proj":
@@ -281,7 +256,7 @@ class DecoderLayer(nnx.Module):
         mm = functools.partial(decode_matmul.matmul, mode=self.fused_mode(x.shape[0]))
         norm1, norm2 = self.input_layernorm, self.post_attention_layernorm
         xw, sq = norm_in
-        heads = self.fused_shapes[0][3]  # None: RoPE and the cache write stay with XLA
+        heads = self.fused_shapes[0].qkv  # None: RoPE and the cache write stay with XLA
         if heads is None:
             qkv = mm(xw, attn.qkv_proj.kernel[...], row_sq=sq, eps=norm1.eps)
             out, kv_cache = attn.attend(qkv, positions, inv_freq, kv_cache, meta)

@@ -72,8 +72,8 @@ def resolve_backend(
 
 def paged_attention(
     q: jax.Array,
-    k: jax.Array,
-    v: jax.Array,
+    k: jax.Array | None,
+    v: jax.Array | None,
     kv_cache: jax.Array,
     meta: AttentionMetadata,
     *,
@@ -82,12 +82,13 @@ def paged_attention(
     soft_cap: float | None = None,
     backend: AttentionBackend = AttentionBackend.REFERENCE,
 ) -> tuple[jax.Array, jax.Array]:
-    """Write this step's K/V into the cache, then attend.
+    """Write this step's K/V into the cache (unless the caller did), then attend.
 
     q: [T, N, H]; k, v: [T, K, H], or both None where the caller wrote them (a fused decode
     layer's qkv: pallas_kernels/gpu_decode_matmul.py); kv_cache: [2, K, num_pages, S, H].
     Returns (out [T, N, H], updated kv_cache).
     """
+    assert (k is None) == (v is None), "k and v: both written by the caller, or neither"
     interpreted = {
         AttentionBackend.PALLAS_INTERPRET_GPU: "gpu",
         AttentionBackend.PALLAS_INTERPRET_TPU: "tpu",

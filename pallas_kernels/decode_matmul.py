@@ -21,6 +21,7 @@ of the layer's definition: two settings never share a trace.
 from __future__ import annotations
 
 import os
+from typing import NamedTuple
 
 import jax
 import jax.numpy as jnp
@@ -38,9 +39,14 @@ _BLOCK_K = 128
 _GATE_UP_BLOCK_K, _GATE_UP_STAGES = 64, 3
 _MIN_PROGRAMS = 96  # wider column slabs while the grid still fills most of an H100/H200's SMs
 
-# K, N, the gate/up block (None: no gate/up epilogue), the q/k/v heads (None: no attention
-# epilogue)
-MatmulShape = tuple[int, int, "int | None", "QkvHeads | None"]
+
+class MatmulShape(NamedTuple):
+    """One fused matmul of a layer, x [M, k] @ w [k, n], and its epilogue's static shape."""
+
+    k: int
+    n: int
+    gate_up_block: int | None = None  # the gate/up epilogue's layout block
+    qkv: QkvHeads | None = None  # the attention's epilogue (RoPE, the KV cache write)
 
 
 def choice() -> str:
@@ -116,8 +122,7 @@ def layer_mode(
         return None
     # o_proj's residual add hands the post-attention norm its partial sums of squares, one a
     # program: gate/up loads them as one tile, so their count is a power of two.
-    _, (_, d, _, _), _ = shapes
-    partials = d // configs[1].block_n
+    partials = shapes[1].n // configs[1].block_n
     return mode if partials & (partials - 1) == 0 else None
 
 
@@ -138,8 +143,11 @@ def layer_shapes(cfg, dtype) -> tuple[MatmulShape, ...] | None:
     d, f = cfg.hidden_size, cfg.intermediate_size
     n, k, h = cfg.num_heads, cfg.num_kv_heads, cfg.head_dim
     heads = QkvHeads(n, k, h)
-    qkv = (d, heads.width, None, heads if qkv_columns(heads) else None)
-    return (qkv, (n * h, d, None, None), (d, 2 * f, block, None))
+    return (
+        MatmulShape(d, heads.width, qkv=heads if qkv_columns(heads) else None),
+        MatmulShape(n * h, d),
+        MatmulShape(d, 2 * f, gate_up_block=block),
+    )
 
 
 def norm_inputs(h: jax.Array, norm_weight: jax.Array) -> tuple[jax.Array, jax.Array]:
@@ -153,18 +161,32 @@ def matmul(
     w: jax.Array,
     *,
     mode: str,
+    row_sq: jax.Array | None = None,
+    eps: float = 1e-6,
+    residual: jax.Array | None = None,
+    next_norm_weight: jax.Array | None = None,
     gate_up_block: int | None = None,
     qkv: QkvHeads | None = None,
-    **kwargs,
+    positions: jax.Array | None = None,
+    inv_freq: jax.Array | None = None,
+    kv_cache: jax.Array | None = None,
+    slot_ids: jax.Array | None = None,
 ) -> jax.Array | tuple[jax.Array, ...]:
-    """`gpu_decode_matmul.decode_matmul` (its keywords) with `config_for`'s tiles,
-    interpreted in mode "interpret"."""
+    """`gpu_decode_matmul.decode_matmul` with `config_for`'s tiles, interpreted in mode
+    "interpret"."""
     return gpu_decode_matmul.decode_matmul(
         x,
         w,
+        row_sq=row_sq,
+        eps=eps,
+        residual=residual,
+        next_norm_weight=next_norm_weight,
         gate_up_block=gate_up_block,
         qkv=qkv,
+        positions=positions,
+        inv_freq=inv_freq,
+        kv_cache=kv_cache,
+        slot_ids=slot_ids,
         config=config_for(x.shape[0], x.shape[1], w.shape[1], gate_up_block, qkv),
         interpret=mode == "interpret",
-        **kwargs,
     )

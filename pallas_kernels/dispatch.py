@@ -1,4 +1,5 @@
-"""The Pallas attention backend: write this step's K/V, then run the platform's kernel.
+"""The Pallas attention backend: write this step's K/V (unless the caller did), then run the
+platform's kernel.
 
 KV write: the jnp scatter of reference.py, not a kernel of our own. Inside the model's jit the
 cache is donated, so XLA updates it in place, and it fuses the stack/transpose of k and v into
@@ -127,8 +128,8 @@ def gpu_attention(args: tuple, *, sm_scale: float, use_mgpu: bool, **kwargs) -> 
 
 def paged_attention(
     q: jax.Array,
-    k: jax.Array,
-    v: jax.Array,
+    k: jax.Array | None,
+    v: jax.Array | None,
     kv_cache: jax.Array,
     meta: AttentionMetadata,
     *,
@@ -138,7 +139,8 @@ def paged_attention(
     platform: str | None = None,
     interpret: bool = False,
 ) -> tuple[jax.Array, jax.Array]:
-    """Write this step's K/V into the cache, then ragged paged attention.
+    """Write this step's K/V into the cache (unless the caller did), then ragged paged
+    attention.
 
     q: [T, N, H]; k, v: [T, K, H] (None: already written); kv_cache: [2, K, num_pages, S, H].
     Returns (out [T, N, H], updated kv_cache).

@@ -1,7 +1,8 @@
 """A decode step's matmul with its neighbours fused, for the few rows (16-64 tokens) of a
-decode step: `rmsnorm(h) @ W`, `x @ W + residual` and `silu(gate) * up` of an interleaved
-gate/up weight. Pallas with the Triton lowering, for NVIDIA GPUs; `decode_matmul_reference` is
-the same computation in jnp.
+decode step: `rmsnorm(h) @ W`, `x @ W + residual`, `silu(gate) * up` of an interleaved
+gate/up weight, and RoPE with the KV cache write after the q/k/v projection. Pallas with
+the Triton lowering, for NVIDIA GPUs; `decode_matmul_reference` and `qkv_reference` are the
+same computations in jnp.
 
 Why: at 16 tokens XLA runs a Llama layer as 13-14 kernels. Its GEMMs split K 4-8 ways and write
 float32 partials that the next fusion sums, and the RMSNorms, the residual adds and silu * up
@@ -26,11 +27,11 @@ neighbours' work into their prologue and epilogue:
   (gate_up.py): a program's columns are `block_n / 2` gate ones and the up ones that pair with
   them, and it writes `block_n / 2` columns of [M, F].
 - The attention's epilogue (`qkv`): for the fused q/k/v weight, whose q and k heads the model
-  keeps with RoPE's rotated pairs interleaved (models/llama.py `interleave_rope_pairs`), a
-  program's columns lie in one head and hold whole pairs. It applies RoPE to q and k, writes q
-  out, and stores k and v straight into the paged KV cache at the tokens' slots (aliased in
-  place), which took three small XLA kernels (q's RoPE; k's RoPE with the cache scatter;
-  ~4.5 us a layer with their gaps on an H200).
+  keeps with RoPE's rotated pairs side by side (rope.py), a program's columns lie in one head
+  and hold whole pairs. It applies RoPE to q and k, writes q out, and stores k and v straight
+  into the paged KV cache at the tokens' slots (aliased in place). That took two small XLA
+  kernels (the cache scatter, and a fusion of RoPE's), ~3.5 us a layer with their gaps on an
+  H200 (seventeenth session).
 
 Decoder layers of decode-sized steps use it for qkv, o_proj and gate/up (decode_matmul.py,
 models/llama.py; `PAGEJAX_GPU_DECODE_MATMUL=xla` opts out); `scripts/bench_decode_matmul.py`
@@ -49,13 +50,15 @@ from jax.experimental.pallas import triton as plgpu
 
 from pallas_kernels.gate_up import silu_gate_up_reference
 from pallas_kernels.reference import write_kv_reference
+from pallas_kernels.rope import apply_rope
 
 _MIN_ROWS = 16  # Triton's smallest MMA tile
 
 
 @dataclasses.dataclass(frozen=True)
 class DecodeMatmulConfig:
-    block_n: int = 32  # W columns a program (with gate/up: half gate, half up, within one block)
+    block_n: int = 32  # W columns a program (gate/up: half gate, half up, within one block;
+    # qkv: within one head)
     block_k: int = 256  # rows of W a pipeline step
     num_warps: int = 4
     num_stages: int = 4
@@ -94,8 +97,9 @@ def supports(
     whole = k % cfg.block_k == 0 and n % cfg.block_n == 0
     if gate_up_block:
         whole = whole and cfg.block_n % 2 == 0 and gate_up_block % (cfg.block_n // 2) == 0
-    if qkv:
+    if qkv:  # whole RoPE pairs of one head
         whole = whole and n == qkv.width and qkv.head_dim % cfg.block_n == 0
+        whole = whole and cfg.block_n % 2 == 0
     return pow2 and whole
 
 
@@ -122,16 +126,6 @@ def decode_matmul_reference(
     return y
 
 
-def rope_reference(x: jax.Array, positions: jax.Array, inv_freq: jax.Array) -> jax.Array:
-    """Rotate-half RoPE on heads with their rotated pairs interleaved (the model's layout:
-    models/llama.apply_rope). x: [T, heads, H]."""
-    angles = positions.astype(jnp.float32)[:, None, None] * inv_freq[None, None, :]
-    x1, x2 = jnp.unstack(x.astype(jnp.float32).reshape(*x.shape[:-1], -1, 2), axis=-1)
-    cos, sin = jnp.cos(angles), jnp.sin(angles)
-    out = jnp.stack([x1 * cos - x2 * sin, x2 * cos + x1 * sin], -1)
-    return out.reshape(x.shape).astype(x.dtype)
-
-
 def qkv_reference(
     qkv: jax.Array,
     heads: QkvHeads,
@@ -144,8 +138,8 @@ def qkv_reference(
     on q and k, then the cache write of reference.py): (q [T, N H], the updated cache)."""
     t, (n, k, h) = qkv.shape[0], (heads.num_heads, heads.num_kv_heads, heads.head_dim)
     q, kk, v = jnp.split(qkv, [n * h, (n + k) * h], axis=-1)
-    q = rope_reference(q.reshape(t, n, h), positions, inv_freq)
-    kk = rope_reference(kk.reshape(t, k, h), positions, inv_freq)
+    q = apply_rope(q.reshape(t, n, h), positions, inv_freq)
+    kk = apply_rope(kk.reshape(t, k, h), positions, inv_freq)
     kv_cache = write_kv_reference(kv_cache, kk, v.reshape(t, k, h), slot_ids)
     return q.reshape(t, n * h), kv_cache
 
@@ -178,7 +172,8 @@ def _kernel(
     bk, block_n, pid = cfg.block_k, cfg.block_n, pl.program_id(0)
     # With the gate/up epilogue the program's columns are `width` gate ones and the `width` up
     # ones that pair with them, `gate_up` (the layout's block) apart: two slabs and two
-    # accumulators.
+    # accumulators (a Triton register tile splits only in halves of its last axis, and these
+    # slabs are a block apart).
     parts = 2 if gate_up else 1
     width = block_n // parts
     if gate_up:  # block b of the layout holds gate then up columns of its `gate_up` features
@@ -263,6 +258,36 @@ def _qkv_epilogue(acc, col0, refs, qkv: QkvHeads, page_size: int) -> None:
         )
 
 
+def _qkv_operands(
+    qkv: QkvHeads,
+    m: int,
+    dtype,
+    positions: jax.Array,
+    inv_freq: jax.Array,
+    kv_cache: jax.Array,
+    slot_ids: jax.Array,
+) -> tuple[list[jax.Array], list[jax.ShapeDtypeStruct]]:
+    """The attention epilogue's operands (positions, frequencies, slots, the cache viewed as
+    `[2, K, pages * S, H]`) and the call's outputs (q, that cache view), checked against
+    `qkv`: a mismatched cache or table would make the kernel store out of bounds."""
+    two, kv_heads, num_pages, page_size, head_dim = kv_cache.shape
+    if (two, kv_heads, head_dim) != (2, qkv.num_kv_heads, qkv.head_dim):
+        raise ValueError(f"decode_matmul: a cache of shape {kv_cache.shape} for {qkv}")
+    if positions.shape != (m,) or slot_ids.shape != (m,) or inv_freq.shape != (head_dim // 2,):
+        raise ValueError(
+            f"decode_matmul: positions {positions.shape}, slot_ids {slot_ids.shape}, inv_freq "
+            f"{inv_freq.shape} for {m} rows and heads of {head_dim}"
+        )
+    flat = kv_cache.reshape(2, kv_heads, num_pages * page_size, head_dim)  # a bitcast
+    operands = [positions.astype(jnp.int32), inv_freq.astype(jnp.float32)]
+    operands += [slot_ids.astype(jnp.int32), flat]
+    out_shape = [
+        jax.ShapeDtypeStruct((m, qkv.num_heads * qkv.head_dim), dtype),
+        jax.ShapeDtypeStruct(flat.shape, flat.dtype),
+    ]
+    return operands, out_shape
+
+
 @functools.partial(jax.jit, static_argnames=("eps", "gate_up_block", "qkv", "config", "interpret"))
 def decode_matmul(
     x: jax.Array,
@@ -315,16 +340,10 @@ def decode_matmul(
         ]
     args = [x, w] + [a for a in (row_sq, residual, next_norm_weight) if a is not None]
     aliases, page_size = {}, 0
-    if qkv:
-        two, kv_heads, num_pages, page_size, head_dim = kv_cache.shape
-        flat = kv_cache.reshape(two, kv_heads, num_pages * page_size, head_dim)  # a bitcast
-        out_shape = [
-            jax.ShapeDtypeStruct((m, qkv.num_heads * qkv.head_dim), x.dtype),
-            jax.ShapeDtypeStruct(flat.shape, flat.dtype),
-        ]
-        aliases = {len(args) + 3: 1}
-        args += [positions.astype(jnp.int32), inv_freq.astype(jnp.float32)]
-        args += [slot_ids.astype(jnp.int32), flat]
+    if qkv:  # q out, and the cache aliased in place (the last operand)
+        operands, out_shape = _qkv_operands(qkv, m, x.dtype, *rope_args)
+        aliases, page_size = {len(args) + len(operands) - 1: 1}, kv_cache.shape[3]
+        args += operands
     kernel = functools.partial(
         _kernel,
         cfg=cfg,

@@ -4,7 +4,9 @@ the four matmuls of a Llama-3.1-8B decode layer (bf16), device time from a profi
     python scripts/bench_decode_matmul.py --rows 16 64 --output-json decode_matmul.json [--sweep]
 
 Per matmul and row count (the engine's decode buckets), each entry does one layer's part:
-- qkv: rmsnorm(h) @ W_qkv [4096, 6144];
+- qkv: rmsnorm(h) @ W_qkv [4096, 6144] (the bare matmul: without the attention's epilogue,
+  RoPE and the KV cache write, which the fused layer adds; the forward, `bench_forward.py`,
+  times that);
 - o_proj: attn @ W_o [4096, 4096] + h;
 - gate_up: silu * up of rmsnorm(h) @ W_gate_up [4096, 28672] (interleaved, gate_up.py);
 - down: act @ W_down [14336, 4096] + h.

@@ -45,19 +45,19 @@ def test_pallas_backend_matches_reference(folder, tmp_path, backend):
 
 
 @pytest.fixture(scope="module", params=[8, 16], ids=["head8", "head16"])
-def llama_folder(tmp_path_factory, request):
+def llama_case(tmp_path_factory, request):
     folder = tmp_path_factory.mktemp(f"llama3_{request.param}")
     return write_checkpoint("llama3", folder, head_dim=request.param), request.param
 
 
-def test_fused_decode_matmuls_match_reference(llama_folder, tmp_path, monkeypatch):
+def test_fused_decode_matmuls_match_reference(llama_case, tmp_path, monkeypatch):
     """`PAGEJAX_GPU_DECODE_MATMUL=pallas` (the default, set here so that the test does not
     depend on the environment): every 32-token step (prompt chunks and decodes) runs its
     layers' qkv, o_proj and gate/up as the fused Triton matmuls (pallas_kernels/
     decode_matmul.py), interpreted; with heads of 16, qkv also applies RoPE and writes the
     step's keys and values into the cache (and drops the padding tokens' rows); heads of 8
     leave those to XLA."""
-    llama_folder, head_dim = llama_folder
+    llama_folder, head_dim = llama_case
     rng = np.random.default_rng(6)
     prompts = [rng.integers(3, 320, size=n).tolist() for n in (4, 30, 41)]
     want = _generate(llama_folder, "reference", prompts, str(tmp_path))

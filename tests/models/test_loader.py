@@ -12,10 +12,10 @@ import pytest
 from flax import nnx
 from safetensors.numpy import save_file
 
-from models.llama import deinterleave_rope_pairs, interleave_rope_pairs
 from models.loader import load_model, save_orbax
 from models.registry import UnsupportedArchitectureError
 from models.safetensors_reader import CheckpointError, iter_safetensors
+from pallas_kernels.rope import deinterleave_rope_pairs, interleave_rope_pairs
 from tests.hf_models import write_checkpoint
 
 
@@ -64,12 +64,17 @@ def test_bf16_checkpoint_loads_exactly(folder, tmp_path):
     emb = np.asarray(model.model.embed_tokens.embedding[...])
     assert emb.dtype == ml_dtypes.bfloat16
     np.testing.assert_array_equal(emb, tensors["model.embed_tokens.weight"])
-    qkv = np.asarray(model.model.layers[1].self_attn.qkv_proj.kernel[...])
-    q = tensors["model.layers.1.self_attn.q_proj.weight"].T
-    v = tensors["model.layers.1.self_attn.v_proj.weight"].T
-    head_dim = model.config.head_dim  # q's heads with RoPE's pairs side by side
-    np.testing.assert_array_equal(qkv[:, : q.shape[1]], interleave_rope_pairs(q, head_dim))
-    np.testing.assert_array_equal(qkv[:, -v.shape[1] :], v)
+    # q/k/v fused, q's and k's heads with RoPE's pairs side by side, the bias (Qwen2) too
+    attn = model.model.layers[1].self_attn
+    for part, want in (("kernel", "weight"), ("bias", "bias")):
+        got = np.asarray(getattr(attn.qkv_proj, part)[...])
+        q, k, v = (tensors[f"model.layers.1.self_attn.{p}_proj.{want}"].T for p in "qkv")
+        h = model.config.head_dim
+        np.testing.assert_array_equal(got[..., : q.shape[-1]], interleave_rope_pairs(q, h))
+        np.testing.assert_array_equal(
+            got[..., q.shape[-1] : -v.shape[-1]], interleave_rope_pairs(k, h)
+        )
+        np.testing.assert_array_equal(got[..., -v.shape[-1] :], v)
 
 
 def test_orbax_round_trip(folder, tmp_path):
@@ -172,13 +177,6 @@ def test_orbax_checkpoint_saved_with_the_gate_up_layout_alone_loads_rearranged(t
     restored = load_model(dest, dtype="float32")
     for x, y in zip(_params(model), _params(restored), strict=True):
         np.testing.assert_array_equal(x, y)
-
-
-def test_rope_pairs_interleave_and_back():
-    x = np.arange(2 * 24).reshape(2, 24)  # three heads of 8
-    y = interleave_rope_pairs(x, 8)
-    np.testing.assert_array_equal(y[0, :8], [0, 4, 1, 5, 2, 6, 3, 7])
-    np.testing.assert_array_equal(deinterleave_rope_pairs(y, 8), x)
 
 
 def test_orbax_checkpoint_saved_before_the_interleaved_gate_up_loads_rearranged(tmp_path):

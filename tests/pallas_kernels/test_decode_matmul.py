@@ -280,10 +280,17 @@ def test_qkv_epilogue_refusals():
     cfg = dm.DecodeMatmulConfig(block_n=32, block_k=128)
     with pytest.raises(ValueError):  # the epilogue needs the positions (and the rest)
         dm.decode_matmul(x, w, qkv=HEADS, config=cfg, interpret=True, **{**kw, "positions": None})
+    run = functools.partial(dm.decode_matmul, qkv=HEADS, interpret=True)
+    with pytest.raises(ValueError):  # no residual and no gate/up with the attention's epilogue
+        run(x, w, residual=jnp.zeros((16, HEADS.width)), config=cfg, **kw)
+    with pytest.raises(ValueError):  # a cache of other heads: the kernel would store past it
+        run(x, w, config=cfg, **{**kw, "kv_cache": cache[:, :1]})
+    with pytest.raises(ValueError):  # a slot a row, and a frequency a pair of a head
+        run(x, w, config=cfg, **{**kw, "slot_ids": jnp.asarray(slots[:8])})
     with pytest.raises(NotImplementedError):  # 128 columns: past one head
-        dm.decode_matmul(x, w, qkv=HEADS, config=dm.DecodeMatmulConfig(128, 128), **kw)
+        run(x, w, config=dm.DecodeMatmulConfig(128, 128), **kw)
     with pytest.raises(NotImplementedError):  # w is not q/k/v of these heads
-        dm.decode_matmul(x, w[:, :256], qkv=HEADS, config=cfg, **kw)
+        run(x, w[:, :256], config=cfg, **kw)
 
 
 @pytest.mark.parametrize("m", [16, 32, 64])

@@ -12,6 +12,7 @@ from pallas_kernels.attention import AttentionBackend
 from tests.hf_models import FAMILIES
 
 INTERPRET = AttentionBackend.PALLAS_INTERPRET_GPU
+S = dmm.MatmulShape
 ARCH = {"LlamaConfig": "LlamaForCausalLM", "MistralConfig": "MistralForCausalLM",
         "Qwen2Config": "Qwen2ForCausalLM", "Qwen3Config": "Qwen3ForCausalLM"}  # fmt: skip
 
@@ -24,7 +25,7 @@ def _cfg(family: str) -> ModelConfig:
 def test_layer_shapes(monkeypatch):
     cfg = _cfg("llama3")  # 64 wide, 4 / 2 heads of 16, MLP 192 (three blocks of 64)
     heads = dmm.QkvHeads(4, 2, 16)  # qkv with the attention's epilogue, o_proj, gate/up
-    want = ((64, 128, None, heads), (64, 64, None, None), (64, 384, 64, None))
+    want = (S(64, 128, qkv=heads), S(64, 64), S(64, 384, gate_up_block=64))
     monkeypatch.delenv("PAGEJAX_GPU_DECODE_MATMUL", raising=False)
     assert dmm.layer_shapes(cfg, jnp.bfloat16) == want  # on by default
     monkeypatch.setenv("PAGEJAX_GPU_DECODE_MATMUL", "xla")
@@ -50,11 +51,11 @@ def test_qkv_columns():
     assert dmm.qkv_columns(dmm.QkvHeads(4, 2, 8)) is None
     cls, kwargs = FAMILIES["llama3"]
     narrow = ModelConfig.from_hf_dict({"architectures": [ARCH[cls]], **kwargs, "head_dim": 8})
-    assert dmm.layer_shapes(narrow, jnp.bfloat16)[0] == (64, 64, None, None)
+    assert dmm.layer_shapes(narrow, jnp.bfloat16)[0] == S(64, 64)
 
 
 def test_layer_mode():
-    shapes = ((64, 128, None, None), (64, 64, None, None), (64, 384, 64, None))
+    shapes = (S(64, 128), S(64, 64), S(64, 384, gate_up_block=64))
     assert [dmm.layer_mode(INTERPRET, t, shapes) for t in (16, 32, 64)] == ["interpret"] * 3
     assert dmm.layer_mode(INTERPRET, 128, shapes) is None  # past the decode buckets
     assert dmm.layer_mode(INTERPRET, 48, shapes) is None  # Triton tiles: powers of two
@@ -62,14 +63,18 @@ def test_layer_mode():
     assert dmm.layer_mode(AttentionBackend.REFERENCE, 16, shapes) is None
     assert dmm.layer_mode(AttentionBackend.PALLAS, 16, shapes) is None  # no Hopper GPU here
     assert dmm.layer_mode(INTERPRET, 16, shapes, jnp.float32) == "interpret"
-    bad_k = ((100, 128, None, None), (64, 64, None, None), (64, 384, 64, None))
+    bad_k = (S(100, 128), S(64, 64), S(64, 384, gate_up_block=64))
     assert dmm.layer_mode(INTERPRET, 16, bad_k) is None  # no K step divides 100
+    with_rope = (S(64, 128, qkv=dmm.QkvHeads(4, 2, 16)), S(64, 64), S(64, 384, gate_up_block=64))
+    assert dmm.layer_mode(INTERPRET, 16, with_rope) == "interpret"
+    not_qkv = (S(64, 96, qkv=dmm.QkvHeads(4, 2, 16)), S(64, 64), S(64, 384, gate_up_block=64))
+    assert dmm.layer_mode(INTERPRET, 16, not_qkv) is None  # 96 columns are not those heads
 
 
 def test_layer_mode_on_a_hopper_gpu_takes_bfloat16_only(monkeypatch):
     """The GPU tiles assume Hopper's shared memory and 16-bit weights: float32 and float16
     layers, and other GPUs, stay with XLA."""
-    shapes = ((64, 128, None, None), (64, 64, None, None), (64, 384, 64, None))
+    shapes = (S(64, 128), S(64, 64), S(64, 384, gate_up_block=64))
     monkeypatch.setattr(dmm.hardware, "is_hopper", lambda: True)
     assert dmm.layer_mode(AttentionBackend.PALLAS, 16, shapes, jnp.bfloat16) == "gpu"
     assert dmm.layer_mode(AttentionBackend.PALLAS, 16, shapes, jnp.float32) is None
@@ -81,10 +86,10 @@ def test_layer_mode_on_a_hopper_gpu_takes_bfloat16_only(monkeypatch):
 def test_layer_mode_needs_a_power_of_two_of_partial_sums():
     """o_proj's residual add hands the next norm one partial sum of squares a program, which
     gate/up loads as one Triton tile: 48 wide makes three programs of 16 columns."""
-    shapes = ((48, 96, None, None), (64, 48, None, None), (48, 384, 64, None))
+    shapes = (S(48, 96), S(64, 48), S(48, 384, gate_up_block=64))
     assert dmm.layer_mode(INTERPRET, 16, shapes) is None
     # 64 wide: four programs of 16 columns, and every matmul has tiles.
-    shapes = ((64, 96, None, None), (64, 64, None, None), (64, 384, 64, None))
+    shapes = (S(64, 96), S(64, 64), S(64, 384, gate_up_block=64))
     assert dmm.layer_mode(INTERPRET, 16, shapes)
 
 

@@ -1,0 +1,42 @@
+"""Rotary embeddings in the layout the models keep q and k heads in: each head's rotated pairs
+side by side, (x_0, x_{H/2}, x_1, x_{H/2 + 1}, ...), where Hugging Face's rotate-half layout
+puts x_i and x_{i + H/2} half a head apart.
+
+Why: a kernel that holds any even run of a head's columns then holds whole pairs, so the
+fused decode matmul can apply RoPE to its own output tile (gpu_decode_matmul.py). Attention
+scores are unchanged, as q's and k's head dims are permuted alike (v is not permuted). The
+loader arranges checkpoints into this layout (models/llama.arrange_param). llama.cpp's GGUF
+files keep llama's q/k in the same layout (models/gguf.py).
+"""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+
+from pallas_kernels.gate_up import ArrayLike
+
+
+def interleave_rope_pairs(x: ArrayLike, head_dim: int) -> ArrayLike:
+    """[..., heads * H] in HF's rotate-half layout -> each head's pairs side by side. numpy or
+    jax arrays."""
+    *lead, width = x.shape
+    halves = x.reshape(*lead, width // head_dim, 2, head_dim // 2)
+    return halves.swapaxes(-1, -2).reshape(*lead, width)
+
+
+def deinterleave_rope_pairs(x: ArrayLike, head_dim: int) -> ArrayLike:
+    """The inverse of `interleave_rope_pairs`: back to HF's rotate-half layout."""
+    *lead, width = x.shape
+    pairs = x.reshape(*lead, width // head_dim, head_dim // 2, 2)
+    return pairs.swapaxes(-1, -2).reshape(*lead, width)
+
+
+def apply_rope(x: jax.Array, positions: jax.Array, inv_freq: jax.Array) -> jax.Array:
+    """HF's rotate-half RoPE on heads with their pairs side by side. x: [T, heads, H];
+    positions: [T]; inv_freq: [H / 2]. The angles in float32, as HF computes them."""
+    angles = positions.astype(jnp.float32)[:, None, None] * inv_freq[None, None, :]
+    x1, x2 = jnp.unstack(x.astype(jnp.float32).reshape(*x.shape[:-1], -1, 2), axis=-1)
+    cos, sin = jnp.cos(angles), jnp.sin(angles)
+    out = jnp.stack([x1 * cos - x2 * sin, x2 * cos + x1 * sin], axis=-1)
+    return out.reshape(x.shape).astype(x.dtype)
