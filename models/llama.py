@@ -138,6 +138,19 @@ class Attention(nnx.Module):
             q, k = self.q_norm(q), self.k_norm(k)
         q = apply_rope(q, positions, inv_freq)
         k = apply_rope(k, positions, inv_freq)
+        return self.attend_roped(q, k, v, kv_cache, meta)
+
+    def attend_roped(
+        self,
+        q: jax.Array,
+        k: jax.Array | None,
+        v: jax.Array | None,
+        kv_cache: jax.Array,
+        meta: AttentionMetadata,
+    ) -> tuple[jax.Array, jax.Array]:
+        """q [T, N, H] and k [T, K, H] after RoPE, v [T, K, H] (k = v = None: already in the
+        cache, as a fused decode layer's qkv writes them) -> the attention's output [T, N H]
+        (before o_proj), updated kv_cache."""
         out, kv_cache = paged_attention(
             q,
             k,
@@ -148,25 +161,7 @@ class Attention(nnx.Module):
             sliding_window=self.sliding_window,
             backend=self.backend,
         )
-        return out.reshape(t, -1), kv_cache
-
-    def attend_written(
-        self, q: jax.Array, kv_cache: jax.Array, meta: AttentionMetadata
-    ) -> jax.Array:
-        """q after RoPE [T, N H], this step's k and v already in the cache -> the attention's
-        output [T, N H]."""
-        t, h = q.shape[0], self.head_dim
-        out, _ = paged_attention(
-            q.reshape(t, -1, h),
-            None,
-            None,
-            kv_cache,
-            meta,
-            sm_scale=h**-0.5,
-            sliding_window=self.sliding_window,
-            backend=self.backend,
-        )
-        return out.reshape(t, -1)
+        return out.reshape(q.shape[0], -1), kv_cache
 
 
 def arrange_param(name: str, value: ArrayLike, cfg: ModelConfig) -> ArrayLike:
@@ -272,7 +267,8 @@ class DecoderLayer(nnx.Module):
                 kv_cache=kv_cache,
                 slot_ids=meta.slot_ids,
             )
-            out = attn.attend_written(q, kv_cache, meta)
+            q = q.reshape(q.shape[0], -1, attn.head_dim)
+            out, kv_cache = attn.attend_roped(q, None, None, kv_cache, meta)
         x, xw, sq = mm(out, attn.o_proj.kernel[...], residual=x, next_norm_weight=norm2.scale[...])
         h = mm(xw, mlp.gate_up_proj.kernel[...], row_sq=sq, eps=norm2.eps, gate_up_block=mlp.block)
         x = x + mlp.down_proj(h)
