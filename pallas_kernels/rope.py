@@ -34,9 +34,18 @@ def deinterleave_rope_pairs(x: ArrayLike, head_dim: int) -> ArrayLike:
 
 def apply_rope(x: jax.Array, positions: jax.Array, inv_freq: jax.Array) -> jax.Array:
     """HF's rotate-half RoPE on heads with their pairs side by side. x: [T, heads, H];
-    positions: [T]; inv_freq: [H / 2]. The angles in float32, as HF computes them."""
-    angles = positions.astype(jnp.float32)[:, None, None] * inv_freq[None, None, :]
-    x1, x2 = jnp.unstack(x.astype(jnp.float32).reshape(*x.shape[:-1], -1, 2), axis=-1)
-    cos, sin = jnp.cos(angles), jnp.sin(angles)
-    out = jnp.stack([x1 * cos - x2 * sin, x2 * cos + x1 * sin], axis=-1)
-    return out.reshape(x.shape).astype(x.dtype)
+    positions: [T]; inv_freq: [H / 2]. The angles in float32, as HF computes them.
+
+    As arithmetic on the whole head, `x * cos + x[j ^ 1] * (-sin, sin, ...)` (each pair's
+    cos and sin repeated), not as pairs split and stacked: XLA's fusion then keeps H as its
+    minor dimension. On an H200 a prefill step's q/k RoPE at 8,192 tokens took 67 us against
+    116 us for the split-and-stack form (65 us in HF's rotate-half layout; eighteenth
+    session)."""
+    h = x.shape[-1]
+    angles = positions.astype(jnp.float32)[:, None] * inv_freq[None, :]  # [T, H / 2]
+    cos = jnp.repeat(jnp.cos(angles), 2, axis=-1)[:, None, :]  # [T, 1, H]
+    sin = jnp.repeat(jnp.sin(angles), 2, axis=-1)[:, None, :]
+    sign = jnp.tile(jnp.asarray([-1.0, 1.0], jnp.float32), h // 2)  # x0' = x0 c - x1 s, ...
+    x32 = x.astype(jnp.float32)
+    swapped = x32.reshape(*x.shape[:-1], h // 2, 2)[..., ::-1].reshape(x.shape)  # x[j ^ 1]
+    return (x32 * cos + swapped * (sign * sin)).astype(x.dtype)
