@@ -44,10 +44,21 @@ class GateUpConfig:
     num_ctas: int | None = None
 
 
+def default_config(k: int) -> GateUpConfig:
+    """The tiles for K = `k`: K slabs of 128 in a ring of 2 where they divide K, else slabs of
+    64 in a ring of 3. H200, Llama-3-8B's MLP (eighteenth session, docs/BENCHMARKS.md), us at
+    8,192 / 1,024 rows: 2,380 / 305 and 2,433 / 304 against 2,577 / 306 for the earlier
+    default (slabs of 64 in a ring of 4). 128-row slabs in a ring of 2 take 192 KiB of shared
+    memory, and the epilogue's buffers 32 KiB more."""
+    if k % 128 == 0:
+        return GateUpConfig(tile_k=128, max_concurrent_steps=2)
+    return GateUpConfig(tile_k=64, max_concurrent_steps=3)
+
+
 def supports(m: int, k: int, two_f: int, dtype, w_dtype, cfg: GateUpConfig | None = None) -> bool:
     """Whether the kernel takes x [m, k] @ w [k, two_f]: 16-bit floats, whole tiles (M in rows
     of `tile_m`, K in slabs of `tile_k`, 2F in CTA tiles of two gate/up block pairs)."""
-    cfg = cfg or GateUpConfig()
+    cfg = cfg or default_config(k)
     return (
         jnp.dtype(dtype) in (jnp.dtype(jnp.bfloat16), jnp.dtype(jnp.float16))
         and jnp.dtype(w_dtype) == jnp.dtype(dtype)
@@ -61,9 +72,10 @@ def supports(m: int, k: int, two_f: int, dtype, w_dtype, cfg: GateUpConfig | Non
 def silu_gate_up(
     x: jax.Array, w: jax.Array, *, config: GateUpConfig | None = None, interpret: bool = False
 ) -> jax.Array:
-    """x [M, K] @ interleaved w [K, 2F] -> silu(gate) * up [M, F], in x's dtype.
+    """x [M, K] @ interleaved w [K, 2F] -> silu(gate) * up [M, F], in x's dtype, on
+    `config` (default: `default_config(K)`).
     interpret: run in Mosaic GPU's interpreter (`interpret_params`; tests on the CPU)."""
-    cfg = config or GateUpConfig()
+    cfg = config or default_config(x.shape[1])
     (m, k), (_, two_f) = x.shape, w.shape
     if not supports(m, k, two_f, x.dtype, w.dtype, cfg):
         raise NotImplementedError(f"silu_gate_up: x {x.shape} {x.dtype}, w {w.shape}")

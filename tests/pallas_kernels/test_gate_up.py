@@ -92,6 +92,17 @@ def test_kernel_support():
     assert ok(1024, 4096, 28672, tile_m=64) and not ok(1024, 4096, 28672, tile_m=96)
 
 
+def test_default_config():
+    """Slabs of 128 of K in a ring of 2 where they divide K (Llama-3-8B), else of 64 in a ring
+    of 3 (SmolLM2-135M's 576), so that K a multiple of 64 keeps the kernel."""
+    slabs = lambda k: (lambda c: (c.tile_k, c.max_concurrent_steps))(gpu_gate_up.default_config(k))
+    assert slabs(4096) == (128, 2)
+    assert slabs(576) == (64, 3)
+    bf16 = jnp.bfloat16
+    assert gpu_gate_up.supports(1024, 576, 3072, bf16, bf16)  # the default config for K
+    assert not gpu_gate_up.supports(1024, 576, 3072, bf16, bf16, gpu_gate_up.default_config(4096))
+
+
 @pytest.mark.parametrize("m, k, two_f", [(1024, 4096, 28672), (256, 128, 512)])
 def test_fused_kernel_lowers_for_cuda(m, k, two_f):
     bf16 = jnp.bfloat16
@@ -106,10 +117,12 @@ def test_fused_kernel_lowers_for_cuda(m, k, two_f):
         # One CTA walks 3 x 2 tiles (the persistent loop and the planar snake), through 4
         # K slabs in a ring of 2 slots (slots reused before the tile ends).
         (384, 256, 256, gpu_gate_up.GateUpConfig(max_concurrent_steps=2, num_ctas=1)),
+        # The default tiles for K = 4096 (slabs of 128, a ring of 2), two slabs a tile.
+        (256, 256, 128, gpu_gate_up.GateUpConfig(tile_k=128, max_concurrent_steps=2, num_ctas=1)),
         # More CTAs than tiles: the surplus CTAs take none; 64-row tiles, one epilogue tile.
         (128, 128, 128, gpu_gate_up.GateUpConfig(tile_m=64, grid_tile_width=1, num_ctas=3)),
     ],
-    ids=["one_cta", "idle_ctas"],
+    ids=["one_cta", "slabs_of_128", "idle_ctas"],
 )
 def test_fused_kernel_in_the_interpreter_matches_float32(m, k, f, config):
     """The kernel itself (TMA ring, barriers, both compute warpgroups' wgmma and epilogue
