@@ -75,8 +75,8 @@ def silu_gate_up(
     """x [M, K] @ interleaved w [K, 2F] -> silu(gate) * up [M, F], in x's dtype, on
     `config` (default: `default_config(K)`).
     interpret: run in Mosaic GPU's interpreter (`interpret_params`; tests on the CPU)."""
-    cfg = config or default_config(x.shape[1])
     (m, k), (_, two_f) = x.shape, w.shape
+    cfg = config or default_config(k)
     if not supports(m, k, two_f, x.dtype, w.dtype, cfg):
         raise NotImplementedError(f"silu_gate_up: x {x.shape} {x.dtype}, w {w.shape}")
     dtype = x.dtype

@@ -12,6 +12,7 @@ calls. Each kernel config's max abs difference from XLA's result is recorded (bf
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import functools
 import json
 import statistics
@@ -40,8 +41,9 @@ def main() -> None:
     ap.add_argument("--output-json", required=True)
     args = ap.parse_args()
     block, k, f = gate_up.BLOCK, args.hidden, args.intermediate
+    base = gpu_gate_up.default_config(k)  # the engine's tiles, and variants of them
     configs = {
-        f"tile_m{tm}_width{gw}": gpu_gate_up.GateUpConfig(tile_m=tm, grid_tile_width=gw)
+        f"tile_m{tm}_width{gw}": dataclasses.replace(base, tile_m=tm, grid_tile_width=gw)
         for tm in (128, 64)
         for gw in (8, 16)
     }
