@@ -37,6 +37,9 @@ ask_ptxas_once()  # before any of this module's kernels lowers
 
 @dataclasses.dataclass(frozen=True)
 class GateUpConfig:
+    """Tiles. The field defaults are a base for tests and sweeps; the engine's tiles come from
+    `default_config(K)`."""
+
     tile_m: int = 128  # rows of x a CTA takes (both warpgroups)
     tile_k: int = 64
     max_concurrent_steps: int = 4
