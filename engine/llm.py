@@ -31,12 +31,24 @@ def platform_defaults(
     for four times the tokens of a batch of 256 (1000 x 128 in / 128 out: 13.6k -> 16.9k
     output tok/s on an H100). The step stays at 8,192 tokens, not vLLM's 16,384: both
     workloads ran within 1 % of each other at either size, and the smaller ladder compiles
-    fewer, smaller executables. The server keeps 256 requests: its start-up compiles every
-    bucket.
+    fewer, smaller executables.
+
+    The server keeps 256 requests (its start-up compiles every bucket) and steps of at most
+    2,048 tokens, a quarter of vLLM's 8,192 on such cards. Poisson arrivals bring prompts in
+    bursts: with 8,192 tokens, three 1,024-token prompts and the decodes beside them ran as
+    one step padded to 4,096 tokens, which held every running request and each of the three
+    first tokens for ~86 ms on an H100; capped at 2,048, they run as two steps and the first
+    prompts' tokens come sooner. With all prompts at once (rate inf) the smaller steps let
+    the first requests decode while the rest prefill, so they finish in turn instead of as
+    one cohort. H100, same arrivals (docs/BENCHMARKS.md, nineteenth session): rate inf
+    +4 to +8 % output tok/s, rate 16 TPOT p50 -1 to -6 % and TTFT p99 lower in three of four
+    arrival sequences; four buckets fewer to compile.
     """
     if platform == "cpu":
         return dict(max_num_seqs=16, max_num_batched_tokens=256, max_model_len=2048)
-    if platform == "gpu" and usage == "offline" and large_gpu:
+    if usage == "server":
+        return dict(max_num_seqs=256, max_num_batched_tokens=2048, max_model_len=8192)
+    if platform == "gpu" and large_gpu:
         return dict(max_num_seqs=1024, max_num_batched_tokens=8192, max_model_len=8192)
     return dict(max_num_seqs=256, max_num_batched_tokens=8192, max_model_len=8192)
 
