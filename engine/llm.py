@@ -40,9 +40,11 @@ def platform_defaults(
     first tokens for ~86 ms on an H100; capped at 2,048, they run as two steps and the first
     prompts' tokens come sooner. With all prompts at once (rate inf) the smaller steps let
     the first requests decode while the rest prefill, so they finish in turn instead of as
-    one cohort. H100, same arrivals (docs/BENCHMARKS.md, nineteenth session): rate inf
-    +4 to +8 % output tok/s, rate 16 TPOT p50 -1 to -6 % and TTFT p99 lower in three of four
-    arrival sequences; four buckets fewer to compile.
+    one cohort. H100, 8,192 against 2,048 on the same arrivals (docs/BENCHMARKS.md,
+    nineteenth session): rate 16 TPOT p50 lower on all six sequences (-1 to -6 %), TTFT p99
+    on five; rate inf 3,476 -> 3,654 output tok/s (means of four and three runs); four
+    buckets fewer to compile (cold start-up 34.4 -> 28.4 s). Offline, 1000 x 1024/128 ran
+    even at 2,048, and 1000 x 128/128 5 % slower, so offline runs keep 8,192.
     """
     if platform == "cpu":
         return dict(max_num_seqs=16, max_num_batched_tokens=256, max_model_len=2048)
