@@ -426,3 +426,36 @@ def test_prompt_logprobs_forwarded_once_per_position() -> None:
         got += [e.token_id for u in updates for e in u.new_prompt_logprobs]
     assert got == list(range(1, 10))
     assert scheduler.stats().num_cached_tokens == 0  # prompt logprobs disable prefix hits
+
+
+@pytest.mark.parametrize("usage, largest_step", [("server", 2048), ("offline", 3092)])
+def test_a_gpu_server_takes_a_burst_of_prompts_in_steps_of_at_most_2048_tokens(
+    usage: str, largest_step: int
+) -> None:
+    """The server's default budget on an accelerator (`platform_defaults`): three 1,024-token
+    prompts arriving together beside 20 decodes run in steps of at most 2,048 tokens, the
+    first prompt whole in the first of them. Offline's 8,192 (the control) takes all three in
+    one step of 3,092 tokens, which a GPU runs padded to its 4,096-token bucket."""
+    from engine.config import bucket_ladder
+    from engine.llm import platform_defaults
+
+    config = SchedulerConfig(**platform_defaults("gpu", usage))
+    allocator = PageAllocator(4096, PAGE_SIZE)
+    ladder = bucket_ladder(16, config.max_num_batched_tokens)
+    scheduler, runner = Scheduler(config, allocator, ladder), FakeRunner(4096, PAGE_SIZE)
+    for i in range(20):
+        prompt = [3 + i, *range(100, 107)]
+        scheduler.add_request(make_request(f"d{i}", prompt, max_tokens=50, ignore_eos=True))
+    step(scheduler, runner)  # the 20 prompts; from here on they decode
+    for i in range(3):
+        prompt = [50 + i, *range(1000, 2023)]  # 1,024 tokens, no shared prefix
+        scheduler.add_request(make_request(f"p{i}", prompt, max_tokens=4, ignore_eos=True))
+    sizes, sampled_at = [], {}
+    while len(sampled_at) < 3:
+        out, updates = step(scheduler, runner)
+        sizes.append(out.num_batched_tokens)
+        for update in updates:
+            if update.request_id.startswith("p"):
+                sampled_at.setdefault(update.request_id, len(sizes))
+    assert max(sizes) == largest_step
+    assert sizes[0] == largest_step and sampled_at["p0"] == 1
