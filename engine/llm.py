@@ -41,9 +41,9 @@ def platform_defaults(
     prompts' tokens come sooner. With all prompts at once (rate inf) the smaller steps let
     the first requests decode while the rest prefill, so they finish in turn instead of as
     one cohort. H100, 8,192 against 2,048 on the same arrivals (docs/BENCHMARKS.md,
-    nineteenth session): rate 16 TPOT p50 lower on all six sequences (-1 to -6 %), TTFT p99
-    on five; rate inf 3,476 -> 3,654 output tok/s (means of four and three runs); four
-    buckets fewer to compile (cold start-up 34.4 -> 28.4 s). Offline, 1000 x 1024/128 ran
+    nineteenth session): rate 16 TPOT p50 lower in seven of eight runs (-1 to -6 %; +3 % in
+    one), TTFT p99 in seven; rate inf 3,469 -> 3,647 output tok/s (means of five and four
+    runs); four buckets fewer to compile (cold start-up 34 -> 28-32 s). Offline, 1000 x 1024/128 ran
     even at 2,048, and 1000 x 128/128 5 % slower, so offline runs keep 8,192.
     """
     if platform == "cpu":
