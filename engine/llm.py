@@ -35,16 +35,17 @@ def platform_defaults(
 
     The server keeps 256 requests (its start-up compiles every bucket) and steps of at most
     2,048 tokens, a quarter of vLLM's 8,192 on such cards. Poisson arrivals bring prompts in
-    bursts: with 8,192 tokens, three 1,024-token prompts and the decodes beside them ran as
-    one step padded to 4,096 tokens, which held every running request and each of the three
-    first tokens for ~86 ms on an H100; capped at 2,048, they run as two steps and the first
-    prompts' tokens come sooner. With all prompts at once (rate inf) the smaller steps let
-    the first requests decode while the rest prefill, so they finish in turn instead of as
-    one cohort. H100, 8,192 against 2,048 on the same arrivals (docs/BENCHMARKS.md,
-    nineteenth session): rate 16 TPOT p50 lower in seven of eight runs (-1 to -6 %; +3 % in
-    one), TTFT p99 in seven; rate inf 3,469 -> 3,647 output tok/s (means of five and four
-    runs); four buckets fewer to compile (cold start-up 34 -> 28-32 s). Offline, 1000 x 1024/128 ran
-    even at 2,048, and 1000 x 128/128 5 % slower, so offline runs keep 8,192.
+    bursts: with 8,192 tokens, three 1,024-token prompts and the decodes beside them ran as one
+    step padded to 4,096 tokens, which held every running request and each of the three first
+    tokens for ~86 ms on an H100; capped at 2,048, they run as a 2,048-token step, a 1,024-token
+    one and a short third, and the first prompts' tokens come sooner. With all prompts at once
+    (rate inf) the smaller steps let the first requests decode while the rest prefill, so they
+    finish in turn instead of as one cohort. H100, 8,192 against 2,048 on the same arrivals
+    (docs/BENCHMARKS.md, nineteenth session): rate 16 TPOT p50 lower in seven of eight runs (-1
+    to -6 %; +3 % in one), TTFT p99 in seven; rate inf 3,469 -> 3,647 output tok/s (means of
+    five and four runs); four buckets fewer to compile (cold start-up 34 -> 28-32 s). Offline,
+    1000 x 1024/128 ran even at 2,048, and 1000 x 128/128 5 % slower, so offline runs keep
+    8,192.
     """
     if platform == "cpu":
         return dict(max_num_seqs=16, max_num_batched_tokens=256, max_model_len=2048)
