@@ -439,10 +439,9 @@ def test_a_gpu_server_takes_a_burst_of_prompts_in_steps_of_at_most_2048_tokens(
     from engine.config import bucket_ladder
     from engine.llm import platform_defaults
 
-    config = SchedulerConfig(**platform_defaults("gpu", usage))
-    allocator = PageAllocator(4096, PAGE_SIZE)
-    ladder = bucket_ladder(16, config.max_num_batched_tokens)
-    scheduler, runner = Scheduler(config, allocator, ladder), FakeRunner(4096, PAGE_SIZE)
+    defaults = platform_defaults("gpu", usage)
+    ladder = bucket_ladder(16, defaults["max_num_batched_tokens"])  # the GPU runner's
+    scheduler, runner = make_scheduler(num_pages=4096, token_buckets=ladder, **defaults)
     for i in range(20):
         prompt = [3 + i, *range(100, 107)]
         scheduler.add_request(make_request(f"d{i}", prompt, max_tokens=50, ignore_eos=True))
