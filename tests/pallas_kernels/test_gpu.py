@@ -15,7 +15,7 @@ import pytest
 from pallas_kernels import dispatch, hardware
 from pallas_kernels import gpu_mosaic_attention as mgpu
 from pallas_kernels import gpu_ragged_paged_attention as gpu
-from pallas_kernels.reference import ragged_paged_attention_reference, write_kv_reference
+from pallas_kernels.reference import ragged_paged_attention_reference
 from tests.pallas_kernels.ragged_batches import kernel_args, make_batch
 
 pytestmark = pytest.mark.gpu
@@ -63,6 +63,32 @@ def _run(scenario, heads, dtype, window, cap, config=None, kernel=None):
     np.testing.assert_allclose(
         np.asarray(out, np.float32), np.asarray(ref, np.float32), atol=tol, rtol=tol
     )
+
+
+def _reference_in_chunks(
+    q, kv_cache, kv_lens, page_table, query_start, num_seqs, *, chunk=256, **kw
+):
+    """reference.py's attention, one call per `chunk` tokens of one request. The reference
+    gathers every token's whole context in float32 ([K, T, P * S, H]): 16 GiB for the long
+    chunks' step, which an H100 cannot hold beside the kernel's buffers. A chunk of a request
+    is a request of its own, whose context ends at its last token. Padding tokens stay 0."""
+    starts, lens = np.asarray(query_start), np.asarray(kv_lens)
+    out = jnp.zeros_like(q)
+    for i in range(int(np.asarray(num_seqs).reshape(()))):
+        start, end = int(starts[i]), int(starts[i + 1])
+        for a in range(start, end, chunk):
+            b = min(a + chunk, end)
+            piece = ragged_paged_attention_reference(
+                q[a:b],
+                kv_cache,
+                jnp.asarray([lens[i] - (end - b)], jnp.int32),
+                page_table[i : i + 1],
+                jnp.asarray([0, b - a], jnp.int32),
+                jnp.asarray([1], jnp.int32),
+                **kw,
+            )
+            out = out.at[a:b].set(piece)
+    return out
 
 
 @pytest.fixture(autouse=True)
@@ -183,40 +209,10 @@ def test_dispatch_on_gpu(scenario, choice, monkeypatch):
     out, kv = jax.jit(dispatch.paged_attention, static_argnames=("sm_scale",))(
         b.q, b.k, b.v, b.kv_cache, b.meta, sm_scale=0.1
     )
-    m = b.meta
-    cache = write_kv_reference(b.kv_cache, b.k, b.v, m.slot_ids)
-    ref = _reference_in_chunks(
-        b.q, cache, m.kv_lens, m.page_table, m.query_start, m.num_seqs, sm_scale=0.1
-    )
+    ref = _reference_in_chunks(*kernel_args(b), sm_scale=0.1)
     np.testing.assert_allclose(
         np.asarray(out, np.float32), np.asarray(ref, np.float32), atol=2e-2, rtol=2e-2
     )
-
-
-def _reference_in_chunks(
-    q, kv_cache, kv_lens, page_table, query_start, num_seqs, *, chunk=256, **kw
-):
-    """reference.py's attention, one call per `chunk` tokens of one request. The reference
-    gathers every token's whole context in float32 ([K, T, P * S, H]): 16 GiB for the long
-    chunks' step, which an H100 cannot hold beside the kernel's buffers. A chunk of a request
-    is a request of its own, whose context ends at its last token. Padding tokens stay 0."""
-    starts, lens = np.asarray(query_start), np.asarray(kv_lens)
-    out = jnp.zeros_like(q)
-    for i in range(int(np.asarray(num_seqs).reshape(()))):
-        start, end = int(starts[i]), int(starts[i + 1])
-        for a in range(start, end, chunk):
-            b = min(a + chunk, end)
-            piece = ragged_paged_attention_reference(
-                q[a:b],
-                kv_cache,
-                jnp.asarray([lens[i] - (end - b)], jnp.int32),
-                page_table[i : i + 1],
-                jnp.asarray([0, b - a], jnp.int32),
-                jnp.asarray([1], jnp.int32),
-                **kw,
-            )
-            out = out.at[a:b].set(piece)
-    return out
 
 
 @pytest.mark.parametrize("m, k, f", [(1024, 4096, 14336), (256, 512, 384), (2048, 2048, 256)])
