@@ -95,7 +95,11 @@ def test_kernel_support():
 def test_default_config():
     """Slabs of 128 of K in a ring of 2 where they divide K (Llama-3-8B), else of 64 in a ring
     of 3 (SmolLM2-135M's 576), so that K a multiple of 64 keeps the kernel."""
-    slabs = lambda k: (lambda c: (c.tile_k, c.max_concurrent_steps))(gpu_gate_up.default_config(k))
+
+    def slabs(k):
+        config = gpu_gate_up.default_config(k)
+        return config.tile_k, config.max_concurrent_steps
+
     assert slabs(4096) == (128, 2)
     assert slabs(576) == (64, 3)
     bf16 = jnp.bfloat16
