@@ -43,7 +43,8 @@ def platform_defaults(
     finish in turn instead of as one cohort. H100, 8,192 against 2,048 on the same arrivals
     (docs/BENCHMARKS.md, nineteenth session): rate 16 TPOT p50 lower in seven of eight runs (-1
     to -6 %; +3 % in one), TTFT p99 in seven; rate inf 3,469 -> 3,647 output tok/s (means of
-    five and four runs); four buckets fewer to compile (cold start-up 34 -> 28-32 s). Offline,
+    five and four runs); four buckets fewer to compile (cold start-up 34 -> 28-32 s). On an
+    H200, alternated (twentieth session): rate 16 TPOT p50 -3.1 %, rate inf +3.8 %. Offline,
     1000 x 1024/128 ran even at 2,048, and 1000 x 128/128 5 % slower, so offline runs keep
     8,192.
     """
