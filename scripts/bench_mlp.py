@@ -7,6 +7,18 @@ Llama-3-8B's MLP by default (hidden 4,096, intermediate 14,336), bf16, the inter
 layout of pallas_kernels/gate_up.py. Device time from CUPTI
 (`jax.experimental.mosaic.gpu.profiler`): all kernels of one call, median over `--iters`
 calls. Each kernel config's max abs difference from XLA's result is recorded (bf16).
+
+`--sustained SECONDS` times each config under sustained load instead, as a long prefill run
+holds the card: at its power cap, with the SM clock well below its maximum (an H200 at 700 W
+held ~1,500 of 1,980 MHz; docs/BENCHMARKS.md, twentieth session). Bursts of 50 calls do not
+reach the cap and rank configs by their clock-boosted speed. Each config runs back to back for
+SECONDS, then is timed by the wall clock over ~1 s of calls; the configs take turns over
+`--rounds` rounds, so drift (heat) spreads over all of them. One executable chains `_CHAIN`
+calls on distinct inputs (identical calls would be merged), and only a scalar of each result
+is kept, so no output piles up in memory (`profiler.measure` keeps every call's output: 1,000
+calls at 8,192 rows ran out of memory).
+
+    python scripts/bench_mlp.py --rows 2048 8192 --sustained 3 --output-json mlp_sustained.json
 """
 
 from __future__ import annotations
@@ -16,6 +28,7 @@ import dataclasses
 import functools
 import json
 import statistics
+import time
 
 import jax
 import jax.numpy as jnp
@@ -32,12 +45,57 @@ def device_us(fn, *args, iters: int) -> tuple[jax.Array, float]:
     return out, statistics.median(times_ms) * 1e3
 
 
+_CHAIN = 16  # calls one sustained-load executable runs back to back
+
+
+def chained(fn, reps: int):
+    """jit(xs [reps, M, K], w) -> the sum of result[0, 0] of `fn(xs[i], w)` over i: `reps`
+    calls in one executable, each on its own input, with only a scalar kept of each."""
+
+    def run(xs, w):
+        return sum(fn(xs[i], w)[0, 0].astype(jnp.float32) for i in range(reps))
+
+    return jax.jit(run)
+
+
+def sustained_us(fns: dict, xs: jax.Array, w: jax.Array, seconds: float, rounds: int) -> dict:
+    """Per-call microseconds of each of `fns` under sustained load: each, in turn, `rounds`
+    times, runs back to back for `seconds`, then ~1 s is timed by the wall clock. Returns
+    {name: [us of each round]}."""
+    calls = {}
+    for name, fn in fns.items():
+        call = chained(fn, xs.shape[0])
+        try:
+            call(xs, w).block_until_ready()  # compile
+        except Exception as e:  # a config that does not lower is skipped, loudly
+            tqdm.write(f"{name}: {type(e).__name__}: {str(e)[:200]}")
+            continue
+        calls[name] = call
+    out: dict[str, list[float]] = {name: [] for name in calls}
+    for _ in range(rounds):
+        for name, call in calls.items():
+            t_end = time.perf_counter() + seconds
+            while time.perf_counter() < t_end:
+                call(xs, w).block_until_ready()
+            n, t0 = 0, time.perf_counter()
+            while time.perf_counter() - t0 < 1.0:
+                for _ in range(4):  # four in flight: no gap between executables
+                    last = call(xs, w)
+                last.block_until_ready()
+                n += 4
+            out[name].append((time.perf_counter() - t0) / (n * xs.shape[0]) * 1e6)
+    return out
+
+
 def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--rows", type=int, nargs="+", default=[128, 256, 512, 1024, 2048, 8192])
     ap.add_argument("--hidden", type=int, default=4096)
     ap.add_argument("--intermediate", type=int, default=14336)
     ap.add_argument("--iters", type=int, default=50)
+    ap.add_argument("--sustained", type=float, default=0.0, help="seconds of load per config")
+    ap.add_argument("--rounds", type=int, default=2, help="turns of each config (--sustained)")
+    ap.add_argument("--only", nargs="+", help="the sustained configs to run, by name (default all)")
     ap.add_argument("--output-json", required=True)
     args = ap.parse_args()
     block, k, f = gate_up.BLOCK, args.hidden, args.intermediate
@@ -50,8 +108,33 @@ def main() -> None:
     w = jax.random.normal(jax.random.key(1), (k, 2 * f), jnp.float32) * k**-0.5
     w = gate_up.interleave(w.astype(jnp.bfloat16), block)
     xla = lambda x, w: gate_up.silu_gate_up_reference(x @ w, block)
+    if args.sustained:
+        configs = {  # K slabs in a ring that fits shared memory, by snake width
+            f"k{tk}_ring{ring}_width{gw}": dataclasses.replace(
+                base, tile_k=tk, max_concurrent_steps=ring, grid_tile_width=gw
+            )
+            for tk, ring in ((128, 2), (64, 3), (64, 4), (32, 6))
+            for gw in (8, 16, 32)
+        }
+        configs = {n: c for n, c in configs.items() if not args.only or n in args.only}
     results = []
     for m in tqdm(args.rows, desc="rows"):
+        if args.sustained:
+            xs = jax.random.normal(jax.random.key(0), (_CHAIN, m, k), jnp.bfloat16)
+            fns = {"xla": xla}
+            for name, cfg in configs.items():
+                if gpu_gate_up.supports(m, k, 2 * f, xs.dtype, w.dtype, cfg):
+                    fns[name] = functools.partial(gpu_gate_up.silu_gate_up, config=cfg)
+            us = sustained_us(fns, xs, w, args.sustained, args.rounds)
+            flop = 2 * m * k * 2 * f
+            row = {
+                "rows": m,
+                "sustained_us": us,
+                "tflops": {n: flop / min(v) / 1e6 for n, v in us.items()},
+            }
+            tqdm.write(json.dumps(row))
+            results.append(row)
+            continue
         x = jax.random.normal(jax.random.key(0), (m, k), jnp.float32).astype(jnp.bfloat16)
         want, xla_us = device_us(xla, x, w, iters=args.iters)
         _, matmul_us = device_us(lambda x, w: x @ w, x, w, iters=args.iters)
