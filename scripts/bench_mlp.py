@@ -87,6 +87,43 @@ def sustained_us(fns: dict, xs: jax.Array, w: jax.Array, seconds: float, rounds:
     return out
 
 
+def fused_fns(m: int, w: jax.Array, configs: dict, dtype) -> dict:
+    """The kernel on each config that takes x [m, K] @ w."""
+    (k, two_f) = w.shape
+    return {
+        name: functools.partial(gpu_gate_up.silu_gate_up, config=cfg)
+        for name, cfg in configs.items()
+        if gpu_gate_up.supports(m, k, two_f, dtype, w.dtype, cfg)
+    }
+
+
+def burst_row(args, m: int, w: jax.Array, xla, configs: dict) -> dict:
+    """CUPTI medians over `--iters` calls: XLA's pair, its matmul alone, each config (with its
+    max abs difference from XLA's result)."""
+    x = jax.random.normal(jax.random.key(0), (m, w.shape[0]), jnp.float32).astype(jnp.bfloat16)
+    want, xla_us = device_us(xla, x, w, iters=args.iters)
+    _, matmul_us = device_us(lambda x, w: x @ w, x, w, iters=args.iters)
+    row = {"rows": m, "xla_us": xla_us, "xla_matmul_only_us": matmul_us, "fused": {}}
+    for name, fn in fused_fns(m, w, configs, x.dtype).items():
+        got, us = device_us(fn, x, w, iters=args.iters)
+        err = np.max(np.abs(np.asarray(got, np.float32) - np.asarray(want, np.float32)))
+        row["fused"][name] = {"us": us, "max_abs_err": float(err)}
+    return row
+
+
+def sustained_row(args, m: int, w: jax.Array, xla, configs: dict) -> dict:
+    """`sustained_us` of XLA's pair and each config, and each one's best TFLOP/s."""
+    xs = jax.random.normal(jax.random.key(0), (_CHAIN, m, w.shape[0]), jnp.bfloat16)
+    fns = {"xla": xla, **fused_fns(m, w, configs, xs.dtype)}
+    us = sustained_us(fns, xs, w, args.sustained, args.rounds)
+    flop = 2 * m * w.shape[0] * w.shape[1]
+    return {
+        "rows": m,
+        "sustained_us": us,
+        "tflops": {n: flop / min(v) / 1e6 for n, v in us.items()},
+    }
+
+
 def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--rows", type=int, nargs="+", default=[128, 256, 512, 1024, 2048, 8192])
@@ -100,14 +137,6 @@ def main() -> None:
     args = ap.parse_args()
     block, k, f = gate_up.BLOCK, args.hidden, args.intermediate
     base = gpu_gate_up.default_config(k)  # the engine's tiles, and variants of them
-    configs = {
-        f"tile_m{tm}_width{gw}": dataclasses.replace(base, tile_m=tm, grid_tile_width=gw)
-        for tm in (128, 64)
-        for gw in (8, 16)
-    }
-    w = jax.random.normal(jax.random.key(1), (k, 2 * f), jnp.float32) * k**-0.5
-    w = gate_up.interleave(w.astype(jnp.bfloat16), block)
-    xla = lambda x, w: gate_up.silu_gate_up_reference(x @ w, block)
     if args.sustained:
         configs = {  # K slabs in a ring that fits shared memory, by snake width
             f"k{tk}_ring{ring}_width{gw}": dataclasses.replace(
@@ -117,35 +146,19 @@ def main() -> None:
             for gw in (8, 16, 32)
         }
         configs = {n: c for n, c in configs.items() if not args.only or n in args.only}
+    else:
+        configs = {
+            f"tile_m{tm}_width{gw}": dataclasses.replace(base, tile_m=tm, grid_tile_width=gw)
+            for tm in (128, 64)
+            for gw in (8, 16)
+        }
+    w = jax.random.normal(jax.random.key(1), (k, 2 * f), jnp.float32) * k**-0.5
+    w = gate_up.interleave(w.astype(jnp.bfloat16), block)
+    xla = lambda x, w: gate_up.silu_gate_up_reference(x @ w, block)
+    row_for = sustained_row if args.sustained else burst_row
     results = []
     for m in tqdm(args.rows, desc="rows"):
-        if args.sustained:
-            xs = jax.random.normal(jax.random.key(0), (_CHAIN, m, k), jnp.bfloat16)
-            fns = {"xla": xla}
-            for name, cfg in configs.items():
-                if gpu_gate_up.supports(m, k, 2 * f, xs.dtype, w.dtype, cfg):
-                    fns[name] = functools.partial(gpu_gate_up.silu_gate_up, config=cfg)
-            us = sustained_us(fns, xs, w, args.sustained, args.rounds)
-            flop = 2 * m * k * 2 * f
-            row = {
-                "rows": m,
-                "sustained_us": us,
-                "tflops": {n: flop / min(v) / 1e6 for n, v in us.items()},
-            }
-            tqdm.write(json.dumps(row))
-            results.append(row)
-            continue
-        x = jax.random.normal(jax.random.key(0), (m, k), jnp.float32).astype(jnp.bfloat16)
-        want, xla_us = device_us(xla, x, w, iters=args.iters)
-        _, matmul_us = device_us(lambda x, w: x @ w, x, w, iters=args.iters)
-        row = {"rows": m, "xla_us": xla_us, "xla_matmul_only_us": matmul_us, "fused": {}}
-        for name, cfg in configs.items():
-            if not gpu_gate_up.supports(m, k, 2 * f, x.dtype, w.dtype, cfg):
-                continue
-            fn = functools.partial(gpu_gate_up.silu_gate_up, config=cfg)
-            got, us = device_us(fn, x, w, iters=args.iters)
-            err = np.max(np.abs(np.asarray(got, np.float32) - np.asarray(want, np.float32)))
-            row["fused"][name] = {"us": us, "max_abs_err": float(err)}
+        row = row_for(args, m, w, xla, configs)
         tqdm.write(json.dumps(row))
         results.append(row)
     meta = {"device": jax.devices()[0].device_kind, "jax": jax.__version__}
