@@ -31,7 +31,10 @@ neighbours' work into their prologue and epilogue:
   and hold whole pairs. It applies RoPE to q and k, writes q out, and stores k and v straight
   into the paged KV cache at the tokens' slots (aliased in place). That took two small XLA
   kernels (the cache scatter, and a fusion of RoPE's), ~3.5 us a layer with their gaps on an
-  H200 (seventeenth session).
+  H200 (seventeenth session). The rows' cos and sin come in as [M, H / 2] tables, computed
+  once a step (XLA merges the layers' identical computations into one fusion): computed in
+  each program's epilogue they made qkv 2.5 us a layer slower at 64 rows on an H100, the
+  forward 1.5 % slower (twenty-second session).
 
 Decoder layers of decode-sized steps use it for qkv, o_proj and gate/up (decode_matmul.py,
 models/llama.py; `PAGEJAX_GPU_DECODE_MATMUL=xla` opts out); `scripts/bench_decode_matmul.py`
@@ -166,7 +169,7 @@ def _kernel(
     sq_in_ref = rest.pop(0) if scale_rows else None
     res_ref = rest.pop(0) if res else None
     nw_ref = rest.pop(0) if next_norm else None
-    rope_refs = [rest.pop(0) for _ in range(4)] if qkv else None  # positions, freqs, slots, kv
+    rope_refs = [rest.pop(0) for _ in range(4)] if qkv else None  # cos, sin, slots, kv
     o_ref, *next_refs = rest
     m, k = x_ref.shape
     bk, block_n, pid = cfg.block_k, cfg.block_n, pl.program_id(0)
@@ -227,16 +230,15 @@ def _qkv_epilogue(acc, col0, refs, qkv: QkvHeads, page_size: int) -> None:
     """Columns `col0 + [0, block_n)` of the q/k/v projection (q's heads, then k's, then v's),
     within one head, RoPE's pairs interleaved: RoPE on q and k, q to its output, k and v into
     the cache at the rows' slots (rows in page 0, the padding tokens', are not written)."""
-    pos_ref, freq_ref, slot_ref, q_ref, cache_ref = refs
+    cos_ref, sin_ref, slot_ref, q_ref, cache_ref = refs
     n, kv_heads, h = qkv.num_heads, qkv.num_kv_heads, qkv.head_dim
     m, block_n = acc.shape
     head, col = col0 // h, col0 % h
     # The layer rounds its projection to the model's dtype before RoPE (models/llama.py).
     y = acc.astype(q_ref.dtype).astype(jnp.float32)
     x1, x2 = jnp.unstack(y.reshape(m, block_n // 2, 2), axis=-1)  # [M, block_n / 2] each
-    freqs = freq_ref[pl.ds(col // 2, block_n // 2)]
-    angles = pos_ref[...].astype(jnp.float32)[:, None] * freqs[None, :]
-    cos, sin = jnp.cos(angles), jnp.sin(angles)
+    cos = cos_ref[:, pl.ds(col // 2, block_n // 2)]
+    sin = sin_ref[:, pl.ds(col // 2, block_n // 2)]
     rotated = jnp.stack([x1 * cos - x2 * sin, x2 * cos + x1 * sin], -1).reshape(m, block_n)
     is_v = head >= n + kv_heads  # v is not rotated
     y = jnp.where(is_v, y, rotated)
@@ -267,9 +269,13 @@ def _qkv_operands(
     kv_cache: jax.Array,
     slot_ids: jax.Array,
 ) -> tuple[list[jax.Array], list[jax.ShapeDtypeStruct]]:
-    """The attention epilogue's operands (positions, frequencies, slots, the cache viewed as
-    `[2, K, pages * S, H]`) and the call's outputs (q, that cache view), checked against
-    `qkv`: a mismatched cache or table would make the kernel store out of bounds."""
+    """The attention epilogue's operands (RoPE's cos and sin of each row's angles [M, H / 2],
+    slots, the cache viewed as `[2, K, pages * S, H]`) and the call's outputs (q, that cache
+    view), checked against `qkv`: a mismatched cache or table would make the kernel store out
+    of bounds. The angles' cos and sin are computed here, not in the epilogue, where each
+    program ran libdevice's sin and cos on its [M, block_n / 2] angles after its loop, with
+    nothing to hide them; the layers' calls share this computation (XLA merges identical
+    ones: one fusion a step)."""
     two, kv_heads, num_pages, page_size, head_dim = kv_cache.shape
     if (two, kv_heads, head_dim) != (2, qkv.num_kv_heads, qkv.head_dim):
         raise ValueError(f"decode_matmul: a cache of shape {kv_cache.shape} for {qkv}")
@@ -279,8 +285,8 @@ def _qkv_operands(
             f"{inv_freq.shape} for {m} rows and heads of {head_dim}"
         )
     flat = kv_cache.reshape(2, kv_heads, num_pages * page_size, head_dim)  # a bitcast
-    operands = [positions.astype(jnp.int32), inv_freq.astype(jnp.float32)]
-    operands += [slot_ids.astype(jnp.int32), flat]
+    angles = positions.astype(jnp.float32)[:, None] * inv_freq.astype(jnp.float32)[None, :]
+    operands = [jnp.cos(angles), jnp.sin(angles), slot_ids.astype(jnp.int32), flat]
     out_shape = [
         jax.ShapeDtypeStruct((m, qkv.num_heads * qkv.head_dim), dtype),
         jax.ShapeDtypeStruct(flat.shape, flat.dtype),

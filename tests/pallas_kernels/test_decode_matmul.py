@@ -10,6 +10,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+from jax.extend import core as jax_core
 
 from pallas_kernels import gate_up
 from pallas_kernels import gpu_decode_matmul as dm
@@ -260,6 +261,32 @@ def test_qkv_epilogue_float32_matches_numpy(block_n, m):
     want_q, want = _qkv_numpy(y, np.asarray(positions), np.asarray(inv_freq), cache, slots)
     np.testing.assert_allclose(np.asarray(q), want_q, rtol=1e-4, atol=1e-4)
     np.testing.assert_allclose(np.asarray(got), want, rtol=1e-4, atol=1e-4)
+
+
+def _primitives(jaxpr, inside_kernel=False):
+    """(primitive name, whether inside a pallas_call's kernel) of every equation, recursively."""
+    for eqn in jaxpr.eqns:
+        yield eqn.primitive.name, inside_kernel
+        inner = inside_kernel or eqn.primitive.name == "pallas_call"
+        for param in eqn.params.values():
+            for sub in param if isinstance(param, (list, tuple)) else [param]:
+                sub = getattr(sub, "jaxpr", sub)  # a ClosedJaxpr's Jaxpr
+                if isinstance(sub, jax_core.Jaxpr):
+                    yield from _primitives(sub, inner)
+
+
+def test_qkv_epilogue_takes_rope_tables():
+    """RoPE's cos and sin are computed outside the kernel (one [M, H / 2] table each, shared by
+    the programs and, in a model, by the layers), not in each program's epilogue: there they
+    made qkv 2.5 us a layer slower at 64 rows on an H100 (docs/BENCHMARKS.md)."""
+    x, w, cache, positions, inv_freq, slots = _qkv_case(16, jnp.bfloat16)
+    kw = dict(positions=positions, inv_freq=inv_freq, kv_cache=cache, slot_ids=jnp.asarray(slots))
+    cfg = dm.DecodeMatmulConfig(block_n=32, block_k=64)
+    fn = functools.partial(dm.decode_matmul, qkv=HEADS, config=cfg, interpret=True, **kw)
+    prims = list(_primitives(jax.make_jaxpr(fn)(x, w).jaxpr))
+    assert ("pallas_call", False) in prims
+    for trig in ("cos", "sin"):
+        assert (trig, False) in prims and (trig, True) not in prims
 
 
 def test_qkv_epilogue_bfloat16_matches_the_reference():
