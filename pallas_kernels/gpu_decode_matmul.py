@@ -34,7 +34,7 @@ neighbours' work into their prologue and epilogue:
   H200 (seventeenth session). The rows' cos and sin come in as [M, H / 2] tables, computed
   once a step (XLA merges the layers' identical computations into one fusion): computed in
   each program's epilogue they made qkv 2.5 us a layer slower at 64 rows on an H100, the
-  forward 1.5 % slower (twenty-second session).
+  64-row forward ~2 % slower (twenty-second session).
 
 Decoder layers of decode-sized steps use it for qkv, o_proj and gate/up (decode_matmul.py,
 models/llama.py; `PAGEJAX_GPU_DECODE_MATMUL=xla` opts out); `scripts/bench_decode_matmul.py`
