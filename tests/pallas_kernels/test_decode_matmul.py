@@ -321,20 +321,22 @@ def test_qkv_epilogue_refusals():
 
 
 @pytest.mark.parametrize("m", [16, 32, 64])
-def test_qkv_epilogue_lowers_for_cuda(m):
-    """Llama-3-8B's q/k/v (32 / 8 heads of 128) with the engine's tiles, cache aliased."""
+@pytest.mark.parametrize("head_dim", [128, 96])
+def test_qkv_epilogue_lowers_for_cuda(m, head_dim):
+    """Llama-3-8B's q/k/v (32 / 8 heads of 128) with the engine's tiles, cache aliased; and
+    heads of 96, whose RoPE tables ([M, 48]) are no power of two wide."""
     from pallas_kernels.decode_matmul import config_for
 
     sds = jax.ShapeDtypeStruct
-    heads = dm.QkvHeads(32, 8, 128)
+    heads = dm.QkvHeads(32, 8, head_dim)
     fn = functools.partial(
         dm.decode_matmul, eps=EPS, qkv=heads, config=config_for(m, 4096, heads.width, None, heads)
     )
     args = dict(
         row_sq=sds((128, m), jnp.float32),
         positions=sds((m,), jnp.int32),
-        inv_freq=sds((64,), jnp.float32),
-        kv_cache=sds((2, 8, 1024, 16, 128), jnp.bfloat16),
+        inv_freq=sds((head_dim // 2,), jnp.float32),
+        kv_cache=sds((2, 8, 1024, 16, head_dim), jnp.bfloat16),
         slot_ids=sds((m,), jnp.int32),
     )
     x, w = sds((m, 4096), jnp.bfloat16), sds((4096, heads.width), jnp.bfloat16)
