@@ -33,3 +33,22 @@ def test_sustained_times_each_config_per_round_and_skips_failures():
     )
     assert list(us) == ["matmul"]
     assert len(us["matmul"]) == 2 and all(t > 0 for t in us["matmul"])
+
+
+def test_operands_have_each_data_sets_distribution():
+    """`--data`: normal operands, vLLM's dummy draw (U(-1e-3, 1e-3) weights; x a normal row
+    times a U(-1e-3, 1e-3) norm scale per column), zero activations."""
+    import pytest
+
+    bench = load_script("bench_mlp")
+    k, two_f = 256, 512
+    x, w = (np.asarray(a, np.float32) for a in bench.operands("normal", (64, k), k, two_f))
+    assert abs(x.std() - 1) < 0.05 and abs(w.std() * np.sqrt(k) - 1) < 0.05
+    x, w = (np.asarray(a, np.float32) for a in bench.operands("vllm", (64, k), k, two_f))
+    assert np.abs(w).max() <= 1e-3 and abs(w.std() - 1e-3 / np.sqrt(3)) < 2e-5
+    scale = np.abs(x).max(axis=0) / np.abs(x).max()  # one scale a column: columns differ
+    assert np.abs(x).max() < 5e-3 and scale.min() < 0.1
+    x, w = (np.asarray(a, np.float32) for a in bench.operands("zeros", (64, k), k, two_f))
+    assert not x.any() and abs(w.std() * np.sqrt(k) - 1) < 0.05
+    with pytest.raises(ValueError):
+        bench.operands("ones", (64, k), k, two_f)
