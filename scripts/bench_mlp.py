@@ -24,7 +24,7 @@ calls at 8,192 rows ran out of memory).
 (zeros draw less power): `normal` (x ~ N(0, 1), W ~ N(0, 1 / K)), `vllm` (what vLLM's
 `--load-format dummy` makes: every weight U(-1e-3, 1e-3), norm scales too, so x is a
 normalised row times such a scale), or `zeros` (zero x, normal W). On an H100 at 8,192 rows,
-sustained: `vllm` within 0.5 % of `normal`, `zeros` 14 % faster (docs/BENCHMARKS.md,
+sustained: `vllm` within 0.5 % of `normal`, `zeros` 13-18 % faster (docs/BENCHMARKS.md,
 twenty-second session).
 """
 
