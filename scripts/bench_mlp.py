@@ -47,20 +47,30 @@ from pallas_kernels import gate_up, gpu_gate_up
 DATA = ("normal", "vllm", "zeros")
 
 
-def operands(data: str, shape: tuple[int, ...], k: int, two_f: int, seed: int = 0):
-    """(x of `shape` [..., K], w [K, 2F]) in bfloat16, with `data`'s values (see the module's
-    docstring)."""
-    kx, kw, ks = jax.random.split(jax.random.key(seed), 3)
+def _check(data: str) -> None:
     if data not in DATA:
         raise ValueError(f"--data must be one of {DATA}, got {data!r}")
+
+
+def activations(data: str, shape: tuple[int, ...], seed: int = 0) -> jax.Array:
+    """x of `shape` [..., K] in bfloat16, with `data`'s values (the module's docstring)."""
+    _check(data)
+    kx, ks = jax.random.split(jax.random.key(seed))
+    if data == "zeros":
+        return jnp.zeros(shape, jnp.bfloat16)
     x = jax.random.normal(kx, shape, jnp.float32)
-    w = jax.random.normal(kw, (k, two_f), jnp.float32) * k**-0.5
+    if data == "vllm":  # a normalised row times the norm's U(-1e-3, 1e-3) scale
+        x = x * jax.random.uniform(ks, shape[-1:], jnp.float32, -1e-3, 1e-3)
+    return x.astype(jnp.bfloat16)
+
+
+def weights(data: str, k: int, two_f: int, seed: int = 1) -> jax.Array:
+    """w [K, 2F] in bfloat16: U(-1e-3, 1e-3) for `vllm`, else N(0, 1 / K)."""
+    _check(data)
+    key = jax.random.key(seed)
     if data == "vllm":
-        x = x * jax.random.uniform(ks, (k,), jnp.float32, -1e-3, 1e-3)  # the norm's scale
-        w = jax.random.uniform(kw, (k, two_f), jnp.float32, -1e-3, 1e-3)
-    elif data == "zeros":
-        x = jnp.zeros(shape, jnp.float32)
-    return x.astype(jnp.bfloat16), w.astype(jnp.bfloat16)
+        return jax.random.uniform(key, (k, two_f), jnp.float32, -1e-3, 1e-3).astype(jnp.bfloat16)
+    return (jax.random.normal(key, (k, two_f), jnp.float32) * k**-0.5).astype(jnp.bfloat16)
 
 
 def device_us(fn, *args, iters: int) -> tuple[jax.Array, float]:
@@ -125,7 +135,7 @@ def fused_fns(m: int, w: jax.Array, configs: dict, dtype) -> dict:
 def burst_row(args, m: int, w: jax.Array, xla, configs: dict) -> dict:
     """CUPTI medians over `--iters` calls: XLA's pair, its matmul alone, each config (with its
     max abs difference from XLA's result)."""
-    x, _ = operands(args.data, (m, w.shape[0]), w.shape[0], w.shape[1])
+    x = activations(args.data, (m, w.shape[0]))
     want, xla_us = device_us(xla, x, w, iters=args.iters)
     _, matmul_us = device_us(lambda x, w: x @ w, x, w, iters=args.iters)
     row = {"rows": m, "xla_us": xla_us, "xla_matmul_only_us": matmul_us, "fused": {}}
@@ -138,7 +148,7 @@ def burst_row(args, m: int, w: jax.Array, xla, configs: dict) -> dict:
 
 def sustained_row(args, m: int, w: jax.Array, xla, configs: dict) -> dict:
     """`sustained_us` of XLA's pair and each config, and each one's best TFLOP/s."""
-    xs, _ = operands(args.data, (_CHAIN, m, w.shape[0]), w.shape[0], w.shape[1])
+    xs = activations(args.data, (_CHAIN, m, w.shape[0]))
     fns = {"xla": xla, **fused_fns(m, w, configs, xs.dtype)}
     us = sustained_us(fns, xs, w, args.sustained, args.rounds)
     flop = 2 * m * w.shape[0] * w.shape[1]
@@ -178,8 +188,7 @@ def main() -> None:
             for tm in (128, 64)
             for gw in (8, 16)
         }
-    _, w = operands(args.data, (1, k), k, 2 * f, seed=1)
-    w = gate_up.interleave(w, block)
+    w = gate_up.interleave(weights(args.data, k, 2 * f), block)
     xla = lambda x, w: gate_up.silu_gate_up_reference(x @ w, block)
     row_for = sustained_row if args.sustained else burst_row
     results = []

@@ -42,13 +42,18 @@ def test_operands_have_each_data_sets_distribution():
 
     bench = load_script("bench_mlp")
     k, two_f = 256, 512
-    x, w = (np.asarray(a, np.float32) for a in bench.operands("normal", (64, k), k, two_f))
+
+    def both(data):
+        x, w = bench.activations(data, (64, k)), bench.weights(data, k, two_f)
+        return np.asarray(x, np.float32), np.asarray(w, np.float32)
+
+    x, w = both("normal")
     assert abs(x.std() - 1) < 0.05 and abs(w.std() * np.sqrt(k) - 1) < 0.05
-    x, w = (np.asarray(a, np.float32) for a in bench.operands("vllm", (64, k), k, two_f))
+    x, w = both("vllm")
     assert np.abs(w).max() <= 1e-3 and abs(w.std() - 1e-3 / np.sqrt(3)) < 2e-5
     scale = np.abs(x).max(axis=0) / np.abs(x).max()  # one scale a column: columns differ
     assert np.abs(x).max() < 5e-3 and scale.min() < 0.1
-    x, w = (np.asarray(a, np.float32) for a in bench.operands("zeros", (64, k), k, two_f))
+    x, w = both("zeros")
     assert not x.any() and abs(w.std() * np.sqrt(k) - 1) < 0.05
     with pytest.raises(ValueError):
-        bench.operands("ones", (64, k), k, two_f)
+        bench.activations("ones", (64, k))
