@@ -53,7 +53,7 @@ from jax.experimental.pallas import triton as plgpu
 
 from pallas_kernels.gate_up import silu_gate_up_reference
 from pallas_kernels.reference import write_kv_reference
-from pallas_kernels.rope import apply_rope
+from pallas_kernels.rope import apply_rope, rope_cos_sin
 
 _MIN_ROWS = 16  # Triton's smallest MMA tile
 
@@ -285,8 +285,7 @@ def _qkv_operands(
             f"{inv_freq.shape} for {m} rows and heads of {head_dim}"
         )
     flat = kv_cache.reshape(2, kv_heads, num_pages * page_size, head_dim)  # a bitcast
-    angles = positions.astype(jnp.float32)[:, None] * inv_freq.astype(jnp.float32)[None, :]
-    operands = [jnp.cos(angles), jnp.sin(angles), slot_ids.astype(jnp.int32), flat]
+    operands = [*rope_cos_sin(positions, inv_freq), slot_ids.astype(jnp.int32), flat]
     out_shape = [
         jax.ShapeDtypeStruct((m, qkv.num_heads * qkv.head_dim), dtype),
         jax.ShapeDtypeStruct(flat.shape, flat.dtype),

@@ -32,6 +32,14 @@ def deinterleave_rope_pairs(x: ArrayLike, head_dim: int) -> ArrayLike:
     return pairs.swapaxes(-1, -2).reshape(*lead, width)
 
 
+def rope_cos_sin(positions: jax.Array, inv_freq: jax.Array) -> tuple[jax.Array, jax.Array]:
+    """cos and sin of each token's angles, [T, H / 2] float32 each; the angles in float32, as
+    HF computes them. `apply_rope` and the fused qkv kernel's tables
+    (gpu_decode_matmul.py) both take them from here."""
+    angles = positions.astype(jnp.float32)[:, None] * inv_freq.astype(jnp.float32)[None, :]
+    return jnp.cos(angles), jnp.sin(angles)
+
+
 def apply_rope(x: jax.Array, positions: jax.Array, inv_freq: jax.Array) -> jax.Array:
     """HF's rotate-half RoPE on heads with their pairs side by side. x: [T, heads, H];
     positions: [T]; inv_freq: [H / 2]. The angles in float32, as HF computes them.
@@ -42,9 +50,9 @@ def apply_rope(x: jax.Array, positions: jax.Array, inv_freq: jax.Array) -> jax.A
     116 us for the split-and-stack form (65 us in HF's rotate-half layout; eighteenth
     session)."""
     h = x.shape[-1]
-    angles = positions.astype(jnp.float32)[:, None] * inv_freq[None, :]  # [T, H / 2]
-    cos = jnp.repeat(jnp.cos(angles), 2, axis=-1)[:, None, :]  # [T, 1, H]
-    sin = jnp.repeat(jnp.sin(angles), 2, axis=-1)[:, None, :]
+    cos, sin = rope_cos_sin(positions, inv_freq)  # [T, H / 2]
+    cos = jnp.repeat(cos, 2, axis=-1)[:, None, :]  # [T, 1, H]
+    sin = jnp.repeat(sin, 2, axis=-1)[:, None, :]
     sign = jnp.tile(jnp.asarray([-1.0, 1.0], jnp.float32), h // 2)  # x0' = x0 c - x1 s, ...
     x32 = x.astype(jnp.float32)
     swapped = x32.reshape(*x.shape[:-1], h // 2, 2)[..., ::-1].reshape(x.shape)  # x[j ^ 1]

@@ -1,11 +1,12 @@
-"""`scripts/bench_mlp.py --sustained` on the CPU, shrunk: the chained executable's scalar is the
-sum it claims (numpy), each config gets one time a round, and a config that fails to compile
-is skipped instead of ending the sweep."""
+"""`scripts/bench_mlp.py` on the CPU, shrunk. `--sustained`: the chained executable's scalar is
+the sum it claims (numpy), each config gets one time a round, and a config that fails to
+compile is skipped instead of ending the sweep. `--data`: each data set's distribution."""
 
 from __future__ import annotations
 
 import jax.numpy as jnp
 import numpy as np
+import pytest
 
 from tests.scripts import load_script
 
@@ -38,8 +39,6 @@ def test_sustained_times_each_config_per_round_and_skips_failures():
 def test_operands_have_each_data_sets_distribution():
     """`--data`: normal operands, vLLM's dummy draw (U(-1e-3, 1e-3) weights; x a normal row
     times a U(-1e-3, 1e-3) norm scale per column), zero activations."""
-    import pytest
-
     bench = load_script("bench_mlp")
     k, two_f = 256, 512
 
