@@ -31,7 +31,6 @@ def add_parser(subparsers) -> None:
         "--api-key", default=None, help="require this Bearer key on /v1/* (or PAGEJAX_API_KEY)"
     )
     s.add_argument("--chat-template", default=None, help="a Jinja template, or a file holding one")
-    s.add_argument("--tensor-parallel-size", "-tp", type=int, default=1)
     s.add_argument(
         "--max-waiting-requests",
         type=int,
@@ -88,8 +87,6 @@ def serve(args: argparse.Namespace) -> int:
     if args.log_level.upper() == "WARNING":  # the CLI's default: a server should say what it does
         for name in ("api", "engine", "models"):
             logging.getLogger(name).setLevel(logging.INFO)
-    if args.tensor_parallel_size != 1:
-        raise ValueError("--tensor-parallel-size other than 1 is not supported yet")
     model = args.model_flag or args.model
     names = tuple(args.served_model_name or [_model_name(model)])
     config = ServerConfig(

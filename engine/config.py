@@ -19,6 +19,8 @@ class LoadConfig:
     attention_backend: str = "auto"  # auto | pallas | reference
     seed: int = 0
     skip_tokenizer_init: bool = False
+    # Split each layer's heads and MLP width (and the KV cache) over this many devices.
+    tensor_parallel_size: int = 1
 
 
 @dataclasses.dataclass(frozen=True)

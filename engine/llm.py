@@ -78,6 +78,7 @@ def build_engine_config(
     attention_backend: str = "auto",
     seed: int = 0,
     skip_tokenizer_init: bool = False,
+    tensor_parallel_size: int = 1,
     max_model_len: int | None = None,
     page_size: int | None = None,
     block_size: int | None = None,
@@ -117,7 +118,15 @@ def build_engine_config(
         else {"compilation_cache_dir": compilation_cache_dir or None}
     )
     return EngineConfig(
-        load=LoadConfig(model, dtype, load_format, attention_backend, seed, skip_tokenizer_init),
+        load=LoadConfig(
+            model,
+            dtype,
+            load_format,
+            attention_backend,
+            seed,
+            skip_tokenizer_init,
+            tensor_parallel_size,
+        ),
         cache=CacheConfig(
             page_size=page_size or block_size or 16,
             num_pages=num_pages,
@@ -163,7 +172,8 @@ class LLM:
 
     Keyword arguments follow vLLM's `LLM(...)`: model, dtype, max_model_len, page_size (alias
     block_size), num_pages, max_num_seqs, max_num_batched_tokens, enable_prefix_caching, seed,
-    skip_tokenizer_init, load_format, gpu_memory_utilization, kv_cache_memory_bytes, ...
+    skip_tokenizer_init, load_format, gpu_memory_utilization, kv_cache_memory_bytes,
+    tensor_parallel_size, ...
     """
 
     def __init__(self, model: str | None = None, **kwargs: Any):

@@ -36,15 +36,17 @@ def _platform_dtype(dtype: str) -> str:
     return "float32" if jax.default_backend() == "cpu" else "bfloat16"
 
 
-def kv_bytes_per_page(model_config, page_size: int, itemsize: int) -> int:
+def kv_bytes_per_page(model_config, page_size: int, itemsize: int, num_shards: int = 1) -> int:
+    """A page's bytes on each device (a tensor-parallel model splits the KV heads)."""
     c = model_config
-    return 2 * c.num_layers * c.num_kv_heads * c.head_dim * page_size * itemsize
+    return 2 * c.num_layers * c.num_kv_heads // num_shards * c.head_dim * page_size * itemsize
 
 
-def num_kv_pages(config: EngineConfig, model_config, itemsize: int) -> int:
-    """Pages that fit the memory budget (see `CacheConfig`)."""
+def num_kv_pages(config: EngineConfig, model_config, itemsize: int, num_shards: int = 1) -> int:
+    """Pages that fit the memory budget (see `CacheConfig`): of one device, the first of a
+    tensor-parallel model's (each holds the same share of the weights and the cache)."""
     cache, sched = config.cache, config.scheduler
-    per_page = kv_bytes_per_page(model_config, cache.page_size, itemsize)
+    per_page = kv_bytes_per_page(model_config, cache.page_size, itemsize, num_shards)
     if cache.num_pages is not None:
         return cache.num_pages
     if cache.kv_cache_memory_bytes is not None:
@@ -97,6 +99,7 @@ class LLMEngine:
                 load_format=load.load_format,
                 attention_backend=_resolve_backend(load.attention_backend),
                 seed=load.seed,
+                tensor_parallel_size=load.tensor_parallel_size,
             )
         if tokenizer_job is not None and tokenizer_job.done():
             tokenizer_job.result()  # a broken tokenizer fails now, not after the compile
@@ -113,7 +116,7 @@ class LLMEngine:
         jax.block_until_ready(jax.tree.leaves(nnx.state(model)))  # so the log times the load
         t_loaded = time.perf_counter()
         itemsize = model.model.embed_tokens.embedding[...].dtype.itemsize
-        num_pages = num_kv_pages(config, mc, itemsize)
+        num_pages = num_kv_pages(config, mc, itemsize, getattr(model, "num_shards", 1))
         self.allocator = PageAllocator(
             num_pages, config.cache.page_size, config.cache.enable_prefix_caching
         )

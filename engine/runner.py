@@ -6,6 +6,10 @@ sampler variant picked on the host, with the KV cache and row state donated (upd
 and the weights passed as arguments. Every bucket is compiled at start-up; calling a compiled
 executable never traces or compiles again. `dispatch` returns at once and `collect` waits, so
 the engine schedules step N + 1 while step N runs.
+
+A tensor-parallel model (`num_shards` > 1, loaded split over a mesh's `model` axis) runs its
+forward pass and prompt logprobs per shard under `shard_map`, with the KV cache split by KV
+heads; the row state, the step's inputs, the logits and the sampler are whole on every device.
 """
 
 from __future__ import annotations
@@ -22,8 +26,10 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 from flax import nnx
+from jax.sharding import PartitionSpec
 from tqdm import tqdm
 
+import sharding
 from engine.config import EngineConfig, bucket_ladder
 from engine.executable_cache import ExecutableCache
 from engine.row_state import RowState, set_row_fn
@@ -47,7 +53,7 @@ from engine.step_input import (
 from engine.types import SchedulerOutput, StepOutput, TokenLogprobs
 from pallas_kernels import attention, hardware
 from pallas_kernels.attention import AttentionBackend
-from pallas_kernels.reference import kv_cache_shape
+from pallas_kernels.reference import KV_CACHE_AXES, kv_cache_shape
 
 logger = logging.getLogger(__name__)
 
@@ -116,11 +122,19 @@ class ModelRunner:
         self.params, treedef = jax.tree.flatten(state)
         self.model_def = (self.graphdef, treedef)
         dtype = model.model.embed_tokens.embedding[...].dtype
+        self._backend = model.model.layers[0].self_attn.backend
+        self.num_shards = getattr(model, "num_shards", 1)
+        self.mesh = sharding.make_mesh(self.num_shards) if self.num_shards > 1 else None
+        # Where the row state and each step's inputs live: every device of the mesh.
+        self._whole = sharding.replicated(self.mesh) if self.mesh else None
+        kv_where = self.mesh and sharding.named_sharding(self.mesh, KV_CACHE_AXES)
         shape = kv_cache_shape(num_pages, self.page_size, cfg.num_kv_heads, cfg.head_dim)
         # Allocated by `compile`, after XLA's autotuning has had the memory to itself.
-        self._kv_specs = [jax.ShapeDtypeStruct(shape, dtype)] * cfg.num_layers
+        self._kv_specs = [jax.ShapeDtypeStruct(shape, dtype, sharding=kv_where)] * cfg.num_layers
         self.kv_caches: list[jax.Array] = []
-        self.rows_state = RowState.zeros(self.max_num_seqs + 1, cfg.vocab_size)
+        self.rows_state = jax.device_put(
+            RowState.zeros(self.max_num_seqs + 1, cfg.vocab_size), self._whole
+        )
         self.scratch_row = self.max_num_seqs
         self._free_rows = list(range(self.max_num_seqs - 1, -1, -1))
         self._rows: dict[str, int] = {}
@@ -203,12 +217,22 @@ class ModelRunner:
         in a thread pool, one per core, each as soon as it is lowered (compiling overlaps the
         tracing of the next ones), then stored in the cache."""
         folder = self.config.compile.compilation_cache_dir
-        cache = ExecutableCache.under(folder) if folder else None
+        # Pallas' interpreters run kernels as Python callbacks, which a stored executable
+        # cannot keep (jax's own persistent cache skips such executables too; jaxlib 0.10.2
+        # crashes serializing one that spans several CPU devices).
+        interpreted = self._backend in (
+            AttentionBackend.PALLAS_INTERPRET_GPU,
+            AttentionBackend.PALLAS_INTERPRET_TPU,
+        )
+        cache = ExecutableCache.under(folder) if folder and not interpreted else None
         model = ExecutableCache.key(self.model_def, self.model_config) if cache else None
         if cache:
             hardware.load_kernel_runtimes()
-        devices = {d for a in self.params for d in a.devices()}
-        assert len(devices) == 1, "executables on several devices: load them in mesh order"
+        if self.mesh is not None:
+            devices = list(self.mesh.devices.flat)
+        else:
+            devices = list({d for a in self.params for d in a.devices()})
+            assert len(devices) == 1, "a model on several devices is loaded with its mesh"
         t0 = time.perf_counter()
         jobs = list(self._jobs())
         bar = tqdm(total=len(jobs), desc="compiling buckets", leave=False)
@@ -244,7 +268,7 @@ class ModelRunner:
             "; the slowest compile, {:.1f} s: {}".format(*slowest) if compiles else "",
         )  # fmt: skip
         self._set_row = self._row_writer[None]
-        self.kv_caches = [jnp.zeros(k.shape, k.dtype) for k in self._kv_specs]
+        self.kv_caches = [jnp.zeros(k.shape, k.dtype, device=k.sharding) for k in self._kv_specs]
 
     def compiler_options(self, layout: StepLayout) -> dict | None:
         """XLA options for one forward bucket on a CUDA GPU: from `cublas_min_tokens` tokens,
@@ -269,20 +293,23 @@ class ModelRunner:
         )
         # The model definition is bound, not an argument: the executable cache keys on it once.
         forward = jax.jit(
-            functools.partial(forward_fn, self.model_def),
+            self._per_shard(functools.partial(forward_fn, self.model_def), forward=True),
             static_argnames=("layout",),
             donate_argnames=("kv_caches", "rows_state"),
         )
         sampler = jax.jit(
             sample_fn, static_argnames=("layout", "variant"), donate_argnames=("rows_state",)
         )
-        prompt_lp = jax.jit(functools.partial(prompt_logprobs_fn, self.model_def))
+        prompt_lp = jax.jit(
+            self._per_shard(functools.partial(prompt_logprobs_fn, self.model_def), forward=False)
+        )
+        i32 = functools.partial(_whole, jnp.int32, self._whole)
         layouts = self.layouts()
         d, v = self.model_config.hidden_size, self.model_config.vocab_size
         dtype = self._kv_specs[0].dtype
 
         def forward_job(layout: StepLayout) -> CompileJob:
-            args = (params, kv, rows, _i32(layout.size))
+            args = (params, kv, rows, i32(layout.size))
             options = self.compiler_options(layout)
             return CompileJob(self._forward, layout, forward, args, {"layout": layout}, options)
 
@@ -292,26 +319,51 @@ class ModelRunner:
         yield from (forward_job(lay) for lay in layouts if lay.attention != "mgpu")
         for r in sorted({lay.num_requests for lay in layouts}):
             lay = StepLayout(0, r, self.pages_per_request)
-            args = (rows, jax.ShapeDtypeStruct((r, v), jnp.float32), _i32(lay.sample_size))
+            args = (rows, _whole(jnp.float32, self._whole, r, v), i32(lay.sample_size))
             for variant in (GREEDY, SAMPLE, FULL):
                 static = {"layout": lay, "variant": variant}
                 yield CompileJob(self._sampler, (r, variant), sampler, args, static)
         for t in sorted({lay.num_tokens for lay in layouts}, reverse=True):
-            args = (params, jax.ShapeDtypeStruct((t, d), dtype), _i32(t))
+            args = (params, _whole(dtype, self._whole, t, d), i32(t))
             yield CompileJob(self._prompt_lp, t, prompt_lp, args, {})
         set_row = jax.jit(set_row_fn, donate_argnames=("rows_state",))
         args = (
             rows,
-            _i32(),
-            _i32(MAX_LOGIT_BIAS),
+            i32(),
+            i32(MAX_LOGIT_BIAS),
             jax.ShapeDtypeStruct((MAX_LOGIT_BIAS,), jnp.float32),
-            _i32(MAX_STOP_IDS),
+            i32(MAX_STOP_IDS),
         )
         yield CompileJob(self._row_writer, None, set_row, args, {})
         # Last: lowering the Mosaic GPU kernel takes 1.5-2.9 s a bucket of this thread in a
         # cold start (H100), which would hold back every compile after it; these compile in a
         # few seconds.
         yield from (forward_job(lay) for lay in layouts if lay.attention == "mgpu")
+
+    def _per_shard(self, fn, *, forward: bool):
+        """`fn` (the forward pass, else prompt logprobs) as is, or for a tensor-parallel model,
+        run per shard (`shard_map`): the parameters and the KV cache split as they are placed,
+        the rest whole on every shard, and so are the outputs (o_proj's and down_proj's sums,
+        the gathered logits). `check_vma` is off: the Pallas kernels' outputs carry no
+        varying-axes types."""
+        if self.mesh is None:
+            return fn
+        params = [a.sharding.spec for a in self.params]
+        kv = [sharding.partition_spec(KV_CACHE_AXES)] * len(self._kv_specs)
+        whole = PartitionSpec()
+        if forward:
+            in_specs, out_specs = (params, kv, whole, whole), (kv, whole, whole, whole)
+        else:
+            in_specs, out_specs = (params, whole, whole), whole
+
+        def per_shard(*args, **static):
+            body = functools.partial(fn, **static)
+            return jax.shard_map(
+                body, mesh=self.mesh, in_specs=in_specs, out_specs=out_specs, check_vma=False
+            )(*args)
+
+        per_shard.__name__ = fn.func.__name__
+        return per_shard
 
     def _compile_order(self, layout: StepLayout) -> tuple:
         """Forward buckets, slowest to compile first. On NVIDIA GPUs, the buckets whose dots XLA
@@ -413,7 +465,8 @@ class ModelRunner:
             scratch_row=self.scratch_row,
             buffers=self._buffers.get(layout),
         )
-        model_buf, sample_buf = jax.device_put([bufs.model, bufs.sample])  # one transfer
+        # One transfer (to every device of a mesh).
+        model_buf, sample_buf = jax.device_put([bufs.model, bufs.sample], self._whole)
         self.kv_caches, self.rows_state, logits, hidden = self._forward[layout](
             self.params, self.kv_caches, self.rows_state, model_buf
         )
@@ -482,7 +535,7 @@ def _kernel_twins(model, dtype, page_size: int) -> bool:
         return False
     from pallas_kernels import dispatch  # the kernel modules, off the CPU's path
 
-    cfg = model.config
+    cfg = model.config.shard(getattr(model, "num_shards", 1))  # a shard's heads
     return dispatch.host_picks_kernel(
         dtype,
         cfg.head_dim,
@@ -499,8 +552,9 @@ def _abstract(tree):
     return jax.tree.map(lambda a: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=a.sharding), tree)
 
 
-def _i32(*shape: int) -> jax.ShapeDtypeStruct:
-    return jax.ShapeDtypeStruct(shape, jnp.int32)
+def _whole(dtype, where: jax.sharding.Sharding | None, *shape: int) -> jax.ShapeDtypeStruct:
+    """An abstract argument whole on every device of `where` (None: the default device)."""
+    return jax.ShapeDtypeStruct(shape, dtype, sharding=where)
 
 
 def _entry(token_id, lp, rank, top_ids, top_lps, k: int) -> TokenLogprobs:

@@ -100,6 +100,29 @@ class ModelConfig:
             eos_token_ids=eos_ids,
         )
 
+    def shard(self, num_shards: int) -> ModelConfig:
+        """The config of one of `num_shards` tensor-parallel shards: 1/n of the q heads, the
+        KV heads and the MLP width; head_dim, the hidden size and the vocabulary whole."""
+        if num_shards == 1:
+            return self
+        sizes = (
+            ("num_attention_heads", self.num_heads),
+            ("num_key_value_heads", self.num_kv_heads),
+            ("intermediate_size", self.intermediate_size),
+        )
+        bad = [f"{name} ({size})" for name, size in sizes if size % num_shards]
+        if num_shards < 1 or bad:
+            raise ValueError(
+                f"tensor_parallel_size {num_shards} must divide the model's "
+                + ", ".join(bad or [name for name, _ in sizes])
+            )
+        return dataclasses.replace(
+            self,
+            num_heads=self.num_heads // num_shards,
+            num_kv_heads=self.num_kv_heads // num_shards,
+            intermediate_size=self.intermediate_size // num_shards,
+        )
+
     @classmethod
     def from_folder(cls, folder: str | Path) -> ModelConfig:
         path = Path(folder) / "config.json"

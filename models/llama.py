@@ -27,7 +27,7 @@ from models.config import ModelConfig, RopeScaling
 from pallas_kernels import decode_matmul, gate_up
 from pallas_kernels.attention import AttentionBackend, AttentionMetadata, paged_attention
 from pallas_kernels.gate_up import ArrayLike
-from pallas_kernels.rope import apply_rope, interleave_rope_pairs
+from pallas_kernels.rope import apply_rope, deinterleave_rope_pairs, interleave_rope_pairs
 
 
 def fused_parts(cfg: ModelConfig) -> dict[str, tuple[tuple[str, int], ...]]:
@@ -91,7 +91,13 @@ def rope_inv_freq(head_dim: int, theta: float, scaling: RopeScaling) -> jnp.ndar
 
 class Attention(nnx.Module):
     def __init__(
-        self, cfg: ModelConfig, *, dtype: jnp.dtype, backend: AttentionBackend, rngs: nnx.Rngs
+        self,
+        cfg: ModelConfig,
+        *,
+        dtype: jnp.dtype,
+        backend: AttentionBackend,
+        rngs: nnx.Rngs,
+        shard_axis: str | None = None,
     ):
         d, n, k, h = cfg.hidden_size, cfg.num_heads, cfg.num_kv_heads, cfg.head_dim
         bias = cfg.attention_bias
@@ -105,6 +111,7 @@ class Attention(nnx.Module):
         self.num_heads, self.num_kv_heads, self.head_dim = n, k, h
         self.sliding_window = cfg.sliding_window
         self.backend = backend
+        self.shard_axis = shard_axis
 
     def __call__(
         self,
@@ -116,7 +123,7 @@ class Attention(nnx.Module):
     ) -> tuple[jax.Array, jax.Array]:
         """x: [T, D] -> ([T, D], updated kv_cache)."""
         out, kv_cache = self.attend(self.qkv_proj(x), positions, inv_freq, kv_cache, meta)
-        return self.o_proj(out), kv_cache
+        return _reduce(self.o_proj(out), self.shard_axis), kv_cache
 
     def attend(
         self,
@@ -164,18 +171,34 @@ class Attention(nnx.Module):
         return out.reshape(q.shape[0], -1), kv_cache
 
 
-def arrange_param(name: str, value: ArrayLike, cfg: ModelConfig) -> ArrayLike:
+def arrange_param(name: str, value: ArrayLike, cfg: ModelConfig, num_shards: int = 1) -> ArrayLike:
     """A parameter (a fused one whole, in `fused_parts` order) in the layout the model keeps,
     from the checkpoint's (HF's): gate_up_proj's gate and up columns interleaved in blocks
     (pallas_kernels/gate_up.py); qkv_proj's q and k columns (and bias), and q_norm's and
     k_norm's weights, with RoPE's pairs side by side (pallas_kernels/rope.py). Others as
-    they are. `name`: the parameter's module (`gate_up_proj`, `q_norm`, ...)."""
+    they are. `name`: the parameter's module (`gate_up_proj`, `q_norm`, ...).
+
+    With `num_shards` > 1 (tensor parallelism), a fused parameter's columns are grouped by
+    shard, each group one shard's own parameter (its q, k and v heads; its gate and up
+    columns) in the layout of `cfg.shard(num_shards)`: split evenly, the columns hand each
+    device what its shard of the model computes with."""
+    xp = jnp if isinstance(value, jax.Array) else np
+    if num_shards > 1 and name in fused_parts(cfg):
+        widths = [w for _, w in fused_parts(cfg)[name]]
+        parts = [xp.split(p, num_shards, axis=-1) for p in _split_columns(value, widths)]
+        shard = cfg.shard(num_shards)
+        return xp.concatenate(
+            [
+                arrange_param(name, xp.concatenate([p[s] for p in parts], axis=-1), shard)
+                for s in range(num_shards)
+            ],
+            axis=-1,
+        )
     h = cfg.head_dim
     if name == "gate_up_proj":
         return gate_up.interleave(value, gate_up.block_for(cfg.intermediate_size))
     if name == "qkv_proj":
         rotated = (cfg.num_heads + cfg.num_kv_heads) * h  # q and k; v is not rotated
-        xp = jnp if isinstance(value, jax.Array) else np
         parts = [interleave_rope_pairs(value[..., :rotated], h), value[..., rotated:]]
         return xp.concatenate(parts, axis=-1)
     if name in ("q_norm", "k_norm"):
@@ -183,17 +206,59 @@ def arrange_param(name: str, value: ArrayLike, cfg: ModelConfig) -> ArrayLike:
     return value
 
 
+def unarrange_param(name: str, value: ArrayLike, cfg: ModelConfig) -> ArrayLike:
+    """The inverse of `arrange_param` (one shard): back to the checkpoint's layout."""
+    h = cfg.head_dim
+    if name == "gate_up_proj":
+        return gate_up.deinterleave(value, gate_up.block_for(cfg.intermediate_size))
+    if name == "qkv_proj":
+        xp = jnp if isinstance(value, jax.Array) else np
+        rotated = (cfg.num_heads + cfg.num_kv_heads) * h
+        parts = [deinterleave_rope_pairs(value[..., :rotated], h), value[..., rotated:]]
+        return xp.concatenate(parts, axis=-1)
+    if name in ("q_norm", "k_norm"):
+        return deinterleave_rope_pairs(value, h)
+    return value
+
+
+def shard_columns(name: str, cfg: ModelConfig, num_shards: int) -> np.ndarray | None:
+    """For a fused parameter: which column of its one-shard layout each column of its
+    `num_shards` layout holds (a gather that turns one into the other); None for others."""
+    if name not in fused_parts(cfg):
+        return None
+    width = sum(w for _, w in fused_parts(cfg)[name])
+    hf = unarrange_param(name, np.arange(width)[None], cfg)
+    return arrange_param(name, hf, cfg, num_shards)[0]
+
+
+def _split_columns(value: ArrayLike, widths: list[int]) -> list[ArrayLike]:
+    xp = jnp if isinstance(value, jax.Array) else np
+    return xp.split(value, np.cumsum(widths)[:-1].tolist(), axis=-1)
+
+
+def _reduce(x: jax.Array, axis: str | None) -> jax.Array:
+    """The sum over the shards of `axis` of their partial outputs (x itself unsharded)."""
+    return x if axis is None else jax.lax.psum(x, axis)
+
+
 class MLP(nnx.Module):
     """down_proj(silu(gate) * up), gate_up_proj's columns interleaved (`arrange_param`)."""
 
     def __init__(
-        self, cfg: ModelConfig, *, dtype: jnp.dtype, backend: AttentionBackend, rngs: nnx.Rngs
+        self,
+        cfg: ModelConfig,
+        *,
+        dtype: jnp.dtype,
+        backend: AttentionBackend,
+        rngs: nnx.Rngs,
+        shard_axis: str | None = None,
     ):
         d, f, bias = cfg.hidden_size, cfg.intermediate_size, cfg.mlp_bias
         self.gate_up_proj = Linear(d, 2 * f, bias=bias, dtype=dtype, rngs=rngs)
         self.down_proj = Linear(f, d, bias=bias, dtype=dtype, rngs=rngs)
         self.block = gate_up.block_for(f)
         self.use_kernels = backend is AttentionBackend.PALLAS
+        self.shard_axis = shard_axis
 
     def __call__(self, x: jax.Array) -> jax.Array:
         proj = self.gate_up_proj
@@ -201,17 +266,30 @@ class MLP(nnx.Module):
         h = gate_up.silu_gate_up(
             x, proj.kernel[...], bias, block=self.block, use_kernels=self.use_kernels
         )
-        return self.down_proj(h)
+        return self.down(h)
+
+    def down(self, h: jax.Array) -> jax.Array:
+        """down_proj, its shards' partial outputs summed before its bias is added (once)."""
+        proj = self.down_proj
+        y = _reduce(h @ proj.kernel[...], self.shard_axis)
+        return y if proj.bias is None else y + proj.bias[...]
 
 
 class DecoderLayer(nnx.Module):
     def __init__(
-        self, cfg: ModelConfig, *, dtype: jnp.dtype, backend: AttentionBackend, rngs: nnx.Rngs
+        self,
+        cfg: ModelConfig,
+        *,
+        dtype: jnp.dtype,
+        backend: AttentionBackend,
+        rngs: nnx.Rngs,
+        shard_axis: str | None = None,
     ):
+        kw = dict(dtype=dtype, backend=backend, rngs=rngs, shard_axis=shard_axis)
         self.input_layernorm = RMSNorm(cfg.hidden_size, eps=cfg.rms_norm_eps, dtype=dtype)
-        self.self_attn = Attention(cfg, dtype=dtype, backend=backend, rngs=rngs)
+        self.self_attn = Attention(cfg, **kw)
         self.post_attention_layernorm = RMSNorm(cfg.hidden_size, eps=cfg.rms_norm_eps, dtype=dtype)
-        self.mlp = MLP(cfg, dtype=dtype, backend=backend, rngs=rngs)
+        self.mlp = MLP(cfg, **kw)
         self.fused_shapes = decode_matmul.layer_shapes(cfg, dtype)  # None: never fused
 
     def fused_mode(self, num_tokens: int) -> str | None:
@@ -243,8 +321,10 @@ class DecoderLayer(nnx.Module):
         `decode_matmul.qkv_columns`); o_proj's residual add making the post-attention norm's
         inputs; that norm and silu * up inside gate/up. down_proj stays with XLA (its residual
         add fused into the sum of its split-K partials, or at 64 tokens into cuBLAS'
-        epilogue), and so do the next layer's norm inputs. `norm_in`: this layer's input
-        norm's inputs (`decode_matmul.norm_inputs(x, input_layernorm weight)`); `next_norm`:
+        epilogue), and so do the next layer's norm inputs. In a tensor-parallel model
+        (`shard_axis`) o_proj's output is one shard's partial sum: it is summed across the
+        shards before the residual add, which then stays with XLA. `norm_in`: this layer's
+        input norm's inputs (`decode_matmul.norm_inputs(x, input_layernorm weight)`); `next_norm`:
         the next layer's input norm's weight (the model's final norm's for the last). Returns
         (x, the next norm's inputs) and the cache."""
         attn, mlp = self.self_attn, self.mlp
@@ -269,11 +349,29 @@ class DecoderLayer(nnx.Module):
             )
             q = q.reshape(q.shape[0], -1, attn.head_dim)
             out, kv_cache = attn.attend_roped(q, None, None, kv_cache, meta)
-        x, xw, sq = mm(out, attn.o_proj.kernel[...], residual=x, next_norm_weight=norm2.scale[...])
+        if attn.shard_axis is None:
+            o_proj = attn.o_proj.kernel[...]
+            x, xw, sq = mm(out, o_proj, residual=x, next_norm_weight=norm2.scale[...])
+        else:
+            x = x + _reduce(mm(out, attn.o_proj.kernel[...]), attn.shard_axis)
+            xw, sq = decode_matmul.norm_inputs(x, norm2.scale[...])
         h = mm(xw, mlp.gate_up_proj.kernel[...], row_sq=sq, eps=norm2.eps, gate_up_block=mlp.block)
-        x = x + mlp.down_proj(h)
+        x = x + mlp.down(h)
         xw, sq = decode_matmul.norm_inputs(x, next_norm)
         return (x, (xw, sq)), kv_cache
+
+
+# Logical axes of the parameters a tensor-parallel model splits (sharding.RULES); a fused
+# parameter's columns are grouped by shard (`arrange_param`). down_proj's bias is whole.
+_PARAM_AXES = {
+    ("qkv_proj", "kernel"): ("embed", "heads"),
+    ("qkv_proj", "bias"): ("heads",),
+    ("o_proj", "kernel"): ("heads", "embed"),
+    ("gate_up_proj", "kernel"): ("embed", "mlp"),
+    ("gate_up_proj", "bias"): ("mlp",),
+    ("down_proj", "kernel"): ("mlp", "embed"),
+    ("lm_head", "kernel"): ("embed", "vocab"),
+}
 
 
 @functools.partial(jax.jit, static_argnames=("graphdef", "method"))
@@ -296,12 +394,18 @@ class Embed(nnx.Module):
 
 class LlamaModel(nnx.Module):
     def __init__(
-        self, cfg: ModelConfig, *, dtype: jnp.dtype, backend: AttentionBackend, rngs: nnx.Rngs
+        self,
+        cfg: ModelConfig,
+        *,
+        dtype: jnp.dtype,
+        backend: AttentionBackend,
+        rngs: nnx.Rngs,
+        shard_axis: str | None = None,
     ):
         self.embed_tokens = Embed(cfg.vocab_size, cfg.hidden_size, dtype=dtype, rngs=rngs)
         self.layers = nnx.List(
             [
-                DecoderLayer(cfg, dtype=dtype, backend=backend, rngs=rngs)
+                DecoderLayer(cfg, dtype=dtype, backend=backend, rngs=rngs, shard_axis=shard_axis)
                 for _ in range(cfg.num_layers)
             ]
         )
@@ -310,7 +414,14 @@ class LlamaModel(nnx.Module):
 
 class LlamaForCausalLM(nnx.Module):
     """The decoder plus LM head. Forward: tokens -> final hidden states; `logits` separately,
-    so only the rows that are sampled pay for the [D, V] head."""
+    so only the rows that are sampled pay for the [D, V] head.
+
+    `num_shards` > 1 builds one shard of a tensor-parallel model, to run under `shard_map`
+    over the mesh axis `shard_axis` (sharding/): its layers have `cfg.shard(num_shards)`'s
+    heads and MLP width, and sum o_proj's and down_proj's outputs across the axis; its LM head
+    has 1/n of the vocabulary where n divides it, and gathers the logits. The embedding and
+    the norms are whole on every shard. `config` stays the whole model's; `param_axes` names
+    each parameter's axes for the mesh."""
 
     def __init__(
         self,
@@ -319,14 +430,36 @@ class LlamaForCausalLM(nnx.Module):
         dtype: jnp.dtype = jnp.float32,
         attention_backend: AttentionBackend = AttentionBackend.REFERENCE,
         rngs: nnx.Rngs,
+        num_shards: int = 1,
+        shard_axis: str | None = None,
     ):
+        if (num_shards > 1) != (shard_axis is not None):
+            raise ValueError("a sharded model needs a mesh axis (shard_axis), and only it")
         self.config = cfg
-        self.model = LlamaModel(cfg, dtype=dtype, backend=attention_backend, rngs=rngs)
+        self.num_shards = num_shards
+        self.model = LlamaModel(
+            cfg.shard(num_shards),
+            dtype=dtype,
+            backend=attention_backend,
+            rngs=rngs,
+            shard_axis=shard_axis,
+        )
+        split_vocab = num_shards > 1 and cfg.vocab_size % num_shards == 0
+        self.vocab_axis = shard_axis if split_vocab and not cfg.tie_word_embeddings else None
+        vocab = cfg.vocab_size // num_shards if self.vocab_axis else cfg.vocab_size
         self.lm_head = (
             None
             if cfg.tie_word_embeddings
-            else Linear(cfg.hidden_size, cfg.vocab_size, bias=False, dtype=dtype, rngs=rngs)
+            else Linear(cfg.hidden_size, vocab, bias=False, dtype=dtype, rngs=rngs)
         )
+
+    def param_axes(self, path: tuple) -> tuple[str | None, ...]:
+        """The logical axis names of the parameter at `path` (its place in the state:
+        (..., "self_attn", "qkv_proj", "kernel")); unnamed axes are whole on every shard."""
+        module, leaf = path[-2], path[-1]
+        if module == "lm_head" and self.vocab_axis is None:
+            return ()
+        return _PARAM_AXES.get((module, leaf), ())
 
     def __call__(
         self,
@@ -362,6 +495,9 @@ class LlamaForCausalLM(nnx.Module):
         if self.lm_head is None:
             w = self.model.embed_tokens.embedding[...]
             return jnp.einsum("rd,vd->rv", hidden, w, preferred_element_type=jnp.float32)
-        return jnp.einsum(
+        logits = jnp.einsum(
             "rd,dv->rv", hidden, self.lm_head.kernel[...], preferred_element_type=jnp.float32
         )
+        if self.vocab_axis is None:
+            return logits
+        return jax.lax.all_gather(logits, self.vocab_axis, axis=1, tiled=True)

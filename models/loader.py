@@ -22,8 +22,9 @@ import numpy as np
 from flax import nnx
 from tqdm import tqdm
 
+import sharding
 from models.config import ModelConfig
-from models.llama import arrange_param, fused_parts
+from models.llama import arrange_param, fused_parts, shard_columns
 from models.registry import get_model_class
 from models.safetensors_reader import CheckpointError, iter_safetensors
 from pallas_kernels import gate_up
@@ -170,10 +171,11 @@ def fill_params(
     tied: bool,
     fused: dict[str, tuple[tuple[str, int], ...]],
     arrange: Callable[[str, np.ndarray], np.ndarray] = lambda name, value: value,
+    place: Callable[[tuple, np.ndarray], jax.Array] = lambda path, value: jax.device_put(value),
 ) -> dict:
     """Put every checkpoint tensor at its parameter path (parts of fused parameters at their
-    column slice), through `arrange(module name, whole value)` into the model's layout;
-    errors name the file and tensor."""
+    column slice), through `arrange(module name, whole value)` into the model's layout, and
+    onto the device(s) by `place(path, value)`; errors name the file and tensor."""
     expected = dict(_flatten(pure))
     loaded: set[tuple] = set()
     np_dtype = np.dtype(dtype)
@@ -207,7 +209,7 @@ def fill_params(
             if host is None:
                 continue
         host = arrange(target[-2], host)
-        _set(pure, target, jax.device_put(host))
+        _set(pure, target, place(target, host))
         loaded.add(target)
     never_seen = sorted(expected.keys() - loaded - set(buffers.filled), key=_path_name)
     missing = buffers.missing() + [
@@ -222,32 +224,53 @@ def fill_params(
     return pure
 
 
-def dummy_params(pure: dict, *, dtype: jnp.dtype, seed: int) -> dict:
-    """Random weights of the real shapes (benchmarks): N(0, 0.02), norm scales 1."""
+def dummy_params(
+    pure: dict,
+    *,
+    dtype: jnp.dtype,
+    seed: int,
+    placement: Callable[[tuple], jax.sharding.Sharding | None] = lambda path: None,
+) -> dict:
+    """Random weights of the real shapes (benchmarks): N(0, 0.02), norm scales 1; each made
+    where `placement(path)` puts it (None: the default device)."""
     key = jax.random.PRNGKey(seed)
 
-    @functools.partial(jax.jit, static_argnames=("shape",))
-    def normal(k, shape):
-        return (jax.random.normal(k, shape, jnp.float32) * 0.02).astype(dtype)
+    @functools.cache
+    def normal(where):
+        def draw(k, shape):
+            return (jax.random.normal(k, shape, jnp.float32) * 0.02).astype(dtype)
+
+        return jax.jit(draw, static_argnames=("shape",), out_shardings=where)
 
     for i, (path, leaf) in enumerate(_flatten(pure)):
-        shape = tuple(leaf.shape)
+        shape, where = tuple(leaf.shape), placement(path)
         if path[-1] == "scale":
-            value = jnp.ones(shape, dtype)
+            value = jnp.ones(shape, dtype, device=where)
         elif path[-1] == "bias":
-            value = jnp.zeros(shape, dtype)
+            value = jnp.zeros(shape, dtype, device=where)
         else:
-            value = normal(jax.random.fold_in(key, i), shape)
+            value = normal(where)(jax.random.fold_in(key, i), shape)
         _set(pure, path, value)
     return pure
 
 
-def abstract_model(config: ModelConfig, dtype: jnp.dtype, backend: AttentionBackend):
-    """The model with ShapeDtypeStruct leaves: no memory allocated."""
+def abstract_model(
+    config: ModelConfig, dtype: jnp.dtype, backend: AttentionBackend, num_shards: int = 1
+):
+    """The model (one of `num_shards` tensor-parallel shards) with ShapeDtypeStruct leaves:
+    no memory allocated."""
     cls = get_model_class(config.architecture)
     backend = AttentionBackend(backend)
+    shard_axis = sharding.MODEL if num_shards > 1 else None
     return nnx.eval_shape(
-        lambda: cls(config, dtype=dtype, attention_backend=backend, rngs=nnx.Rngs(0))
+        lambda: cls(
+            config,
+            dtype=dtype,
+            attention_backend=backend,
+            rngs=nnx.Rngs(0),
+            num_shards=num_shards,
+            shard_axis=shard_axis,
+        )
     )
 
 
@@ -259,11 +282,15 @@ def load_model(
     attention_backend: AttentionBackend | str = "reference",
     hf_config: dict[str, Any] | None = None,
     seed: int = 0,
+    tensor_parallel_size: int = 1,
 ):
     """Build the model for `path` (folder or .gguf; `None` = the embedded default model).
 
     `load_format="dummy"` needs only the config (from `path` or `hf_config`).
-    Returns the NNX model; its `config` attribute is the `ModelConfig`.
+    Returns the NNX model; its `config` attribute is the `ModelConfig`. With
+    `tensor_parallel_size` n > 1 it is the model of one shard (`LlamaForCausalLM`), holding
+    the whole parameters split over the first n devices (`sharding.make_mesh`): the runner
+    calls it under `shard_map`.
     """
     if load_format not in LOAD_FORMATS:
         raise ValueError(f"load_format {load_format!r} not in {LOAD_FORMATS}")
@@ -276,14 +303,23 @@ def load_model(
     if hf_config is None:
         hf_config = read_hf_config(path, fmt)
     config = ModelConfig.from_hf_dict(hf_config)
+    n = tensor_parallel_size
+    config.shard(n)  # a clear error now if n does not divide the heads
     dt = resolve_dtype(dtype)
     backend = AttentionBackend(attention_backend)
-    graphdef, state = nnx.split(abstract_model(config, dt, backend))
-    pure = nnx.to_pure_dict(state)
+    whole = abstract_model(config, dt, backend)
+    model = abstract_model(config, dt, backend, n) if n > 1 else whole
+    graphdef, state = nnx.split(model)
+    pure = nnx.to_pure_dict(nnx.state(whole))  # the whole parameters' shapes
+    mesh = sharding.make_mesh(n) if n > 1 else None
+
+    def where(path: tuple) -> jax.sharding.Sharding | None:
+        return mesh and sharding.named_sharding(mesh, model.param_axes(path))
+
     if load_format == "dummy":
-        pure = dummy_params(pure, dtype=dt, seed=seed)
+        pure = dummy_params(pure, dtype=dt, seed=seed, placement=where)
     elif fmt == "orbax":
-        pure = restore_orbax(path, pure, config)
+        pure = restore_orbax(path, pure, config, placement=where, num_shards=n)
     else:
         pure = fill_params(
             pure,
@@ -292,7 +328,8 @@ def load_model(
             dtype=dt,
             tied=config.tie_word_embeddings,
             fused=fused_parts(config),
-            arrange=lambda name, value: arrange_param(name, value, config),
+            arrange=lambda name, value: arrange_param(name, value, config, n),
+            place=lambda path, value: jax.device_put(value, where(path)),
         )
     nnx.replace_by_pure_dict(state, pure)
     logger.info("loaded %s (%s, %s) from %s", config.architecture, fmt, dt.name, path)
@@ -327,6 +364,11 @@ def save_orbax(model, source: str | Path, dest: str | Path) -> Path:
                 shutil.copy(f, dest / f.name)
     else:
         (dest / "source_gguf.txt").write_text(str(source.absolute()))
+    if getattr(model, "num_shards", 1) > 1:
+        raise ValueError(
+            "save_orbax takes a model loaded with tensor_parallel_size 1 (a sharded model "
+            "keeps its fused parameters' columns grouped by shard)"
+        )
     pure = nnx.to_pure_dict(nnx.state(model))
     with ocp.StandardCheckpointer() as ckptr:
         ckptr.save(dest / _ORBAX_DIR, pure, force=True)
@@ -334,11 +376,45 @@ def save_orbax(model, source: str | Path, dest: str | Path) -> Path:
     return dest
 
 
-def restore_orbax(path: Path, abstract_pure: dict, config: ModelConfig) -> dict:
+def restore_orbax(
+    path: Path,
+    abstract_pure: dict,
+    config: ModelConfig,
+    *,
+    placement: Callable[[tuple], jax.sharding.Sharding | None] = lambda path: None,
+    num_shards: int = 1,
+) -> dict:
+    """The parameters saved by `save_orbax`, each restored where `placement(path)` puts it;
+    for `num_shards` > 1, the fused ones' columns then gathered into their groups by shard
+    (`arrange_param`), on the devices."""
     import orbax.checkpoint as ocp
 
+    for leaf_path, leaf in list(_flatten(abstract_pure)):
+        where = placement(leaf_path)
+        if where is not None:
+            _set(
+                abstract_pure,
+                leaf_path,
+                jax.ShapeDtypeStruct(leaf.shape, leaf.dtype, sharding=where),
+            )
     with ocp.StandardCheckpointer() as ckptr:
         pure = ckptr.restore(path.absolute() / _ORBAX_DIR, abstract_pure)
+    pure = _orbax_layout(path, pure, config)
+    if num_shards > 1:
+        for leaf_path, value in list(_flatten(pure)):
+            columns = shard_columns(leaf_path[-2], config, num_shards)
+            if columns is not None:
+                _set(pure, leaf_path, _take_columns(value, columns, where=value.sharding))
+    return pure
+
+
+@functools.partial(jax.jit, static_argnames=("where",))
+def _take_columns(value: jax.Array, columns: jax.Array, *, where) -> jax.Array:
+    return jax.lax.with_sharding_constraint(jnp.take(value, columns, axis=-1), where)
+
+
+def _orbax_layout(path: Path, pure: dict, config: ModelConfig) -> dict:
+    """Restored parameters in this version's layouts (one shard)."""
     layout_file = path / _LAYOUT_FILE
     if layout_file.exists():
         saved = json.loads(layout_file.read_text())

@@ -21,6 +21,9 @@ from __future__ import annotations
 import jax
 import jax.numpy as jnp
 
+# The cache's axes by logical name (sharding.RULES): tensor parallelism splits its KV heads.
+KV_CACHE_AXES = (None, "kv_heads", None, None, None)
+
 
 def kv_cache_shape(num_pages: int, page_size: int, num_kv_heads: int, head_dim: int):
     """Shape of one layer's KV cache: [2, K, num_pages, S, H]."""
