@@ -356,6 +356,7 @@ class ModelRunner:
         else:
             in_specs, out_specs = (params, whole, whole), whole
 
+        @functools.wraps(fn)  # its signature: jit donates and keeps static by name
         def per_shard(*args, **static):
             body = functools.partial(fn, **static)
             return jax.shard_map(

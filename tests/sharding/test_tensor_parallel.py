@@ -105,6 +105,14 @@ def test_cache_and_weights_split_by_heads(runs):
     assert not any("lm_head" in n for n in qwen2)
 
 
+def test_kv_cache_updated_in_place(runs):
+    """The forward pass donates each device's share of the KV cache and writes it in place:
+    a copy would double the cache's memory (on a GPU, an out-of-memory error at start-up)."""
+    for name in CASES:
+        run = runs[name][1]
+        assert run["forward_alias_bytes"] >= run["kv_bytes_per_device"] > 0, name
+
+
 @pytest.mark.parametrize(
     "overrides",
     [{}, {"intermediate_size": 256}, {"head_dim": 32}],

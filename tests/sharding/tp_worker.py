@@ -7,7 +7,8 @@ process, with one CPU device, runs this file as a child (test_tensor_parallel.py
 JOBS: a list of {"name", "folder", "tp", "backend", "load_format", "orbax_dir", "prompts"}.
 OUT: per job name, what the engine did: each prompt's greedy tokens, the logprob of every
 prompt token after the first and of every generated token, the decode matmul calls that
-fused qkv (pallas-interpret-gpu), and the shardings of the KV cache and the parameters.
+fused qkv (pallas-interpret-gpu), the shardings of the KV cache and the parameters, and how
+much of the forward's inputs its outputs alias.
 """
 
 from __future__ import annotations
@@ -82,6 +83,12 @@ def run(job: dict) -> dict:
         "kv_shape": list(kv.shape),
         "param_specs": {jax.tree_util.keystr(path): list(p.sharding.spec) for path, p in leaves},
         "devices": len(jax.devices()),
+        # The forward's buffers XLA updates in place (the donated cache and row state), and
+        # the KV cache's bytes on one device.
+        "forward_alias_bytes": min(
+            exe.memory_analysis().alias_size_in_bytes for exe in runner._forward.values()
+        ),
+        "kv_bytes_per_device": sum(k.addressable_shards[0].data.nbytes for k in runner.kv_caches),
     }
 
 
