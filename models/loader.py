@@ -333,6 +333,8 @@ def load_model(
         )
     nnx.replace_by_pure_dict(state, pure)
     logger.info("loaded %s (%s, %s) from %s", config.architecture, fmt, dt.name, path)
+    if mesh is not None:
+        logger.info("tensor parallel: split over %d devices (%s)", n, mesh.devices[0, 0].platform)
     return nnx.merge(graphdef, state)
 
 

@@ -174,6 +174,7 @@ def main() -> None:
         "--max-num-seqs", type=int, default=256, help="the request ladder's top (a server's 256)"
     )
     ap.add_argument("--temperature", type=float, default=1.0)
+    ap.add_argument("--tensor-parallel-size", type=int, default=1)
     ap.add_argument("--iters", type=int, default=40)
     ap.add_argument("--reps", type=int, default=3)
     ap.add_argument(
@@ -196,6 +197,7 @@ def main() -> None:
     llm = LLM(
         args.model,
         load_format=args.load_format,
+        tensor_parallel_size=args.tensor_parallel_size,
         skip_tokenizer_init=True,
         max_num_seqs=max_seqs,
         enable_prefix_caching=False,

@@ -49,7 +49,7 @@ def model_dir(tmp_path_factory) -> Path:
     return folder
 
 
-def _serve_command(model_dir: Path, cache_dir: Path) -> list[str]:
+def serve_command(model_dir: Path, cache_dir: Path) -> list[str]:
     s = ENGINE_SETTINGS
     return [
         sys.executable, "-m", "api.cli", "serve", str(model_dir),
@@ -68,13 +68,19 @@ def _serve_command(model_dir: Path, cache_dir: Path) -> list[str]:
 @pytest.fixture(scope="session")
 def server(model_dir, tmp_path_factory):
     cache_dir = tmp_path_factory.mktemp("xla_cache")
-    env = {**os.environ, "PAGEJAX_API_KEY": API_KEY, "JAX_PLATFORMS": "cpu"}
+    env = {"PAGEJAX_API_KEY": API_KEY, "JAX_PLATFORMS": "cpu"}
+    yield from run_server(serve_command(model_dir, cache_dir), env, model_dir, cache_dir)
+
+
+def run_server(command: list[str], env: dict[str, str], model_dir: Path, cache_dir: Path):
+    """Start `pagejax serve` (`command`, with `env` added to this process's environment),
+    yield its `Server` once it listens, stop it after, and fail if it logged errors."""
     proc = subprocess.Popen(
-        _serve_command(model_dir, cache_dir),
+        command,
         stdout=subprocess.PIPE,
         stderr=subprocess.STDOUT,
         text=True,
-        env=env,
+        env={**os.environ, **env},
         cwd=Path(__file__).parents[2],
     )
     log: list[str] = []
