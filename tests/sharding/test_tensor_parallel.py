@@ -19,14 +19,26 @@ from models.llama import arrange_param, shard_columns
 from tests.hf_models import FAMILIES, hf_greedy, hf_logits, write_checkpoint
 
 REPO = Path(__file__).resolve().parents[2]
-CASES = {  # job name -> (family, checkpoint overrides, attention backend, orbax)
-    "llama3": ("llama3", {}, "reference", False),
-    "qwen2": ("qwen2", {}, "reference", False),
-    "qwen3": ("qwen3", {}, "reference", False),
+CASES = {  # job name -> (family, checkpoint overrides, attention backend, orbax, cached)
+    # Two engines on one executable cache: the second loads the first's split executables.
+    # First in the worker's process: on the CPU, jaxlib cannot serialize an executable whose
+    # sort comparator an earlier compile of the process made ("`LessThan` is not
+    # serializable"), and the cache then stores all but that one.
+    "cached": ("mistral", {}, "reference", False, True),
+    "cached_again": ("mistral", {}, "reference", False, True),
+    "llama3": ("llama3", {}, "reference", False, False),
+    "qwen2": ("qwen2", {}, "reference", False, False),
+    "qwen3": ("qwen3", {}, "reference", False, False),
     # Heads of 16 and 128 MLP columns a shard: the fused decode matmuls, qkv's epilogue too.
-    "fused": ("llama3", {"head_dim": 16, "intermediate_size": 256}, "pallas-interpret-gpu", False),
-    "tpu": ("llama3", {}, "pallas-interpret-tpu", False),
-    "orbax": ("llama3", {}, "reference", True),
+    "fused": (
+        "llama3",
+        {"head_dim": 16, "intermediate_size": 256},
+        "pallas-interpret-gpu",
+        False,
+        False,
+    ),
+    "tpu": ("llama3", {}, "pallas-interpret-tpu", False, False),
+    "orbax": ("llama3", {}, "reference", True, False),
 }
 
 
@@ -41,11 +53,13 @@ def runs(tmp_path_factory, prompts):
     """Each case's checkpoint folder and what the two-device engine made of it."""
     root = tmp_path_factory.mktemp("tp")
     folders, jobs = {}, []
-    for name, (family, overrides, backend, orbax) in CASES.items():
+    for name, (family, overrides, backend, orbax, cached) in CASES.items():
         folders[name] = write_checkpoint(family, root / name, **overrides)
         job = dict(name=name, folder=str(folders[name]), tp=2, backend=backend, prompts=prompts)
         if orbax:
             job["orbax_dir"] = str(root / f"{name}_orbax")
+        if cached:
+            job["cache_dir"] = str(root / "executables")
         jobs.append(job)
     (root / "jobs.json").write_text(json.dumps(jobs))
     cmd = [sys.executable, "-m", "tests.sharding.tp_worker", root / "jobs.json", root / "out.json"]
@@ -103,6 +117,20 @@ def test_cache_and_weights_split_by_heads(runs):
     qwen2 = runs["qwen2"][1]["param_specs"]
     assert [s for n, s in qwen2.items() if "qkv_proj']['bias" in n][0] == ["model"]
     assert not any("lm_head" in n for n in qwen2)
+
+
+def test_split_executables_load_from_the_cache(runs):
+    """The second engine compiled nothing: every executable came from the first's cache, on
+    the same two devices (and `test_split_model_matches_transformers[cached_again]` checks
+    what they compute)."""
+    assert runs["cached"][1]["num_loaded"] == 0
+    assert runs["cached_again"][1]["num_loaded"] == runs["cached"][1]["num_executables"] > 0
+
+
+def test_a_split_model_is_not_saved_as_orbax(runs):
+    """`save_orbax` keeps the one-device layout; a split model's fused columns are grouped by
+    shard, so it refuses one."""
+    assert "tensor_parallel_size 1" in runs["orbax"][1]["save_split_error"]
 
 
 def test_kv_cache_updated_in_place(runs):

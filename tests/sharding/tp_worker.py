@@ -4,11 +4,13 @@ process, with one CPU device, runs this file as a child (test_tensor_parallel.py
 
     python -m tests.sharding.tp_worker JOBS.json OUT.json
 
-JOBS: a list of {"name", "folder", "tp", "backend", "load_format", "orbax_dir", "prompts"}.
+JOBS: a list of {"name", "folder", "tp", "backend", "load_format", "orbax_dir", "cache_dir",
+"prompts"}.
 OUT: per job name, what the engine did: each prompt's greedy tokens, the logprob of every
 prompt token after the first and of every generated token, the decode matmul calls that
-fused qkv (pallas-interpret-gpu), the shardings of the KV cache and the parameters, and how
-much of the forward's inputs its outputs alias.
+fused qkv (pallas-interpret-gpu), the shardings of the KV cache and the parameters, how much
+of the forward's inputs its outputs alias, the executables loaded from the executable cache,
+and (with "orbax_dir") what `save_orbax` says to a split model.
 """
 
 from __future__ import annotations
@@ -31,8 +33,15 @@ def run(job: dict) -> dict:
     from pallas_kernels import decode_matmul
 
     folder = job["folder"]
+    extra = {}
     if job.get("orbax_dir"):  # converted by a one-device model, loaded split
         save_orbax(load_model(folder, dtype="float32"), folder, job["orbax_dir"])
+        split = load_model(folder, dtype="float32", tensor_parallel_size=job["tp"])
+        try:
+            save_orbax(split, folder, job["orbax_dir"] + "_split")
+            extra["save_split_error"] = ""
+        except ValueError as e:
+            extra["save_split_error"] = str(e)
         folder = job["orbax_dir"]
     calls = []
     matmul = decode_matmul.matmul
@@ -89,6 +98,12 @@ def run(job: dict) -> dict:
             exe.memory_analysis().alias_size_in_bytes for exe in runner._forward.values()
         ),
         "kv_bytes_per_device": sum(k.addressable_shards[0].data.nbytes for k in runner.kv_caches),
+        "num_loaded": runner.num_loaded,  # executables found in the executable cache
+        "num_executables": sum(
+            len(t)
+            for t in (runner._forward, runner._sampler, runner._prompt_lp, runner._row_writer)
+        ),
+        **extra,
     }
 
 
