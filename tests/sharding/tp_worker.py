@@ -4,8 +4,8 @@ process, with one CPU device, runs this file as a child (test_tensor_parallel.py
 
     python -m tests.sharding.tp_worker JOBS.json OUT.json
 
-JOBS: a list of {"name", "folder", "tp", "backend", "load_format", "orbax_dir", "cache_dir",
-"prompts"}.
+JOBS: a list of {"name", "folder" (null: the embedded default model), "tp", "backend",
+"load_format", "orbax_dir", "cache_dir", "prompts"}.
 OUT: per job name, what the engine did: each prompt's greedy tokens, the logprob of every
 prompt token after the first and of every generated token, the decode matmul calls that
 fused qkv (pallas-interpret-gpu), the shardings of the KV cache and the parameters, how much
@@ -19,7 +19,7 @@ import json
 import os
 import sys
 
-NUM_DEVICES = 2
+NUM_DEVICES = 4  # tensor_parallel_size up to 4 (the first n devices)
 os.environ["XLA_FLAGS"] = (
     os.environ.get("XLA_FLAGS", "") + f" --xla_force_host_platform_device_count={NUM_DEVICES}"
 )
@@ -87,10 +87,10 @@ def run(job: dict) -> dict:
         ],
         "fused_qkv_calls": sum(k.get("qkv") is not None for k in calls),
         "matmul_calls": len(calls),
-        "kv_spec": list(kv.sharding.spec),
+        "kv_spec": _spec(kv),
         "kv_shard_shape": list(kv.addressable_shards[0].data.shape),
         "kv_shape": list(kv.shape),
-        "param_specs": {jax.tree_util.keystr(path): list(p.sharding.spec) for path, p in leaves},
+        "param_specs": {jax.tree_util.keystr(path): _spec(p) for path, p in leaves},
         "devices": len(jax.devices()),
         # The forward's buffers XLA updates in place (the donated cache and row state), and
         # the KV cache's bytes on one device.
@@ -105,6 +105,12 @@ def run(job: dict) -> dict:
         ),
         **extra,
     }
+
+
+def _spec(array) -> list | None:
+    """How `array` is split over the mesh (None: on one device)."""
+    spec = getattr(array.sharding, "spec", None)
+    return None if spec is None else list(spec)
 
 
 def main() -> int:
