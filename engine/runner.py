@@ -107,6 +107,13 @@ class Dispatched(NamedTuple):
     prompt: tuple | None  # prompt logprob stats ([T], [T], [T, K], [T, K]) when asked for
 
 
+class Launched(NamedTuple):
+    """A step handed to the launcher thread (`ModelRunner._launcher`): its `Dispatched`, once
+    the device has it."""
+
+    future: concurrent.futures.Future
+
+
 class ModelRunner:
     """Owns device state; turns a `SchedulerOutput` into a `StepOutput`."""
 
@@ -135,6 +142,17 @@ class ModelRunner:
         self.rows_state = jax.device_put(
             RowState.zeros(self.max_num_seqs + 1, cfg.vocab_size), self._whole
         )
+        # On a mesh, calling an executable returns only once the host has launched its
+        # kernels on every device: the step's all-reduces split it into dozens of pieces, each
+        # launched apart (2.1-2.5 ms a step for an 8B model on two H200s, docs/BENCHMARKS.md,
+        # twenty-third session). One thread makes every call that reads or writes the device
+        # state, in the order they are made, while this one goes on to prepare the next step.
+        self._launcher = (
+            concurrent.futures.ThreadPoolExecutor(1, thread_name_prefix="launcher")
+            if self.mesh is not None
+            else None
+        )
+        self._row_writes: list[concurrent.futures.Future] = []  # handed over since a step
         self.scratch_row = self.max_num_seqs
         self._free_rows = list(range(self.max_num_seqs - 1, -1, -1))
         self._rows: dict[str, int] = {}
@@ -437,17 +455,25 @@ class ModelRunner:
         vals[: len(bias)] = list(bias.values())
         stops = np.full(MAX_STOP_IDS, -1, np.int32)
         stops[: len(stop_ids)] = stop_ids
-        self.rows_state = self._set_row(self.rows_state, np.int32(row), ids, vals, stops)
+
+        def write() -> None:
+            self.rows_state = self._set_row(self.rows_state, np.int32(row), ids, vals, stops)
+
+        if self._launcher is None:
+            write()
+        else:  # after the steps already handed over; the next step's launch re-raises errors
+            self._row_writes.append(self._launcher.submit(write))
         if bias or stop_ids:
             self._dirty_rows.add(row)
         else:
             self._dirty_rows.discard(row)
 
     # -- the step ---------------------------------------------------------------------------
-    def dispatch(self, sched: SchedulerOutput) -> Dispatched | None:
+    def dispatch(self, sched: SchedulerOutput) -> Dispatched | Launched | None:
         """Start the step on the device and return at once (None for an empty step). Collect
         each step before dispatching the one after the next: its input buffers are refilled
-        then (`BufferPool`; on the CPU, jax reads them in place)."""
+        then (`BufferPool`; on the CPU, jax reads them in place). On a mesh the executables
+        are called by the launcher thread (`Launched`)."""
         self._release(sched.finished_request_ids | sched.preempted_request_ids)
         if sched.is_empty:
             return None
@@ -468,20 +494,34 @@ class ModelRunner:
         )
         # One transfer (to every device of a mesh).
         model_buf, sample_buf = jax.device_put([bufs.model, bufs.sample], self._whole)
-        self.kv_caches, self.rows_state, logits, hidden = self._forward[layout](
-            self.params, self.kv_caches, self.rows_state, model_buf
-        )
         variant = pick_variant([req.sampling_params for req in sched.requests])
-        self.rows_state, sampled = self._sampler[layout.num_requests, variant](
-            self.rows_state, logits, sample_buf
-        )
-        prompt = None
-        if any(req.sampling_params.prompt_logprobs is not None for req in sched.requests):
-            prompt = self._prompt_lp[layout.num_tokens](self.params, hidden, bufs.next_token_ids)
-        return Dispatched(sampled, prompt)
+        prompt_lp = any(req.sampling_params.prompt_logprobs is not None for req in sched.requests)
+        writes, self._row_writes = self._row_writes, []
 
-    def collect(self, sched: SchedulerOutput, dispatched: Dispatched) -> StepOutput:
+        def launch() -> Dispatched:
+            for write in writes:  # done by now (one thread, in order): raise what one raised
+                write.result()
+            self.kv_caches, self.rows_state, logits, hidden = self._forward[layout](
+                self.params, self.kv_caches, self.rows_state, model_buf
+            )
+            self.rows_state, sampled = self._sampler[layout.num_requests, variant](
+                self.rows_state, logits, sample_buf
+            )
+            prompt = None
+            if prompt_lp:
+                prompt = self._prompt_lp[layout.num_tokens](
+                    self.params, hidden, bufs.next_token_ids
+                )
+            return Dispatched(sampled, prompt)
+
+        if self._launcher is None:
+            return launch()
+        return Launched(self._launcher.submit(launch))
+
+    def collect(self, sched: SchedulerOutput, dispatched: Dispatched | Launched) -> StepOutput:
         """Wait for a dispatched step; only sampled ids (and asked-for logprobs) come back."""
+        if isinstance(dispatched, Launched):
+            dispatched = dispatched.future.result()  # also raises what the launch raised
         result = dispatched.sampled
         n = len(sched.requests)
         sampled = np.asarray(result.sampled_ids)[:n]

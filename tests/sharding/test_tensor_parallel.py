@@ -91,10 +91,12 @@ def test_split_model_matches_transformers(runs, prompts, name):
 def test_gguf_model_split_three_ways_matches_one_device(runs):
     """The embedded default model (GGUF, Q4_1, tied embeddings) on three devices: its fused
     columns regrouped from GGUF's tensors for three shards of 3 q heads and 1 KV head; the
-    same tokens and logprobs as on one device."""
+    same tokens and logprobs as on one device, and the same seeded samples with logit bias,
+    a repetition penalty and min_tokens (rows the launcher thread writes before the step)."""
     split, whole = runs["gguf_tp3"][1], runs["gguf_tp1"][1]
     assert split["kv_shard_shape"][1] == 1 and whole["kv_shape"][1] == 3
     assert split["tokens"] == whole["tokens"]
+    assert split["biased_tokens"] == whole["biased_tokens"]  # rows written before their step
     for key in ("prompt_logprobs", "token_logprobs"):
         for got, want in zip(split[key], whole[key], strict=True):
             np.testing.assert_allclose(got, want, atol=1e-4)

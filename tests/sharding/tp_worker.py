@@ -66,6 +66,17 @@ def run(job: dict) -> dict:
             temperature=0.0, max_tokens=6, ignore_eos=True, logprobs=1, prompt_logprobs=1
         )
         outs = llm.generate([{"prompt_token_ids": p} for p in job["prompts"]], params)
+        # Rows written before their step (logit bias, penalties, min_tokens' banned EOS):
+        # on a mesh the launcher thread must make the write before the step reads the row.
+        biased = SamplingParams(
+            temperature=0.8,
+            seed=5,
+            max_tokens=6,
+            min_tokens=4,
+            repetition_penalty=1.5,
+            logit_bias={7: 3.0, 11: 2.5},
+        )
+        biased_outs = llm.generate([{"prompt_token_ids": p} for p in job["prompts"]], biased)
     finally:
         decode_matmul.matmul = matmul
     runner = llm.engine.runner
@@ -74,6 +85,7 @@ def run(job: dict) -> dict:
     kv = runner.kv_caches[0]
     return {
         "tokens": [o.outputs[0].token_ids for o in outs],
+        "biased_tokens": [o.outputs[0].token_ids for o in biased_outs],
         "token_logprobs": [
             [
                 e[t].logprob
