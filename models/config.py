@@ -11,7 +11,7 @@ from typing import Any
 _FAMILY_DEFAULTS: dict[str, dict[str, Any]] = {
     "LlamaForCausalLM": {},
     "MistralForCausalLM": {},
-    "Qwen2ForCausalLM": {"attention_bias": True},
+    "Qwen2ForCausalLM": {"attention_bias": True, "o_proj_bias": False},
     "Qwen3ForCausalLM": {"qk_norm": True},
 }
 
@@ -43,6 +43,7 @@ class ModelConfig:
     max_position_embeddings: int = 4096
     tie_word_embeddings: bool = False
     attention_bias: bool = False  # q/k/v projections carry a bias (Qwen2)
+    o_proj_bias: bool = False  # o_proj does too (Llama's and Qwen3's attention_bias; not Qwen2)
     mlp_bias: bool = False
     qk_norm: bool = False  # RMSNorm over head_dim on q and k before RoPE (Qwen3)
     sliding_window: int | None = None
@@ -78,6 +79,7 @@ class ModelConfig:
         eos_ids = tuple(eos) if isinstance(eos, list) else (() if eos is None else (eos,))
         use_sw = d.get("use_sliding_window", True)
         sliding_window = d.get("sliding_window") if use_sw else None
+        attention_bias = bool(d.get("attention_bias", family.get("attention_bias", False)))
         return cls(
             architecture=arch,
             vocab_size=d["vocab_size"],
@@ -92,7 +94,8 @@ class ModelConfig:
             rope_scaling=scaling,
             max_position_embeddings=d.get("max_position_embeddings", 4096),
             tie_word_embeddings=bool(d.get("tie_word_embeddings", False)),
-            attention_bias=bool(d.get("attention_bias", family.get("attention_bias", False))),
+            attention_bias=attention_bias,
+            o_proj_bias=family.get("o_proj_bias", attention_bias),
             mlp_bias=bool(d.get("mlp_bias", False)),
             qk_norm=family.get("qk_norm", False),
             sliding_window=sliding_window,

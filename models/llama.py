@@ -102,7 +102,7 @@ class Attention(nnx.Module):
         d, n, k, h = cfg.hidden_size, cfg.num_heads, cfg.num_kv_heads, cfg.head_dim
         bias = cfg.attention_bias
         self.qkv_proj = Linear(d, (n + 2 * k) * h, bias=bias, dtype=dtype, rngs=rngs)
-        self.o_proj = Linear(n * h, d, bias=False, dtype=dtype, rngs=rngs)
+        self.o_proj = Linear(n * h, d, bias=cfg.o_proj_bias, dtype=dtype, rngs=rngs)
         if cfg.qk_norm:
             self.q_norm = RMSNorm(h, eps=cfg.rms_norm_eps, dtype=dtype)
             self.k_norm = RMSNorm(h, eps=cfg.rms_norm_eps, dtype=dtype)
@@ -123,7 +123,13 @@ class Attention(nnx.Module):
     ) -> tuple[jax.Array, jax.Array]:
         """x: [T, D] -> ([T, D], updated kv_cache)."""
         out, kv_cache = self.attend(self.qkv_proj(x), positions, inv_freq, kv_cache, meta)
-        return _reduce(self.o_proj(out), self.shard_axis), kv_cache
+        return self.project_out(out), kv_cache
+
+    def project_out(self, out: jax.Array) -> jax.Array:
+        """o_proj, its shards' partial outputs summed before its bias is added (once)."""
+        proj = self.o_proj
+        y = _reduce(out @ proj.kernel[...], self.shard_axis)
+        return y if proj.bias is None else y + proj.bias[...]
 
     def attend(
         self,

@@ -43,6 +43,11 @@ FAMILIES: dict[str, tuple[str, dict]] = {
         ),
     ),
     "llama2_tied": ("LlamaConfig", dict(_COMMON, tie_word_embeddings=True, num_key_value_heads=4)),
+    # Every bias Llama's config allows: q, k, v and o_proj; gate, up and down.
+    "llama_biases": (
+        "LlamaConfig",
+        dict(_COMMON, attention_bias=True, mlp_bias=True, tie_word_embeddings=False),
+    ),
     "mistral": ("MistralConfig", dict(_COMMON, sliding_window=16, tie_word_embeddings=False)),
     "qwen2": ("Qwen2Config", dict(_COMMON, tie_word_embeddings=True, use_sliding_window=False)),
     "qwen3": (

@@ -29,8 +29,9 @@ CASES = {  # job name -> (family, checkpoint overrides, attention backend, orbax
     "llama3": ("llama3", {}, "reference", False, False),
     "qwen2": ("qwen2", {}, "reference", False, False),
     "qwen3": ("qwen3", {}, "reference", False, False),
-    # MLP biases: gate/up's split, down_proj's added once, after the sum over shards.
-    "mlp_bias": ("llama3", {"mlp_bias": True}, "reference", False, False),
+    # Every bias: q/k/v's and gate/up's split; o_proj's and down_proj's added once, after the
+    # sum over shards.
+    "biases": ("llama_biases", {}, "reference", False, False),
     # Heads of 16 and 128 MLP columns a shard: the fused decode matmuls, qkv's epilogue too.
     "fused": (
         "llama3",
