@@ -116,7 +116,7 @@ class LLMEngine:
         jax.block_until_ready(jax.tree.leaves(nnx.state(model)))  # so the log times the load
         t_loaded = time.perf_counter()
         itemsize = model.model.embed_tokens.embedding[...].dtype.itemsize
-        num_pages = num_kv_pages(config, mc, itemsize, getattr(model, "num_shards", 1))
+        num_pages = num_kv_pages(config, mc, itemsize, model.num_shards)
         self.allocator = PageAllocator(
             num_pages, config.cache.page_size, config.cache.enable_prefix_caching
         )

@@ -130,8 +130,9 @@ class ModelRunner:
         self.model_def = (self.graphdef, treedef)
         dtype = model.model.embed_tokens.embedding[...].dtype
         self._backend = model.model.layers[0].self_attn.backend
-        self.num_shards = getattr(model, "num_shards", 1)
-        self.mesh = sharding.make_mesh(self.num_shards) if self.num_shards > 1 else None
+        self.num_shards = model.num_shards
+        # The mesh the loader split the weights over.
+        self.mesh = self.params[0].sharding.mesh if self.num_shards > 1 else None
         # Where the row state and each step's inputs live: every device of the mesh.
         self._whole = sharding.replicated(self.mesh) if self.mesh else None
         kv_where = self.mesh and sharding.named_sharding(self.mesh, KV_CACHE_AXES)
@@ -349,7 +350,7 @@ class ModelRunner:
             rows,
             i32(),
             i32(MAX_LOGIT_BIAS),
-            jax.ShapeDtypeStruct((MAX_LOGIT_BIAS,), jnp.float32),
+            _whole(jnp.float32, self._whole, MAX_LOGIT_BIAS),
             i32(MAX_STOP_IDS),
         )
         yield CompileJob(self._row_writer, None, set_row, args, {})
@@ -367,7 +368,7 @@ class ModelRunner:
         if self.mesh is None:
             return fn
         params = [a.sharding.spec for a in self.params]
-        kv = [sharding.partition_spec(KV_CACHE_AXES)] * len(self._kv_specs)
+        kv = [k.sharding.spec for k in self._kv_specs]
         whole = PartitionSpec()
         if forward:
             in_specs, out_specs = (params, kv, whole, whole), (kv, whole, whole, whole)
@@ -576,7 +577,7 @@ def _kernel_twins(model, dtype, page_size: int) -> bool:
         return False
     from pallas_kernels import dispatch  # the kernel modules, off the CPU's path
 
-    cfg = model.config.shard(getattr(model, "num_shards", 1))  # a shard's heads
+    cfg = model.config.shard(model.num_shards)  # a shard's heads
     return dispatch.host_picks_kernel(
         dtype,
         cfg.head_dim,

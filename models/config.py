@@ -108,16 +108,17 @@ class ModelConfig:
         KV heads and the MLP width; head_dim, the hidden size and the vocabulary whole."""
         if num_shards == 1:
             return self
+        if num_shards < 1:
+            raise ValueError(f"tensor_parallel_size must be at least 1, got {num_shards}")
         sizes = (
             ("num_attention_heads", self.num_heads),
             ("num_key_value_heads", self.num_kv_heads),
             ("intermediate_size", self.intermediate_size),
         )
         bad = [f"{name} ({size})" for name, size in sizes if size % num_shards]
-        if num_shards < 1 or bad:
+        if bad:
             raise ValueError(
-                f"tensor_parallel_size {num_shards} must divide the model's "
-                + ", ".join(bad or [name for name, _ in sizes])
+                f"tensor_parallel_size {num_shards} must divide the model's " + ", ".join(bad)
             )
         return dataclasses.replace(
             self,

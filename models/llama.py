@@ -44,14 +44,16 @@ def _init(rngs: nnx.Rngs, shape: tuple[int, ...], dtype: jnp.dtype, std: float =
 
 
 class Linear(nnx.Module):
-    """y = x @ kernel (+ bias); kernel: [in, out]."""
+    """y = x @ kernel (+ bias); kernel: [in, out]. With `reduce_axis` (a tensor-parallel
+    model's row-split o_proj and down_proj), x @ kernel is one shard's partial sum: it is
+    summed over the axis's shards before the bias is added, once."""
 
     def __init__(self, d_in: int, d_out: int, *, bias: bool, dtype: jnp.dtype, rngs: nnx.Rngs):
         self.kernel = _init(rngs, (d_in, d_out), dtype)
         self.bias = nnx.Param(jnp.zeros((d_out,), dtype)) if bias else None
 
-    def __call__(self, x: jax.Array) -> jax.Array:
-        y = x @ self.kernel[...]
+    def __call__(self, x: jax.Array, reduce_axis: str | None = None) -> jax.Array:
+        y = _reduce(x @ self.kernel[...], reduce_axis)
         return y if self.bias is None else y + self.bias[...]
 
 
@@ -123,13 +125,7 @@ class Attention(nnx.Module):
     ) -> tuple[jax.Array, jax.Array]:
         """x: [T, D] -> ([T, D], updated kv_cache)."""
         out, kv_cache = self.attend(self.qkv_proj(x), positions, inv_freq, kv_cache, meta)
-        return self.project_out(out), kv_cache
-
-    def project_out(self, out: jax.Array) -> jax.Array:
-        """o_proj, its shards' partial outputs summed before its bias is added (once)."""
-        proj = self.o_proj
-        y = _reduce(out @ proj.kernel[...], self.shard_axis)
-        return y if proj.bias is None else y + proj.bias[...]
+        return self.o_proj(out, self.shard_axis), kv_cache
 
     def attend(
         self,
@@ -272,13 +268,7 @@ class MLP(nnx.Module):
         h = gate_up.silu_gate_up(
             x, proj.kernel[...], bias, block=self.block, use_kernels=self.use_kernels
         )
-        return self.down(h)
-
-    def down(self, h: jax.Array) -> jax.Array:
-        """down_proj, its shards' partial outputs summed before its bias is added (once)."""
-        proj = self.down_proj
-        y = _reduce(h @ proj.kernel[...], self.shard_axis)
-        return y if proj.bias is None else y + proj.bias[...]
+        return self.down_proj(h, self.shard_axis)
 
 
 class DecoderLayer(nnx.Module):
@@ -362,13 +352,14 @@ class DecoderLayer(nnx.Module):
             x = x + _reduce(mm(out, attn.o_proj.kernel[...]), attn.shard_axis)
             xw, sq = decode_matmul.norm_inputs(x, norm2.scale[...])
         h = mm(xw, mlp.gate_up_proj.kernel[...], row_sq=sq, eps=norm2.eps, gate_up_block=mlp.block)
-        x = x + mlp.down(h)
+        x = x + mlp.down_proj(h, mlp.shard_axis)
         xw, sq = decode_matmul.norm_inputs(x, next_norm)
         return (x, (xw, sq)), kv_cache
 
 
 # Logical axes of the parameters a tensor-parallel model splits (sharding.RULES); a fused
-# parameter's columns are grouped by shard (`arrange_param`). down_proj's bias is whole.
+# parameter's columns are grouped by shard (`arrange_param`). o_proj's and down_proj's biases
+# are whole (`Linear`'s reduce_axis).
 _PARAM_AXES = {
     ("qkv_proj", "kernel"): ("embed", "heads"),
     ("qkv_proj", "bias"): ("heads",),

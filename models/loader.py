@@ -352,6 +352,11 @@ def save_orbax(model, source: str | Path, dest: str | Path) -> Path:
     tokenizer files, so `load_model(dest)` restarts without converting again."""
     import orbax.checkpoint as ocp
 
+    if model.num_shards > 1:
+        raise ValueError(
+            "save_orbax takes a model loaded with tensor_parallel_size 1 (a sharded model "
+            "keeps its fused parameters' columns grouped by shard)"
+        )
     source, dest = Path(source), Path(dest).absolute()
     dest.mkdir(parents=True, exist_ok=True)
     fmt = detect_format(source)
@@ -366,11 +371,6 @@ def save_orbax(model, source: str | Path, dest: str | Path) -> Path:
                 shutil.copy(f, dest / f.name)
     else:
         (dest / "source_gguf.txt").write_text(str(source.absolute()))
-    if getattr(model, "num_shards", 1) > 1:
-        raise ValueError(
-            "save_orbax takes a model loaded with tensor_parallel_size 1 (a sharded model "
-            "keeps its fused parameters' columns grouped by shard)"
-        )
     pure = nnx.to_pure_dict(nnx.state(model))
     with ocp.StandardCheckpointer() as ckptr:
         ckptr.save(dest / _ORBAX_DIR, pure, force=True)

@@ -189,6 +189,8 @@ def test_shard_sizes_must_divide():
     assert (half.head_dim, half.hidden_size, half.vocab_size) == (16, 64, 320)
     with pytest.raises(ValueError, match=r"num_attention_heads \(4\), num_key_value_heads \(2\)$"):
         cfg.shard(3)
+    with pytest.raises(ValueError, match="at least 1"):
+        cfg.shard(0)
 
 
 def test_more_shards_than_devices_is_refused(tmp_path):
