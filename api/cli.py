@@ -154,11 +154,24 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def gpu_pool_fraction(tensor_parallel_size: int) -> str:
+    """The share of each GPU that jax's memory pool takes (`XLA_PYTHON_CLIENT_MEM_FRACTION`,
+    unless set). jax takes 75 % unless told otherwise, and the KV cache is sized from the pool
+    (`--gpu-memory-utilization` of it), so one device gets 92 %. Split over several, XLA needs
+    more memory outside the pool: on two H100s it grew by 6.4 GB a device while the 8B model's
+    44 executables first ran, and at 92 % the warm-up ran out of memory
+    (docs/BENCHMARKS.md, twenty-fourth session)."""
+    return "0.92" if tensor_parallel_size <= 1 else "0.85"
+
+
 def main(argv: list[str] | None = None, *, owns_process: bool = False) -> int:
     """Run one command. `owns_process`: nothing else runs in this process (the `pagejax`
     command), so the benchmarks may freeze its heap after start-up (`freeze_heap`)."""
     args = build_parser().parse_args(argv)
     args.owns_process = owns_process
+    if owns_process:  # before jax starts its GPU client, which reads it
+        tp = getattr(args, "tensor_parallel_size", 1)
+        os.environ.setdefault("XLA_PYTHON_CLIENT_MEM_FRACTION", gpu_pool_fraction(tp))
     logging.basicConfig(
         level=args.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s"
     )
@@ -177,14 +190,11 @@ def main(argv: list[str] | None = None, *, owns_process: bool = False) -> int:
 def entry() -> int:
     """The `pagejax` command (and `python -m api.cli`): `main` in a process that blocks torch,
     which no command uses but transformers imports for any tokenizer when it is installed
-    (10 s with CUDA's libraries), and whose jax takes 92 % of the GPU. Callers of `main` in
-    their own process keep their torch and their jax settings."""
+    (10 s with CUDA's libraries), and whose jax takes most of the GPU (`gpu_pool_fraction`).
+    Callers of `main` in their own process keep their torch and their jax settings."""
     from models.tokenizer import block_torch_import
 
     block_torch_import()
-    # jax takes 75 % of a GPU for its memory pool unless told otherwise, and the KV cache is
-    # sized from that pool (`--gpu-memory-utilization` of it): give the engine 92 % of the card.
-    os.environ.setdefault("XLA_PYTHON_CLIENT_MEM_FRACTION", "0.92")
     return main(owns_process=True)
 
 

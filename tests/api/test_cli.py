@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import subprocess
 import sys
 
@@ -50,6 +51,27 @@ def test_generate_reports_a_bad_model_path(tmp_path):
     out = subprocess.run(cmd, capture_output=True, text=True, timeout=120)
     assert out.returncode == 2
     assert "does not exist" in out.stderr and "Traceback" not in out.stderr
+
+
+@pytest.mark.parametrize(
+    ("flags", "preset", "want"),
+    [([], None, "0.92"), (["-tp", "2"], None, "0.85"), (["-tp", "2"], "0.5", "0.5")],
+)
+def test_the_command_sizes_jax_gpu_pool_by_tensor_parallel_size(
+    flags, preset, want, monkeypatch, tmp_path
+):
+    """The `pagejax` command sets jax's GPU pool before any device is touched: 92 % of one
+    device, 85 % of each of several (XLA needs more outside the pool there); a value the user
+    set is kept."""
+    from api.cli import main
+
+    if preset is None:
+        monkeypatch.delenv("XLA_PYTHON_CLIENT_MEM_FRACTION", raising=False)
+    else:
+        monkeypatch.setenv("XLA_PYTHON_CLIENT_MEM_FRACTION", preset)
+    argv = ["generate", "hi", "--model", str(tmp_path / "nope"), *flags]
+    assert main(argv, owns_process=True) == 2  # the missing model, after the pool is set
+    assert os.environ["XLA_PYTHON_CLIENT_MEM_FRACTION"] == want
 
 
 def test_scheduler_flags_reach_the_engine_config():
