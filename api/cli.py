@@ -158,7 +158,7 @@ def gpu_pool_fraction(tensor_parallel_size: int) -> str:
     """The share of each GPU that jax's memory pool takes (`XLA_PYTHON_CLIENT_MEM_FRACTION`,
     unless set). jax takes 75 % unless told otherwise, and the KV cache is sized from the pool
     (`--gpu-memory-utilization` of it), so one device gets 92 %. Split over several, XLA needs
-    more memory outside the pool: on two H100s it grew by 6.4 GB a device while the 8B model's
+    more memory outside the pool: on two H100s it grew by 6.3 GiB a device while the 8B model's
     44 executables first ran, and at 92 % the warm-up ran out of memory
     (docs/BENCHMARKS.md, twenty-fourth session)."""
     return "0.92" if tensor_parallel_size <= 1 else "0.85"
