@@ -20,41 +20,40 @@ _E2E_BUCKETS = (0.3, 0.5, 0.8, 1.0, 1.5, 2.0, 2.5, 5.0, 10.0, 15.0, 20.0, 30.0, 
 
 
 class _SchedulerCollector(Collector):
-    """Gauges read from the engine at scrape time: running, waiting, KV-cache usage."""
+    """Gauges read from the engines at scrape time: running, waiting, KV-cache usage; one
+    sample per engine (label `engine`, its data-parallel rank, as vLLM's)."""
 
-    def __init__(self, stats: Callable[[], SchedulerStats], model_name: str):
+    _FAMILIES = (  # name, help, SchedulerStats field, kind
+        ("num_requests_running", "Requests in the running batch.", "num_running", "gauge"),
+        ("num_requests_waiting", "Requests waiting to be scheduled.", "num_waiting", "gauge"),
+        ("kv_cache_usage_perc", "Fraction of KV-cache pages in use (1 = full).", "page_usage",
+         "gauge"),
+        ("num_preemptions", "Preemptions since start.", "num_preemptions", "counter"),
+        ("prefix_cache_hits", "Prompt tokens found in the prefix cache.", "num_cached_tokens",
+         "counter"),
+        ("num_requests_aborted", "Requests aborted since start (their clients went away).",
+         "num_aborted", "counter"),
+    )  # fmt: skip
+
+    def __init__(self, stats: Callable[[], Sequence[SchedulerStats]], model_name: str):
         self._stats = stats
-        self._labels = {"model_name": model_name}
+        self._model = model_name
 
     def collect(self) -> Iterable[Metric]:
-        s = self._stats()
-        for name, doc, value, kind in (
-            ("num_requests_running", "Requests in the running batch.", s.num_running, "gauge"),
-            ("num_requests_waiting", "Requests waiting to be scheduled.", s.num_waiting, "gauge"),
-            (
-                "kv_cache_usage_perc",
-                "Fraction of KV-cache pages in use (1 = full).",
-                s.page_usage,
-                "gauge",
-            ),  # fmt: skip
-            ("num_preemptions", "Preemptions since start.", s.num_preemptions, "counter"),
-            (
-                "prefix_cache_hits",
-                "Prompt tokens found in the prefix cache.",
-                s.num_cached_tokens,
-                "counter",
-            ),  # fmt: skip
-        ):
+        each = self._stats()
+        for name, doc, field, kind in self._FAMILIES:
             family = GaugeMetricFamily if kind == "gauge" else CounterMetricFamily
-            metric = family(f"pagejax:{name}", doc, labels=list(self._labels))
-            metric.add_metric(list(self._labels.values()), value)
+            metric = family(f"pagejax:{name}", doc, labels=["engine", "model_name"])
+            for rank, s in enumerate(each):
+                metric.add_metric([str(rank), self._model], getattr(s, field))
             yield metric
 
 
 class Metrics:
-    """Request counters and latency histograms, plus the engine's gauges at scrape time."""
+    """Request counters and latency histograms, plus each engine's gauges at scrape time
+    (`stats`: `AsyncEngine.stats_per_engine`)."""
 
-    def __init__(self, stats: Callable[[], SchedulerStats], model_name: str):
+    def __init__(self, stats: Callable[[], Sequence[SchedulerStats]], model_name: str):
         self.registry = CollectorRegistry()
         self._model = model_name
         labels = ["model_name"]

@@ -38,6 +38,14 @@ def add_parser(subparsers) -> None:
         help="answer 503 when this many requests wait already",
     )
     s.add_argument("--uvicorn-log-level", default="info")
+    s.add_argument(
+        "--data-parallel-size",
+        "-dp",
+        type=int,
+        default=1,
+        help="run this many engines, each on its own --tensor-parallel-size devices, and "
+        "spread the requests over them",
+    )
     add_engine_args(s)
     s.set_defaults(func=serve)
 
@@ -70,11 +78,13 @@ def _build_engine(args: argparse.Namespace, model: str | None):
         kwargs["max_waiting_requests"] = args.max_waiting_requests
     if "max_model_len" not in kwargs:
         kwargs["model_max_len"] = model_max_len(model, args.load_format)
+    dp = args.data_parallel_size
     logger.info(
-        "engine process: loading %s and compiling the step for every bucket",
+        "%s: loading %s and compiling the step for every bucket",
+        "engine process" if dp == 1 else f"{dp} data-parallel engine processes",
         model or "the default model",
     )
-    return AsyncEngine.in_process(model, kwargs)
+    return AsyncEngine.in_process(model, kwargs, data_parallel_size=dp)
 
 
 def serve(args: argparse.Namespace) -> int:

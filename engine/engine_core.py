@@ -15,6 +15,7 @@ from __future__ import annotations
 import contextlib
 import logging
 import multiprocessing
+import os
 import queue
 import signal
 import threading
@@ -142,15 +143,25 @@ class ProcessCore:
     Messages go out through a sender thread (a burst of adds must not block the event loop on
     a full pipe while the child is in a step); a reader thread hands back what comes in."""
 
-    def __init__(self, model: str | None, engine_kwargs: dict[str, Any], sink: CoreSink):
+    def __init__(
+        self,
+        model: str | None,
+        engine_kwargs: dict[str, Any],
+        sink: CoreSink,
+        *,
+        env: dict[str, str] | None = None,
+        name: str = "pagejax-engine-core",
+    ):
+        """`env`: variables the child sets before JAX starts (a data-parallel engine's
+        devices, `data_parallel_env`)."""
         ctx = multiprocessing.get_context("spawn")
         requests_recv, self._requests = ctx.Pipe(duplex=False)
         self._outputs, outputs_send = ctx.Pipe(duplex=False)
         self._process = ctx.Process(
             target=run_engine_process,
             args=(model, engine_kwargs, requests_recv, outputs_send,
-                  logging.getLogger("engine").getEffectiveLevel()),
-            name="pagejax-engine-core",
+                  logging.getLogger("engine").getEffectiveLevel(), env or {}),
+            name=name,
             daemon=True,
         )  # fmt: skip
         self._process.start()
@@ -161,6 +172,7 @@ class ProcessCore:
         self._dead = threading.Event()
         self.config: EngineConfig | None = None
         self.vocab_size = 0
+        self.platform = ""  # the child's JAX backend ("gpu", "tpu", "cpu")
         self._stats: SchedulerStats | None = None
 
     def wait_ready(self) -> None:
@@ -173,7 +185,7 @@ class ProcessCore:
         if message[0] == "failed":
             self._process.join(timeout=10)
             raise EngineStartError(message[1])
-        _, self.config, self.vocab_size, self._stats = message
+        _, self.config, self.vocab_size, self._stats, self.platform = message
 
     def start(self) -> None:
         for target, name in ((self._read, "reader"), (self._send, "sender")):
@@ -197,6 +209,11 @@ class ProcessCore:
             self._process.join(timeout=5)
         self._die("the engine was shut down")
         self._outbox.put(None)  # ends the sender
+
+    def terminate(self) -> None:
+        """Stop a child that was never `start`ed (another engine of the server failed)."""
+        self._process.terminate()
+        self._process.join(timeout=10)
 
     def _die(self, reason: str) -> None:
         if not self._dead.is_set():
@@ -238,10 +255,11 @@ class ProcessCore:
             self._process.terminate()
 
 
-def run_engine_process(model, engine_kwargs, requests, outputs, log_level) -> None:
-    """The child's main: build the engine, report ready, then loop: drain messages, step, send
-    the step's outputs with the scheduler's counts. Exits on "stop" or when the parent's end
-    of the pipe closes (the server died)."""
+def run_engine_process(model, engine_kwargs, requests, outputs, log_level, env) -> None:
+    """The child's main: set `env`, build the engine, report ready, then loop: drain messages,
+    step, send the step's outputs with the scheduler's counts. Exits on "stop" or when the
+    parent's end of the pipe closes (the server died)."""
+    os.environ.update(env)  # before JAX starts its backend, which reads them
     from models.tokenizer import block_torch_import
 
     block_torch_import()
@@ -259,7 +277,10 @@ def run_engine_process(model, engine_kwargs, requests, outputs, log_level) -> No
         logger.exception("the engine failed to start")
         outputs.send(("failed", f"{type(e).__name__}: {e}"))
         return
-    outputs.send(("ready", engine.config, engine.inputs.vocab_size, engine.scheduler.stats()))
+    import jax
+
+    stats = engine.scheduler.stats()
+    outputs.send(("ready", engine.config, engine.inputs.vocab_size, stats, jax.default_backend()))
     try:
         _serve(engine, requests, outputs)
     except (EOFError, OSError):  # the server went away

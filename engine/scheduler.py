@@ -87,6 +87,7 @@ class SchedulerStats:
     num_waiting: int
     num_preemptions: int  # since start
     num_cached_tokens: int  # prefix-cache hit tokens since start
+    num_aborted: int  # requests aborted since start (their clients went away)
     page_usage: float
 
 
@@ -122,6 +123,7 @@ class Scheduler:
         self._finished_ids: set[str] = set()  # since the last schedule()
         self.num_preemptions = 0
         self.num_cached_tokens = 0
+        self.num_aborted = 0
 
     def add_request(self, request: Request) -> None:
         """Queue a new request. Raises ValueError if it can never run, QueueFullError if full."""
@@ -179,6 +181,7 @@ class Scheduler:
             else:
                 self.waiting.remove(request)
             request.stop_reason = stop_reason
+            self.num_aborted += status == RequestStatus.FINISHED_ABORTED
             self._finish(request, status)
 
     def has_unfinished_requests(self) -> bool:
@@ -190,6 +193,7 @@ class Scheduler:
             num_waiting=len(self.waiting),
             num_preemptions=self.num_preemptions,
             num_cached_tokens=self.num_cached_tokens,
+            num_aborted=self.num_aborted,
             page_usage=self.allocator.usage,
         )
 

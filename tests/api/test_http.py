@@ -31,11 +31,14 @@ def _error(resp: httpx.Response, status: int) -> dict:
 
 
 def _parse_metrics(text: str) -> dict[str, float]:
-    """Samples without the model label: {'num_requests_running': 0.0, ...}."""
+    """Samples without the model label (and this one-engine server's engine="0"):
+    {'num_requests_running': 0.0, ...}."""
     out = {}
     for line in text.splitlines():
         m = re.match(
-            r'pagejax:(\w+)\{(?:finished_reason="(\w+)",)?model_name="[^"]+"\} (\S+)', line
+            r'pagejax:(\w+)\{(?:engine="0",)?(?:finished_reason="(\w+)",)?'
+            r'model_name="[^"]+"\} (\S+)',
+            line,
         )
         if m:
             out[m.group(1) + (f":{m.group(2)}" if m.group(2) else "")] = float(m.group(3))

@@ -83,3 +83,45 @@ def test_engine_process_start_failure_is_reported(tmp_path):
         AsyncEngine.in_process(
             str(tmp_path / "no-such-model"), {"skip_tokenizer_init": True, "max_model_len": 64}
         )
+
+
+@pytest.mark.parametrize(
+    ("visible", "rank", "per_engine", "want"),
+    [
+        (None, 0, 1, "0"),
+        (None, 1, 2, "2,3"),
+        ("4,5,6,7", 1, 2, "6,7"),
+        ("GPU-a,GPU-b", 1, 1, "GPU-b"),
+    ],
+)
+def test_each_data_parallel_engine_gets_its_own_gpus(visible, rank, per_engine, want):
+    from engine.async_engine import data_parallel_env
+
+    environ = {} if visible is None else {"CUDA_VISIBLE_DEVICES": visible}
+    assert data_parallel_env(rank, per_engine, environ) == {"CUDA_VISIBLE_DEVICES": want}
+
+
+def test_too_few_visible_gpus_for_data_parallelism_is_a_clear_error():
+    from engine.async_engine import data_parallel_env
+
+    with pytest.raises(ValueError, match="needs GPUs 4-5 of CUDA_VISIBLE_DEVICES='0,1,2,3'"):
+        data_parallel_env(2, 2, {"CUDA_VISIBLE_DEVICES": "0,1,2,3"})
+
+
+@pytest.mark.parametrize(
+    ("platforms", "error"),
+    [
+        (["gpu", "gpu"], None),
+        (["cpu"], None),
+        (["gpu", "cpu"], "engine 1 runs on cpu, engine 0 on gpu"),
+        (["tpu", "tpu"], "not built for TPUs"),
+    ],
+)
+def test_data_parallel_engines_must_share_a_platform(platforms, error):
+    from engine.async_engine import _check_platforms
+
+    if error is None:
+        _check_platforms(platforms)
+    else:
+        with pytest.raises(EngineStartError, match=error):
+            _check_platforms(platforms)

@@ -12,6 +12,7 @@ import textwrap
 from pathlib import Path
 
 import numpy as np
+import pytest
 
 from tests.hf_models import hf_greedy, write_checkpoint
 
@@ -92,7 +93,8 @@ DEATH_SCRIPT = textwrap.dedent(
         params = SamplingParams(temperature=0.0, max_tokens=100, ignore_eos=True)
         stream = engine.generate([5, 6, 7], params, "doomed")
         first = await anext(stream)
-        os.kill(engine._core._process.pid, signal.SIGKILL)  # the engine process crashes
+        # The engine process that runs it crashes (with two, the other lives on).
+        os.kill(engine._cores[engine._owner["doomed"]]._process.pid, signal.SIGKILL)
         try:
             async for _ in stream:
                 pass
@@ -111,7 +113,7 @@ DEATH_SCRIPT = textwrap.dedent(
         kwargs = dict(skip_tokenizer_init=True, max_num_seqs=4, max_num_batched_tokens=32,
                       max_model_len=128, token_buckets=(16, 32), num_pages=64, page_size=8,
                       dtype="float32", compilation_cache_dir=None)
-        engine = AsyncEngine.in_process(sys.argv[1], kwargs)
+        engine = AsyncEngine.in_process(sys.argv[1], kwargs, data_parallel_size=int(sys.argv[2]))
         tokens, in_flight, new = asyncio.run(run(engine))
         print(json.dumps({"tokens": tokens, "in_flight": in_flight, "new": new,
                           "alive": engine.is_alive}))
@@ -120,12 +122,14 @@ DEATH_SCRIPT = textwrap.dedent(
 )
 
 
-def test_engine_process_death_fails_requests_in_flight(tmp_path: Path) -> None:
+@pytest.mark.parametrize("data_parallel_size", [1, 2])
+def test_engine_process_death_fails_requests_in_flight(tmp_path: Path, data_parallel_size):
     """A crashed engine process: the stream in flight and any new request raise
-    EngineDeadError (the server answers 500 and /health 503) instead of hanging."""
+    EngineDeadError (the server answers 500 and /health 503) instead of hanging. With two
+    data-parallel engines, one crash takes the whole engine down."""
     folder = write_checkpoint("llama3", tmp_path / "model")
     proc = subprocess.run(
-        [sys.executable, "-c", DEATH_SCRIPT, str(folder)],
+        [sys.executable, "-c", DEATH_SCRIPT, str(folder), str(data_parallel_size)],
         capture_output=True,
         text=True,
         env={**os.environ, "JAX_PLATFORMS": "cpu"},
