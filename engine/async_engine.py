@@ -71,7 +71,7 @@ class AsyncEngine:
                     self,
                     env=env,
                     name=f"pagejax-engine-core-{r}",
-                )  # fmt: skip
+                )
                 for r, env in enumerate(envs)
             ]
         try:
@@ -80,9 +80,9 @@ class AsyncEngine:
                 from models.tokenizer import load_tokenizer
 
                 tokenizer = load_tokenizer(model)
-            for core in cores:
+            for rank, core in enumerate(cores):
                 core.wait_ready()
-            _check_platforms([core.platform for core in cores])
+                _check_platforms([c.platform for c in cores[: rank + 1]], len(cores))
         except BaseException:
             for core in cores:
                 core.terminate()
@@ -258,10 +258,11 @@ def _rank_kwargs(engine_kwargs: dict[str, Any], rank: int) -> dict[str, Any]:
     return kwargs
 
 
-def _check_platforms(platforms: list[str]) -> None:
-    """Every data-parallel engine must run where the first does: one left without a GPU
-    would fall back to the CPU. TPU hosts need settings per process that are not built."""
-    if len(platforms) > 1 and platforms[0] == "tpu":
+def _check_platforms(platforms: list[str], data_parallel_size: int) -> None:
+    """Every data-parallel engine (those ready so far) must run where the first does: one
+    left without a GPU would fall back to the CPU. TPU hosts need settings per process that
+    are not built."""
+    if data_parallel_size > 1 and platforms[0] == "tpu":
         raise EngineStartError("data parallelism is not built for TPUs: use one engine")
     for rank, platform in enumerate(platforms):
         if platform != platforms[0]:
