@@ -31,8 +31,8 @@ class _SchedulerCollector(Collector):
         ("num_preemptions", "Preemptions since start.", "num_preemptions", "counter"),
         ("prefix_cache_hits", "Prompt tokens found in the prefix cache.", "num_cached_tokens",
          "counter"),
-        ("num_requests_aborted", "Requests aborted since start (their clients went away).",
-         "num_aborted", "counter"),
+        ("num_requests_aborted", "Sequences aborted since start, as when a client goes away "
+         "(a request of n > 1 sequences counts n).", "num_aborted", "counter"),
     )  # fmt: skip
 
     def __init__(self, stats: Callable[[], Sequence[SchedulerStats]], model_name: str):

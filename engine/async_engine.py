@@ -17,7 +17,9 @@ import asyncio
 import contextlib
 import itertools
 import logging
+import multiprocessing.connection
 import os
+import threading
 from collections import defaultdict
 from collections.abc import AsyncIterator
 from pathlib import Path
@@ -60,29 +62,28 @@ class AsyncEngine:
             raise ValueError(f"data_parallel_size must be >= 1, got {data_parallel_size}")
         self = cls.__new__(cls)
         per_engine = engine_kwargs.get("tensor_parallel_size", 1)
-        if data_parallel_size == 1:
-            cores = [ProcessCore(model, engine_kwargs, self)]
-        else:  # every engine's devices are checked before any starts
-            envs = [data_parallel_env(r, per_engine) for r in range(data_parallel_size)]
-            cores = [
-                ProcessCore(
-                    model,
-                    _rank_kwargs(engine_kwargs, r),
-                    self,
-                    env=env,
-                    name=f"pagejax-engine-core-{r}",
-                )
-                for r, env in enumerate(envs)
-            ]
+        # Every engine's devices are checked before any starts.
+        envs = [data_parallel_env(r, per_engine) for r in range(data_parallel_size)]
+
+        def start(rank: int) -> ProcessCore:
+            if data_parallel_size == 1:
+                return ProcessCore(model, engine_kwargs, self)
+            kwargs = _rank_kwargs(engine_kwargs, rank)
+            name = f"pagejax-engine-core-{rank}"
+            return ProcessCore(model, kwargs, self, env=envs[rank], name=name)
+
+        cores = [start(0)]
         try:
             tokenizer = None
             if not engine_kwargs.get("skip_tokenizer_init"):
                 from models.tokenizer import load_tokenizer
 
                 tokenizer = load_tokenizer(model)
-            for rank, core in enumerate(cores):
-                core.wait_ready()
-                _check_platforms([c.platform for c in cores[: rank + 1]], len(cores))
+            if data_parallel_size > 1:  # engine 0's platform first: on a TPU, no others
+                cores[0].receive_startup()  # its platform: the child sends that first
+                _check_platforms({0: cores[0].platform}, data_parallel_size)
+                cores += [start(rank) for rank in range(1, data_parallel_size)]
+            _await_ready(cores)
         except BaseException:
             for core in cores:
                 core.terminate()
@@ -107,6 +108,7 @@ class AsyncEngine:
         self._error: BaseException | None = None
         self._owner: dict[str, int] = {}  # request id -> the engine (index) that runs it
         self._load = [0]  # requests in flight per engine
+        self._routing = threading.Lock()  # generate may run on several event loops
 
     # -- public -----------------------------------------------------------------------------
     async def generate(
@@ -131,9 +133,10 @@ class AsyncEngine:
         added = loop.create_future()
         self._queues[request_id] = (loop, out_queue)
         self._adding[request_id] = (loop, added)
-        rank = min(range(len(self._load)), key=self._load.__getitem__)  # the least busy
-        self._owner[request_id] = rank
-        self._load[rank] += 1
+        with self._routing:
+            rank = min(range(len(self._load)), key=self._load.__getitem__)  # the least busy
+            self._owner[request_id] = rank
+            self._load[rank] += 1
         self._cores[rank].post(("add", request_id, prompt, sampling_params, priority))
         if self._error is not None and not added.done():  # died meanwhile: nobody answers
             added.set_exception(EngineDeadError(str(self._error)))
@@ -142,8 +145,10 @@ class AsyncEngine:
         except BaseException as e:
             self._queues.pop(request_id, None)
             self._adding.pop(request_id, None)
-            if not isinstance(e, Exception):  # cancelled: the add may still land; messages
-                self.abort(request_id)  # are applied in order, so this abort comes after it
+            # Cancelled, or another engine died: the add may still land (on an engine that
+            # lives on). Messages are applied in order, so this abort comes after it.
+            if not isinstance(e, Exception) or isinstance(e, EngineDeadError):
+                self.abort(request_id)
             self._release(request_id)
             raise
         finished = False
@@ -196,13 +201,16 @@ class AsyncEngine:
         return [core.stats() for core in self._cores]
 
     def shutdown(self) -> None:
+        for core in self._cores:  # all at once, then wait for each
+            core.stop()
         for core in self._cores:
             core.shutdown()
 
     def _release(self, request_id: str) -> None:
-        rank = self._owner.pop(request_id, None)
-        if rank is not None:
-            self._load[rank] -= 1
+        with self._routing:
+            rank = self._owner.pop(request_id, None)
+            if rank is not None:
+                self._load[rank] -= 1
 
     # -- CoreSink: called from the core's thread ----------------------------------------------
     def added(self, request_id: str, error: BaseException | None) -> None:
@@ -232,9 +240,15 @@ def data_parallel_env(rank: int, per_engine: int, environ=os.environ) -> dict[st
     """The variables that give data-parallel engine `rank` its own GPUs: the rank-th group of
     `per_engine` (its tensor-parallel size) of the GPUs this process may use
     (`CUDA_VISIBLE_DEVICES`, else all). jax in each engine then sees only its own and takes
-    its memory pool on those alone. On the CPU every process has devices of its own anyway."""
+    its memory pool on those alone. None where the GPUs are hidden or JAX is kept off them:
+    on the CPU every process has devices of its own anyway."""
+    platforms = environ.get("JAX_PLATFORMS", "")
+    if platforms and not {"cuda", "gpu"} & set(platforms.split(",")):
+        return {}
     first = rank * per_engine
     visible = environ.get("CUDA_VISIBLE_DEVICES")
+    if visible is not None and visible.strip() in ("", "-1"):
+        return {}
     if visible is None:
         ids = [str(i) for i in range(first, first + per_engine)]
     else:
@@ -258,17 +272,31 @@ def _rank_kwargs(engine_kwargs: dict[str, Any], rank: int) -> dict[str, Any]:
     return kwargs
 
 
-def _check_platforms(platforms: list[str], data_parallel_size: int) -> None:
-    """Every data-parallel engine (those ready so far) must run where the first does: one
-    left without a GPU would fall back to the CPU. TPU hosts need settings per process that
-    are not built."""
-    if data_parallel_size > 1 and platforms[0] == "tpu":
+def _await_ready(cores: list[ProcessCore]) -> None:
+    """Take the engines' start-up messages as they come (a failure at once, not after the
+    others have compiled), checking each platform as it is named."""
+    pending = {core.startup_connection: core for core in cores if core.config is None}
+    while pending:
+        for connection in multiprocessing.connection.wait(list(pending)):
+            if pending[connection].receive_startup():
+                del pending[connection]
+            named = {rank: core.platform for rank, core in enumerate(cores) if core.platform}
+            _check_platforms(named, len(cores))
+
+
+def _check_platforms(platforms: dict[int, str], data_parallel_size: int) -> None:
+    """The data-parallel engines that have named their JAX platform (rank -> platform) must
+    all run on one: an engine left without a GPU would fall back to the CPU. TPU hosts need
+    settings per process that are not built."""
+    if data_parallel_size > 1 and "tpu" in platforms.values():
         raise EngineStartError("data parallelism is not built for TPUs: use one engine")
-    for rank, platform in enumerate(platforms):
-        if platform != platforms[0]:
+    first = min(platforms, default=None)
+    for rank, platform in platforms.items():
+        if platform != platforms[first]:
             raise EngineStartError(
-                f"data-parallel engine {rank} runs on {platform}, engine 0 on {platforms[0]}: "
-                "fewer devices than data_parallel_size x tensor_parallel_size?"
+                f"data-parallel engine {rank} runs on {platform}, engine {first} on "
+                f"{platforms[first]}: fewer devices than data_parallel_size x "
+                "tensor_parallel_size?"
             )
 
 

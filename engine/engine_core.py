@@ -104,9 +104,13 @@ class ThreadCore:
     def is_alive(self) -> bool:
         return self._thread.is_alive()
 
-    def shutdown(self) -> None:
+    def stop(self) -> None:
+        """Ask the loop to stop, without waiting (`shutdown` waits)."""
         self._stop.set()
         self._wake.set()
+
+    def shutdown(self) -> None:
+        self.stop()
         self._thread.join(timeout=10)
 
     def _loop(self) -> None:
@@ -174,10 +178,18 @@ class ProcessCore:
         self.vocab_size = 0
         self.platform = ""  # the child's JAX backend ("gpu", "tpu", "cpu")
         self._stats: SchedulerStats | None = None
+        self._stopping = False
 
-    def wait_ready(self) -> None:
-        """Block until the child has loaded and compiled; raise EngineStartError if it failed.
-        Then `start()` the message threads (once the sink can take reports)."""
+    @property
+    def startup_connection(self):
+        """What to `multiprocessing.connection.wait` on for `receive_startup`."""
+        return self._outputs
+
+    def receive_startup(self) -> bool:
+        """Take the child's next start-up message (blocking): its platform, sent as soon as
+        JAX is up (False), or ready, once it has loaded and compiled (True). Raise
+        EngineStartError if it failed. Once ready, `start()` the message threads (once the
+        sink can take reports)."""
         try:
             message = self._outputs.recv()
         except (EOFError, OSError):
@@ -185,7 +197,15 @@ class ProcessCore:
         if message[0] == "failed":
             self._process.join(timeout=10)
             raise EngineStartError(message[1])
-        _, self.config, self.vocab_size, self._stats, self.platform = message
+        if message[0] == "platform":
+            self.platform = message[1]
+            return False
+        _, self.config, self.vocab_size, self._stats = message
+        return True
+
+    def wait_ready(self) -> None:
+        while not self.receive_startup():
+            pass
 
     def start(self) -> None:
         for target, name in ((self._read, "reader"), (self._send, "sender")):
@@ -201,8 +221,14 @@ class ProcessCore:
     def is_alive(self) -> bool:
         return not self._dead.is_set() and self._process.is_alive()
 
+    def stop(self) -> None:
+        """Ask the child to stop, without waiting (`shutdown` waits)."""
+        if not self._stopping:
+            self._stopping = True
+            self.post(("stop",))
+
     def shutdown(self) -> None:
-        self.post(("stop",))
+        self.stop()
         self._process.join(timeout=10)
         if self._process.is_alive():
             self._process.terminate()
@@ -268,6 +294,10 @@ def run_engine_process(model, engine_kwargs, requests, outputs, log_level, env) 
     for name in ("engine", "models"):
         logging.getLogger(name).setLevel(log_level)
     try:
+        import jax
+
+        # Where JAX came up, at once: a data-parallel server checks it before the long load.
+        outputs.send(("platform", jax.default_backend()))
         from engine.llm import build_engine_config
         from engine.llm_engine import LLMEngine, freeze_heap
 
@@ -277,10 +307,7 @@ def run_engine_process(model, engine_kwargs, requests, outputs, log_level, env) 
         logger.exception("the engine failed to start")
         outputs.send(("failed", f"{type(e).__name__}: {e}"))
         return
-    import jax
-
-    stats = engine.scheduler.stats()
-    outputs.send(("ready", engine.config, engine.inputs.vocab_size, stats, jax.default_backend()))
+    outputs.send(("ready", engine.config, engine.inputs.vocab_size, engine.scheduler.stats()))
     try:
         _serve(engine, requests, outputs)
     except (EOFError, OSError):  # the server went away

@@ -87,7 +87,7 @@ class SchedulerStats:
     num_waiting: int
     num_preemptions: int  # since start
     num_cached_tokens: int  # prefix-cache hit tokens since start
-    num_aborted: int  # requests aborted since start (their clients went away)
+    num_aborted: int  # sequences aborted since start (a client gone, a sibling failed)
     page_usage: float
 
 

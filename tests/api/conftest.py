@@ -65,6 +65,15 @@ def serve_command(model_dir: Path, cache_dir: Path) -> list[str]:
     ]  # fmt: skip
 
 
+@pytest.fixture(scope="module")
+def offline_llm(model_dir):
+    """The served model as the offline `LLM` on one device: what a split or replicated server
+    must answer, token for token."""
+    from engine import LLM
+
+    return LLM(str(model_dir), compilation_cache_dir=None, **ENGINE_SETTINGS)
+
+
 @pytest.fixture(scope="session")
 def server(model_dir, tmp_path_factory):
     cache_dir = tmp_path_factory.mktemp("xla_cache")

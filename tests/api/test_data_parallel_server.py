@@ -12,7 +12,7 @@ import httpx
 import openai
 import pytest
 
-from tests.api.conftest import API_KEY, ENGINE_SETTINGS, MODEL, run_server, serve_command
+from tests.api.conftest import API_KEY, MODEL, run_server, serve_command
 
 PROMPT = "The capital of France is"
 MESSAGES = [{"role": "user", "content": "Name a colour."}]
@@ -29,44 +29,17 @@ def dp_server(model_dir, tmp_path_factory):
         yield server
 
 
-@pytest.fixture(scope="module")
-def client(dp_server) -> openai.OpenAI:
-    return openai.OpenAI(base_url=dp_server.base_url + "/v1", api_key=API_KEY, max_retries=0)
-
-
-@pytest.fixture(scope="module")
-def offline(model_dir):
-    from engine import LLM
-
-    return LLM(str(model_dir), compilation_cache_dir=None, **ENGINE_SETTINGS)
-
-
-def test_two_engines_answer_as_one(dp_server, client, offline):
-    from engine import SamplingParams
-
-    assert any("2 data-parallel engine processes" in line for line in dp_server.log)
-    for _ in range(2):  # the first goes to engine 0; done by then, the second goes there too
-        got = client.completions.create(model=MODEL, prompt=PROMPT, max_tokens=16, temperature=0)
-        want = offline.generate(PROMPT, SamplingParams(temperature=0, max_tokens=16))
-        assert got.choices[0].text == want[0].outputs[0].text != ""
-    chat = client.chat.completions.create(
-        model=MODEL, messages=MESSAGES, max_completion_tokens=12, temperature=0
-    )
-    want = offline.chat(MESSAGES, SamplingParams(temperature=0, max_tokens=12))
-    assert chat.choices[0].message.content == want[0].outputs[0].text != ""
+HEADERS = {"Authorization": f"Bearer {API_KEY}"}
+LONG = {"model": MODEL, "prompt": "x", "max_tokens": 240, "ignore_eos": True, "stream": True}
 
 
 def _per_engine(text: str) -> dict[tuple[str, str], float]:
-    """{(name, engine): value} of the engines' gauges in a /metrics page, and ("finished
-    length", "") for the requests that ran to their length limit."""
-    out = {("finished length", ""): 0.0}
+    """{(name, engine): value} of the engines' samples in a /metrics page."""
+    out = {}
     for line in text.splitlines():
         m = re.match(r'pagejax:(\w+)\{engine="(\d+)",model_name="[^"]+"\} (\S+)', line)
         if m:
             out[m.group(1), m.group(2)] = float(m.group(3))
-        m = re.match(r'pagejax:request_success_total\{finished_reason="length",\S+ (\S+)', line)
-        if m:
-            out["finished length", ""] = float(m.group(1))
     return out
 
 
@@ -74,41 +47,86 @@ def _count(metrics: dict[tuple[str, str], float], name: str) -> float:
     return sum(v for (n, _), v in metrics.items() if n == name)
 
 
+async def _stream(http: httpx.AsyncClient, body: dict) -> None:
+    async with http.stream("POST", "/v1/completions", json=body) as resp:
+        await resp.aread()
+
+
+async def _wait_for(http: httpx.AsyncClient, check) -> dict[tuple[str, str], float]:
+    """The first /metrics snapshot that passes `check` (the last one after 60 s)."""
+    deadline = time.monotonic() + 60
+    while True:
+        m = _per_engine((await http.get("/metrics")).text)
+        if check(m) or time.monotonic() > deadline:
+            return m
+        await asyncio.sleep(0.01)
+
+
+def test_two_engines_answer_as_one(dp_server, offline_llm):
+    """With a long stream holding engine 0, the next requests go to engine 1 (the routing the
+    next test checks); with it gone, to engine 0. Each engine answers as the one-device
+    `LLM`."""
+    from engine import SamplingParams
+
+    assert any("2 data-parallel engine processes" in line for line in dp_server.log)
+    want = offline_llm.generate(PROMPT, SamplingParams(temperature=0, max_tokens=16))
+    want = want[0].outputs[0].text
+    want_chat = offline_llm.chat(MESSAGES, SamplingParams(temperature=0, max_tokens=12))
+    want_chat = want_chat[0].outputs[0].text
+    assert want and want_chat
+
+    async def scenario():
+        url = dp_server.base_url + "/v1"
+        async with (
+            openai.AsyncOpenAI(base_url=url, api_key=API_KEY, max_retries=0) as client,
+            httpx.AsyncClient(base_url=dp_server.base_url, headers=HEADERS, timeout=120) as http,
+        ):
+
+            async def answers():
+                text = await client.completions.create(
+                    model=MODEL, prompt=PROMPT, max_tokens=16, temperature=0
+                )
+                chat = await client.chat.completions.create(
+                    model=MODEL, messages=MESSAGES, max_completion_tokens=12, temperature=0
+                )
+                return text.choices[0].text, chat.choices[0].message.content
+
+            hold = asyncio.create_task(_stream(http, LONG))
+            busy = await _wait_for(http, lambda m: m.get(("num_requests_running", "0")) == 1)
+            on_engine_1 = await answers()
+            hold.cancel()
+            await asyncio.gather(hold, return_exceptions=True)
+            idle = await _wait_for(http, lambda m: _count(m, "num_requests_running") == 0)
+            on_engine_0 = await answers()
+            return busy, idle, on_engine_1, on_engine_0
+
+    busy, idle, on_engine_1, on_engine_0 = asyncio.run(scenario())
+    assert busy["num_requests_running", "0"] == 1 and busy["num_requests_running", "1"] == 0
+    assert _count(idle, "num_requests_running") == 0
+    assert on_engine_1 == on_engine_0 == (want, want_chat)
+
+
 def test_concurrent_requests_spread_over_the_engines_and_aborts_free_both(dp_server):
     """Four long streams at once: two run on each engine. Dropping them aborts each on its own
     engine (both caches back to empty). Each engine traces its steps to a file of its own."""
-    long = {"model": MODEL, "prompt": "x", "max_tokens": 240, "ignore_eos": True, "stream": True}
-    headers = {"Authorization": f"Bearer {API_KEY}"}
 
     async def scenario():
         async with httpx.AsyncClient(
-            base_url=dp_server.base_url, headers=headers, timeout=120
+            base_url=dp_server.base_url, headers=HEADERS, timeout=120
         ) as http:
-
-            async def one():
-                async with http.stream("POST", "/v1/completions", json=long) as resp:
-                    await resp.aread()
-
-            async def wait_for(check):
-                deadline = time.monotonic() + 60
-                while True:
-                    m = _per_engine((await http.get("/metrics")).text)
-                    if check(m) or time.monotonic() > deadline:
-                        return m
-                    await asyncio.sleep(0.01)
-
-            before = await wait_for(lambda m: True)
-            tasks = [asyncio.create_task(one()) for _ in range(4)]
-            full = await wait_for(lambda m: _count(m, "num_requests_running") == 4)
+            before = await _wait_for(http, lambda m: True)
+            tasks = [asyncio.create_task(_stream(http, LONG)) for _ in range(4)]
+            full = await _wait_for(http, lambda m: _count(m, "num_requests_running") == 4)
             for t in tasks:
                 t.cancel()
             await asyncio.gather(*tasks, return_exceptions=True)
-            after = await wait_for(
+            after = await _wait_for(
+                http,
                 lambda m: (
                     _count(m, "num_requests_running") + _count(m, "num_requests_waiting")
                     == _count(m, "kv_cache_usage_perc")
                     == 0
-                )
+                ),
             )
             return before, full, after
 
@@ -119,7 +137,6 @@ def test_concurrent_requests_spread_over_the_engines_and_aborts_free_both(dp_ser
         assert after["num_requests_running", engine] == 0, after
         assert after["kv_cache_usage_perc", engine] == 0.0, after
     # Aborted, each on its own engine, not run to the end.
-    assert after["finished length", ""] == before["finished length", ""]
     for engine in "01":
         aborted = "num_requests_aborted_total", engine
         assert after[aborted] - before[aborted] == 2, (before, after)

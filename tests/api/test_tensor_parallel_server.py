@@ -9,7 +9,7 @@ import os
 import openai
 import pytest
 
-from tests.api.conftest import API_KEY, ENGINE_SETTINGS, MODEL, run_server, serve_command
+from tests.api.conftest import API_KEY, MODEL, run_server, serve_command
 
 PROMPT = "The capital of France is"
 MESSAGES = [{"role": "user", "content": "Name a colour."}]
@@ -33,29 +33,22 @@ def client(tp_server) -> openai.OpenAI:
     return openai.OpenAI(base_url=tp_server.base_url + "/v1", api_key=API_KEY, max_retries=0)
 
 
-@pytest.fixture(scope="module")
-def offline(model_dir):
-    from engine import LLM
-
-    return LLM(str(model_dir), compilation_cache_dir=None, **ENGINE_SETTINGS)
-
-
-def test_split_server_completes_as_one_device(tp_server, client, offline):
+def test_split_server_completes_as_one_device(tp_server, client, offline_llm):
     from engine import SamplingParams
 
     assert any("tensor parallel: split over 2 devices" in line for line in tp_server.log)
 
     got = client.completions.create(model=MODEL, prompt=PROMPT, max_tokens=16, temperature=0)
-    want = offline.generate(PROMPT, SamplingParams(temperature=0, max_tokens=16))
+    want = offline_llm.generate(PROMPT, SamplingParams(temperature=0, max_tokens=16))
     assert got.choices[0].text == want[0].outputs[0].text != ""
     assert got.usage.completion_tokens == len(want[0].outputs[0].token_ids)
 
 
-def test_split_server_chats_as_one_device(client, offline):
+def test_split_server_chats_as_one_device(client, offline_llm):
     from engine import SamplingParams
 
     got = client.chat.completions.create(
         model=MODEL, messages=MESSAGES, max_completion_tokens=12, temperature=0
     )
-    want = offline.chat(MESSAGES, SamplingParams(temperature=0, max_tokens=12))
+    want = offline_llm.chat(MESSAGES, SamplingParams(temperature=0, max_tokens=12))
     assert got.choices[0].message.content == want[0].outputs[0].text != ""

@@ -111,18 +111,34 @@ def test_too_few_visible_gpus_for_data_parallelism_is_a_clear_error():
 @pytest.mark.parametrize(
     ("platforms", "error"),
     [
-        (["gpu", "gpu"], None),
-        (["cpu"], None),
-        (["gpu", "cpu"], "engine 1 runs on cpu, engine 0 on gpu"),
-        (["tpu"], "not built for TPUs"),  # said once the first is up, before the next
+        ({0: "gpu", 1: "gpu"}, None),
+        ({1: "gpu"}, None),  # engine 1 named its platform first
+        ({0: "gpu", 1: "cpu"}, "engine 1 runs on cpu, engine 0 on gpu"),
+        ({1: "cpu", 2: "gpu"}, "engine 2 runs on gpu, engine 1 on cpu"),
+        ({0: "tpu"}, "not built for TPUs"),  # said as soon as engine 0 names it
     ],
 )
 def test_data_parallel_engines_must_share_a_platform(platforms, error):
     from engine.async_engine import _check_platforms
 
     if error is None:
-        _check_platforms(platforms, 2)
+        _check_platforms(platforms, 3)
     else:
         with pytest.raises(EngineStartError, match=error):
-            _check_platforms(platforms, 2)
-    _check_platforms(["tpu"], 1)  # one engine runs anywhere
+            _check_platforms(platforms, 3)
+    _check_platforms({0: "tpu"}, 1)  # one engine runs anywhere
+
+
+@pytest.mark.parametrize(
+    "environ",
+    [
+        {"JAX_PLATFORMS": "cpu"},
+        {"CUDA_VISIBLE_DEVICES": ""},
+        {"CUDA_VISIBLE_DEVICES": "-1", "JAX_PLATFORMS": "cuda,cpu"},
+    ],
+)
+def test_data_parallel_engines_off_the_gpus_keep_their_environment(environ):
+    """GPUs hidden, or JAX kept off them: nothing to hand out (and no error)."""
+    from engine.async_engine import data_parallel_env
+
+    assert data_parallel_env(3, 2, environ) == {}
