@@ -203,10 +203,6 @@ class ProcessCore:
         _, self.config, self.vocab_size, self._stats = message
         return True
 
-    def wait_ready(self) -> None:
-        while not self.receive_startup():
-            pass
-
     def start(self) -> None:
         for target, name in ((self._read, "reader"), (self._send, "sender")):
             threading.Thread(target=target, name=f"pagejax-core-{name}", daemon=True).start()
