@@ -51,7 +51,7 @@ class _SchedulerCollector(Collector):
 
 class Metrics:
     """Request counters and latency histograms, plus each engine's gauges at scrape time
-    (`stats`: `AsyncEngine.stats_per_engine`)."""
+    (`stats`: `AsyncEngine.stats`)."""
 
     def __init__(self, stats: Callable[[], Sequence[SchedulerStats]], model_name: str):
         self.registry = CollectorRegistry()

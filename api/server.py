@@ -122,7 +122,7 @@ def _version() -> str:
 
 def build_app(engine: AsyncEngine, config: ServerConfig) -> Starlette:
     """The OpenAI-compatible app around a started engine."""
-    metrics = Metrics(engine.stats_per_engine, config.served_model_names[0])
+    metrics = Metrics(engine.stats, config.served_model_names[0])
     serving = OpenAIServing(engine, config, metrics)
 
     async def models(request: Request) -> Response:

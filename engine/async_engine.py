@@ -62,8 +62,8 @@ class AsyncEngine:
             raise ValueError(f"data_parallel_size must be >= 1, got {data_parallel_size}")
         self = cls.__new__(cls)
         per_engine = engine_kwargs.get("tensor_parallel_size", 1)
-        # Every engine's devices are checked before any starts.
-        envs = [data_parallel_env(r, per_engine) for r in range(data_parallel_size)]
+        if data_parallel_size > 1:  # every engine's devices are checked before any starts
+            envs = [data_parallel_env(r, per_engine) for r in range(data_parallel_size)]
 
         def start(rank: int) -> ProcessCore:
             if data_parallel_size == 1:
@@ -181,23 +181,9 @@ class AsyncEngine:
         if rank is not None:  # else finished already, or never added
             self._cores[rank].post(("abort", request_id))
 
-    def stats(self) -> SchedulerStats:
-        """Running/waiting counts and KV-cache usage as of the latest step, summed over the
-        engines (page usage: their mean)."""
-        each = self.stats_per_engine()
-        if len(each) == 1:
-            return each[0]
-        return SchedulerStats(
-            num_running=sum(s.num_running for s in each),
-            num_waiting=sum(s.num_waiting for s in each),
-            num_preemptions=sum(s.num_preemptions for s in each),
-            num_cached_tokens=sum(s.num_cached_tokens for s in each),
-            num_aborted=sum(s.num_aborted for s in each),
-            page_usage=sum(s.page_usage for s in each) / len(each),
-        )
-
-    def stats_per_engine(self) -> list[SchedulerStats]:
-        """`stats()` of each engine, in data-parallel rank order (for metrics)."""
+    def stats(self) -> list[SchedulerStats]:
+        """Each engine's running/waiting counts and KV-cache usage as of its latest step, in
+        data-parallel rank order (for metrics)."""
         return [core.stats() for core in self._cores]
 
     def shutdown(self) -> None:
@@ -245,10 +231,10 @@ def data_parallel_env(rank: int, per_engine: int, environ=os.environ) -> dict[st
     platforms = environ.get("JAX_PLATFORMS", "")
     if platforms and not {"cuda", "gpu"} & set(platforms.split(",")):
         return {}
-    first = rank * per_engine
     visible = environ.get("CUDA_VISIBLE_DEVICES")
     if visible is not None and visible.strip() in ("", "-1"):
         return {}
+    first = rank * per_engine
     if visible is None:
         ids = [str(i) for i in range(first, first + per_engine)]
     else:

@@ -56,7 +56,7 @@ def _stand_in_engine(tokenizer, generate=None):
         inputs=types.SimpleNamespace(
             tokenize=lambda prompt: (prompt, [1, 2, 3]), validate=lambda ids, params: None
         ),
-        stats_per_engine=lambda: [],
+        stats=lambda: [],
         generate=generate,
         abort=lambda request_id: None,
         is_alive=True,

@@ -57,7 +57,7 @@ def test_abort_from_another_task_ends_the_stream(engine):
 
     last = asyncio.run(asyncio.wait_for(scenario(), timeout=60))
     assert last.finished and last.outputs[0].finish_reason == "abort"
-    assert engine.stats().num_running == 0 and engine.stats().page_usage == 0.0
+    assert engine.stats()[0].num_running == 0 and engine.stats()[0].page_usage == 0.0
 
 
 def test_shutdown_fails_new_requests(tmp_path):

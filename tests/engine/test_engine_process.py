@@ -49,7 +49,7 @@ SCRIPT = textwrap.dedent(
                       dtype="float32", compilation_cache_dir=None)
         engine = AsyncEngine.in_process(folder, kwargs)
         greedy, bad = asyncio.run(run(engine, prompts))
-        stats = engine.stats()
+        stats = engine.stats()[0]
         engine.shutdown()
         from jax._src import xla_bridge
         print(json.dumps({
