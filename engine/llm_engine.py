@@ -252,10 +252,14 @@ class StepTrace:
     prefix-cache hit) or ends, sampling its first token (`prompt_ends`), in step N + 1: they
     tie a client's requests to their steps (scripts/step_trace_summary.py --ttft). A request
     recomputed after preemption, and the `n` samples of one request, repeat an arrival: the
-    first occurrence is the prompt's."""
+    first occurrence is the prompt's. The file is flushed when the engine idles and at least
+    once a second of steps, so a reader sees a busy run's steps as it goes."""
+
+    FLUSH_EVERY_S = 1.0
 
     def __init__(self, path: str):
         self._file = open(path, "a", buffering=1 << 16)  # noqa: SIM115 - open for the run
+        self._flushed = time.perf_counter()
         atexit.register(self._file.flush)
 
     def record(
@@ -292,8 +296,10 @@ class StepTrace:
             "prompt_ends": ends,
         }
         self._file.write(json.dumps(line) + "\n")
-        if n == 0:  # idle: a good moment to make the file readable
+        # Idle is a good moment to make the file readable; a busy run flushes now and then.
+        if n == 0 or t0 - self._flushed >= self.FLUSH_EVERY_S:
             self._file.flush()
+            self._flushed = t0
 
 
 def freeze_heap() -> None:

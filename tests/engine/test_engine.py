@@ -4,13 +4,16 @@ from __future__ import annotations
 
 import functools
 import json
+import time
 
 import jax
 import numpy as np
 import pytest
 
 from engine import LLM, SamplingParams
+from engine.llm_engine import StepTrace
 from engine.outputs import OutputKind, merge_deltas
+from engine.types import SchedulerOutput
 from tests.hf_models import hf_greedy, write_checkpoint
 
 ENGINE_ARGS = dict(
@@ -212,6 +215,20 @@ def test_step_trace_names_prompts_that_hit_the_prefix_cache(folder, cache_dir, p
     ends = [a for line in lines for a in line["prompt_ends"]]
     assert [a for a, _ in starts] == ends and len(ends) == 2 and ends[0] < ends[1]
     assert lines[starts[1][1]]["prefill_tokens"] == len(prompts[10]) - 80
+
+
+def test_step_trace_is_readable_during_a_busy_run(tmp_path):
+    """A run that never idles still shows its steps within a second or so: the trace flushes
+    at least once a second of steps, not only when the engine idles or exits."""
+    path = tmp_path / "steps.jsonl"
+    trace = StepTrace(str(path))
+    busy = SchedulerOutput(requests=(), num_batched_tokens=16)
+    t = time.perf_counter()
+    for k in range(3):  # 3 steps within the first second: nothing readable yet
+        trace.record(busy, 16, (t + 0.1 * k, *[t + 0.1 * k] * 4), 0, {})
+    assert path.read_text() == ""
+    trace.record(busy, 16, (t + 1.1, *[t + 1.1] * 4), 0, {})
+    assert len(path.read_text().splitlines()) == 4
 
 
 def test_min_tokens_and_eos(llm, folder, prompts):
