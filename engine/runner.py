@@ -15,6 +15,7 @@ heads; the row state, the step's inputs, the logits and the sampler are whole on
 from __future__ import annotations
 
 import concurrent.futures
+import contextlib
 import functools
 import logging
 import os
@@ -30,6 +31,7 @@ from jax.sharding import PartitionSpec
 from tqdm import tqdm
 
 import sharding
+from engine import watchdog
 from engine.config import EngineConfig, bucket_ladder
 from engine.executable_cache import ExecutableCache
 from engine.row_state import RowState, set_row_fn
@@ -154,6 +156,14 @@ class ModelRunner:
             else None
         )
         self._row_writes: list[concurrent.futures.Future] = []  # handed over since a step
+        # A device of an accelerator mesh that fails leaves the host waiting on the others
+        # for ever: end the process instead (`engine.watchdog`).
+        timeout = watchdog.timeout_from_env()
+        self._watchdog = (
+            watchdog.Watchdog(timeout)
+            if self.mesh is not None and jax.default_backend() != "cpu" and timeout > 0
+            else None
+        )
         self.scratch_row = self.max_num_seqs
         self._free_rows = list(range(self.max_num_seqs - 1, -1, -1))
         self._rows: dict[str, int] = {}
@@ -409,14 +419,21 @@ class ModelRunner:
                 seeds=[],
                 scratch_row=self.scratch_row,
             )
-            self.kv_caches, self.rows_state, logits, hidden = forward(
-                self.params, self.kv_caches, self.rows_state, bufs.model
-            )
-            for variant in (GREEDY, SAMPLE, FULL):
-                sampler = self._sampler[layout.num_requests, variant]
-                self.rows_state, _ = sampler(self.rows_state, logits, bufs.sample)
-            self._prompt_lp[layout.num_tokens](self.params, hidden, bufs.next_token_ids)
-        jax.block_until_ready(self.kv_caches)
+            with self._guard(f"the warm-up of {layout}"):
+                self.kv_caches, self.rows_state, logits, hidden = forward(
+                    self.params, self.kv_caches, self.rows_state, bufs.model
+                )
+                for variant in (GREEDY, SAMPLE, FULL):
+                    sampler = self._sampler[layout.num_requests, variant]
+                    self.rows_state, _ = sampler(self.rows_state, logits, bufs.sample)
+                self._prompt_lp[layout.num_tokens](self.params, hidden, bufs.next_token_ids)
+        with self._guard("the warm-up"):
+            jax.block_until_ready(self.kv_caches)
+
+    def _guard(self, what: str) -> contextlib.AbstractContextManager:
+        """Ends the process if the calls inside do not return in time, on an accelerator mesh
+        (`engine.watchdog`); elsewhere nothing."""
+        return contextlib.nullcontext() if self._watchdog is None else self._watchdog.guard(what)
 
     # -- per-request rows -------------------------------------------------------------------
     def _release(self, request_ids) -> None:
@@ -521,6 +538,10 @@ class ModelRunner:
 
     def collect(self, sched: SchedulerOutput, dispatched: Dispatched | Launched) -> StepOutput:
         """Wait for a dispatched step; only sampled ids (and asked-for logprobs) come back."""
+        with self._guard(f"a step of {sched.num_batched_tokens} tokens"):
+            return self._collect(sched, dispatched)
+
+    def _collect(self, sched: SchedulerOutput, dispatched: Dispatched | Launched) -> StepOutput:
         if isinstance(dispatched, Launched):
             dispatched = dispatched.future.result()  # also raises what the launch raised
         result = dispatched.sampled

@@ -2,9 +2,11 @@
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import json
 import time
+from types import SimpleNamespace
 
 import jax
 import numpy as np
@@ -229,6 +231,26 @@ def test_step_trace_is_readable_during_a_busy_run(tmp_path):
     assert path.read_text() == ""
     trace.record(busy, 16, (t + 1.1, *[t + 1.1] * 4), 0, {})
     assert len(path.read_text().splitlines()) == 4
+
+
+def test_the_runner_guards_its_wait_for_every_step(llm, prompts):
+    """The runner waits for each step inside its watchdog's guard (`engine.watchdog`, on an
+    accelerator mesh, where a failed device leaves the rest waiting for ever): one guarded wait
+    per step, whose tokens add up to the prompt (less its cached prefix) and every output token
+    but the last.
+    (test_watchdog.py shows that a guarded call past its deadline ends the process.)"""
+    runner = llm.engine.runner
+    guarded = []
+    runner._watchdog = SimpleNamespace(
+        guard=lambda what: guarded.append(what) or contextlib.nullcontext()
+    )
+    try:
+        result = llm.generate({"prompt_token_ids": prompts[7]}, GREEDY)[0]
+    finally:
+        runner._watchdog = None
+    tokens = [int(what.removeprefix("a step of ").removesuffix(" tokens")) for what in guarded]
+    computed = len(prompts[7]) - result.num_cached_tokens  # earlier tests cached some of it
+    assert sum(tokens) == computed + len(result.outputs[0].token_ids) - 1 and len(tokens) > 1
 
 
 def test_min_tokens_and_eos(llm, folder, prompts):
