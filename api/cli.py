@@ -154,14 +154,28 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
-def gpu_pool_fraction(tensor_parallel_size: int) -> str:
-    """The share of each GPU that jax's memory pool takes (`XLA_PYTHON_CLIENT_MEM_FRACTION`,
-    unless set). jax takes 75 % unless told otherwise, and the KV cache is sized from the pool
-    (`--gpu-memory-utilization` of it), so one device gets 92 %. Split over several, XLA needs
-    more memory outside the pool: on two H100s it grew by 6.3 GiB a device while the 8B model's
-    44 executables first ran, and at 92 % the warm-up ran out of memory
-    (docs/BENCHMARKS.md, twenty-fourth session)."""
-    return "0.92" if tensor_parallel_size <= 1 else "0.85"
+# The share of each GPU that jax's memory pool takes (`XLA_PYTHON_CLIENT_MEM_FRACTION`). jax
+# takes 75 % unless told otherwise, and the KV cache is sized from the pool
+# (`--gpu-memory-utilization` of it). Outside it: CUDA's context (0.5 GiB) and, split over
+# several GPUs, NCCL's buffers (1.0 GiB a device for the 8B model on two).
+GPU_POOL_FRACTION = "0.92"
+# Split, every all-reduce goes through NCCL: XLA's own one-shot all-reduce kernel (its default
+# for small ones) keeps scratch memory outside the pool for each all-reduce of every
+# executable, 5.3 GiB a device for the 8B model's 44 executables on two GPUs, and ran two
+# H100s out of memory at a 92 % pool. Batch 1 and 64 ran as fast either way, within the
+# spread between runs (docs/BENCHMARKS.md, twenty-fourth and twenty-fifth sessions). XLA reads
+# it from XLA_FLAGS only: given per executable (compile options) it kept the scratch.
+NCCL_ALL_REDUCE_FLAG = "--xla_gpu_unsupported_use_all_reduce_one_shot_kernel=false"
+
+
+def set_jax_env(tensor_parallel_size: int) -> None:
+    """What the `pagejax` command sets before jax starts its GPU client, which reads it: the
+    pool's share of each GPU, and for a split model the all-reduces through NCCL. A value the
+    user set is kept."""
+    os.environ.setdefault("XLA_PYTHON_CLIENT_MEM_FRACTION", GPU_POOL_FRACTION)
+    flags = os.environ.get("XLA_FLAGS", "")
+    if tensor_parallel_size > 1 and "all_reduce_one_shot_kernel" not in flags:
+        os.environ["XLA_FLAGS"] = f"{flags} {NCCL_ALL_REDUCE_FLAG}".strip()
 
 
 def main(argv: list[str] | None = None, *, owns_process: bool = False) -> int:
@@ -169,9 +183,8 @@ def main(argv: list[str] | None = None, *, owns_process: bool = False) -> int:
     command), so the benchmarks may freeze its heap after start-up (`freeze_heap`)."""
     args = build_parser().parse_args(argv)
     args.owns_process = owns_process
-    if owns_process:  # before jax starts its GPU client, which reads it
-        tp = getattr(args, "tensor_parallel_size", 1)
-        os.environ.setdefault("XLA_PYTHON_CLIENT_MEM_FRACTION", gpu_pool_fraction(tp))
+    if owns_process:
+        set_jax_env(getattr(args, "tensor_parallel_size", 1))
     logging.basicConfig(
         level=args.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s"
     )
@@ -190,7 +203,7 @@ def main(argv: list[str] | None = None, *, owns_process: bool = False) -> int:
 def entry() -> int:
     """The `pagejax` command (and `python -m api.cli`): `main` in a process that blocks torch,
     which no command uses but transformers imports for any tokenizer when it is installed
-    (10 s with CUDA's libraries), and whose jax takes most of the GPU (`gpu_pool_fraction`).
+    (10 s with CUDA's libraries), and whose jax takes most of the GPU (`set_jax_env`).
     Callers of `main` in their own process keep their torch and their jax settings."""
     from models.tokenizer import block_torch_import
 

@@ -53,25 +53,35 @@ def test_generate_reports_a_bad_model_path(tmp_path):
     assert "does not exist" in out.stderr and "Traceback" not in out.stderr
 
 
+NCCL = "--xla_gpu_unsupported_use_all_reduce_one_shot_kernel=false"
+
+
 @pytest.mark.parametrize(
-    ("flags", "preset", "want"),
-    [([], None, "0.92"), (["-tp", "2"], None, "0.85"), (["-tp", "2"], "0.5", "0.5")],
+    ("flags", "preset", "xla_flags", "want", "want_xla_flags"),
+    [
+        ([], None, None, "0.92", None),
+        (["-tp", "2"], None, None, "0.92", NCCL),
+        (["-tp", "2"], "0.5", "--xla_dump_to=/tmp/d", "0.5", f"--xla_dump_to=/tmp/d {NCCL}"),
+        (["-tp", "2"], None, NCCL.replace("false", "true"), "0.92", NCCL.replace("false", "true")),
+    ],
 )
-def test_the_command_sizes_jax_gpu_pool_by_tensor_parallel_size(
-    flags, preset, want, monkeypatch, tmp_path
+def test_the_command_sets_jax_gpu_pool_and_split_all_reduces(
+    flags, preset, xla_flags, want, want_xla_flags, monkeypatch, tmp_path
 ):
-    """The `pagejax` command sets jax's GPU pool before any device is touched: 92 % of one
-    device, 85 % of each of several (XLA needs more outside the pool there); a value the user
-    set is kept."""
+    """The `pagejax` command sets jax's GPU pool before any device is touched, 92 % of each
+    device, and split over several, all-reduces through NCCL (XLA_FLAGS); what the user set is
+    kept, and their other XLA flags too."""
     from api.cli import main
 
-    if preset is None:
-        monkeypatch.delenv("XLA_PYTHON_CLIENT_MEM_FRACTION", raising=False)
-    else:
-        monkeypatch.setenv("XLA_PYTHON_CLIENT_MEM_FRACTION", preset)
+    for name, value in (("XLA_PYTHON_CLIENT_MEM_FRACTION", preset), ("XLA_FLAGS", xla_flags)):
+        if value is None:
+            monkeypatch.delenv(name, raising=False)
+        else:
+            monkeypatch.setenv(name, value)
     argv = ["generate", "hi", "--model", str(tmp_path / "nope"), *flags]
     assert main(argv, owns_process=True) == 2  # the missing model, after the pool is set
     assert os.environ["XLA_PYTHON_CLIENT_MEM_FRACTION"] == want
+    assert os.environ.get("XLA_FLAGS") == want_xla_flags
 
 
 def test_scheduler_flags_reach_the_engine_config():
