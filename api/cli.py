@@ -63,6 +63,18 @@ def add_engine_args(p: argparse.ArgumentParser) -> None:
     )
 
 
+def mesh_timeout(value: str) -> float | None:
+    """PAGEJAX_MESH_TIMEOUT_S: seconds a call on an accelerator mesh may take before the
+    process ends (`engine.watchdog`); 0 = no limit, "" = the engine's default (None)."""
+    if not value:
+        return None
+    try:
+        return float(value)
+    except ValueError:
+        msg = f"PAGEJAX_MESH_TIMEOUT_S must be a number of seconds, not {value!r}"
+        raise ValueError(msg) from None
+
+
 def engine_kwargs(args: argparse.Namespace) -> dict:
     kw = dict(
         dtype=args.dtype,
@@ -86,6 +98,7 @@ def engine_kwargs(args: argparse.Namespace) -> dict:
     if args.compilation_cache_dir is not None:
         kw["compilation_cache_dir"] = args.compilation_cache_dir
     kw["step_trace_path"] = os.environ.get("PAGEJAX_STEP_TRACE")  # one JSON line per step
+    kw["mesh_timeout_s"] = mesh_timeout(os.environ.get("PAGEJAX_MESH_TIMEOUT_S", ""))
     kw = {k: v for k, v in kw.items() if v is not None}
     # None is a setting here (XLA's own GEMM choice), not "unset".
     kw["cublas_min_tokens"] = parse_gpu_gemm(os.environ.get("PAGEJAX_GPU_GEMM", "auto"))
@@ -157,14 +170,17 @@ def build_parser() -> argparse.ArgumentParser:
 # The share of each GPU that jax's memory pool takes (`XLA_PYTHON_CLIENT_MEM_FRACTION`). jax
 # takes 75 % unless told otherwise, and the KV cache is sized from the pool
 # (`--gpu-memory-utilization` of it). Outside it: CUDA's context (0.5 GiB) and, split over
-# several GPUs, NCCL's buffers (1.0 GiB a device for the 8B model on two).
-GPU_POOL_FRACTION = "0.92"
+# several GPUs, NCCL's buffers and the like (1.0 GiB a device in all above the pool for the
+# 8B model on two H200s; NCCL's log counts 0.3 GB a device).
+# Split, 85 %: 92 % should fit an H100 too now that all-reduces go through NCCL (below), but
+# that was not run (docs/BENCHMARKS.md, twenty-fifth session), and 85 % was.
+GPU_POOL_FRACTION, SPLIT_GPU_POOL_FRACTION = "0.92", "0.85"
 # Split, every all-reduce goes through NCCL: XLA's own one-shot all-reduce kernel (its default
 # for small ones) keeps scratch memory outside the pool for each all-reduce of every
 # executable, 5.3 GiB a device for the 8B model's 44 executables on two GPUs, and ran two
-# H100s out of memory at a 92 % pool. Batch 1 and 64 ran as fast either way, within the
-# spread between runs (docs/BENCHMARKS.md, twenty-fourth and twenty-fifth sessions). XLA reads
-# it from XLA_FLAGS only: given per executable (compile options) it kept the scratch.
+# H100s out of memory at a 92 % pool (twenty-fourth session). Batch 1 and 64 ran as fast
+# either way, within the spread between runs (twenty-fifth). XLA reads it from XLA_FLAGS
+# only: given per executable (compile options) it kept the scratch.
 NCCL_ALL_REDUCE_FLAG = "--xla_gpu_unsupported_use_all_reduce_one_shot_kernel=false"
 
 
@@ -172,9 +188,11 @@ def set_jax_env(tensor_parallel_size: int) -> None:
     """What the `pagejax` command sets before jax starts its GPU client, which reads it: the
     pool's share of each GPU, and for a split model the all-reduces through NCCL. A value the
     user set is kept."""
-    os.environ.setdefault("XLA_PYTHON_CLIENT_MEM_FRACTION", GPU_POOL_FRACTION)
+    split = tensor_parallel_size > 1
+    fraction = SPLIT_GPU_POOL_FRACTION if split else GPU_POOL_FRACTION
+    os.environ.setdefault("XLA_PYTHON_CLIENT_MEM_FRACTION", fraction)
     flags = os.environ.get("XLA_FLAGS", "")
-    if tensor_parallel_size > 1 and "all_reduce_one_shot_kernel" not in flags:
+    if split and "all_reduce_one_shot_kernel" not in flags:
         os.environ["XLA_FLAGS"] = f"{flags} {NCCL_ALL_REDUCE_FLAG}".strip()
 
 

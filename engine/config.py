@@ -21,6 +21,15 @@ class LoadConfig:
     skip_tokenizer_init: bool = False
     # Split each layer's heads and MLP width (and the KV cache) over this many devices.
     tensor_parallel_size: int = 1
+    # On an accelerator mesh, a warm-up call or a step's wait that has not returned in this
+    # many seconds ends the process (`engine.watchdog`); 0 = never.
+    mesh_timeout_s: float = 120.0
+
+    def __post_init__(self):
+        if not self.mesh_timeout_s >= 0:  # NaN too
+            raise ValueError(
+                f"mesh_timeout_s must be >= 0 seconds (0: no limit), not {self.mesh_timeout_s!r}"
+            )
 
 
 @dataclasses.dataclass(frozen=True)

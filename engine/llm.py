@@ -99,6 +99,7 @@ def build_engine_config(
     cublas_min_tokens: int | None = CUBLAS_MIN_TOKENS,
     model_max_len: int | None = None,
     step_trace_path: str | None = None,
+    mesh_timeout_s: float = LoadConfig.mesh_timeout_s,
     usage: str = "offline",
 ) -> EngineConfig:
     """vLLM-style keyword arguments -> `EngineConfig`, with platform defaults filled in
@@ -126,6 +127,7 @@ def build_engine_config(
             seed,
             skip_tokenizer_init,
             tensor_parallel_size,
+            mesh_timeout_s,
         ),
         cache=CacheConfig(
             page_size=page_size or block_size or 16,

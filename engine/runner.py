@@ -158,12 +158,8 @@ class ModelRunner:
         self._row_writes: list[concurrent.futures.Future] = []  # handed over since a step
         # A device of an accelerator mesh that fails leaves the host waiting on the others
         # for ever: end the process instead (`engine.watchdog`).
-        timeout = watchdog.timeout_from_env()
-        self._watchdog = (
-            watchdog.Watchdog(timeout)
-            if self.mesh is not None and jax.default_backend() != "cpu" and timeout > 0
-            else None
-        )
+        platform = self.mesh.devices.flat[0].platform if self.mesh is not None else None
+        self._watchdog = watchdog.for_mesh(platform, config.load.mesh_timeout_s)
         self.scratch_row = self.max_num_seqs
         self._free_rows = list(range(self.max_num_seqs - 1, -1, -1))
         self._rows: dict[str, int] = {}
@@ -430,7 +426,7 @@ class ModelRunner:
         with self._guard("the warm-up"):
             jax.block_until_ready(self.kv_caches)
 
-    def _guard(self, what: str) -> contextlib.AbstractContextManager:
+    def _guard(self, what: str) -> contextlib.AbstractContextManager[None]:
         """Ends the process if the calls inside do not return in time, on an accelerator mesh
         (`engine.watchdog`); elsewhere nothing."""
         return contextlib.nullcontext() if self._watchdog is None else self._watchdog.guard(what)

@@ -7,7 +7,8 @@ H200s with GPU 0's free memory taken by another process: the first warm-up call 
 (docs/BENCHMARKS.md, twenty-fifth session). A server would never become ready, or would stop
 answering every request. `Watchdog` turns that into an exit with an error: a call guarded by
 `guard` that has not returned within `timeout_s` logs what it was, dumps every thread's stack,
-and ends the process with status 1 (`os._exit`: a normal exit would wait on the stuck device).
+and ends the process with status 1 (`os._exit`: a normal exit would wait on the stuck device,
+so `atexit` handlers do not run; the step trace, flushed once a second, loses at most that).
 A server's engine process dying is reported to its clients (`EngineDeadError`, /health 503).
 """
 
@@ -16,66 +17,62 @@ from __future__ import annotations
 import contextlib
 import faulthandler
 import logging
+import math
 import os
 import sys
 import threading
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 
 logger = logging.getLogger(__name__)
 
-TIMEOUT_ENV = "PAGEJAX_MESH_TIMEOUT_S"
-DEFAULT_TIMEOUT_S = 120.0  # a step takes well under a second; a first call, a few
 
-
-def timeout_from_env() -> float:
-    """`PAGEJAX_MESH_TIMEOUT_S` (seconds; 0 turns the watchdog off), else the default."""
-    value = os.environ.get(TIMEOUT_ENV, "")
-    try:
-        timeout = float(value) if value else DEFAULT_TIMEOUT_S
-    except ValueError:
-        raise ValueError(f"{TIMEOUT_ENV} must be a number of seconds, not {value!r}") from None
-    if timeout < 0:
-        raise ValueError(f"{TIMEOUT_ENV} must be >= 0 (0 turns it off), not {value!r}")
-    return timeout
+def for_mesh(platform: str | None, timeout_s: float) -> Watchdog | None:
+    """The watchdog for a mesh of `platform`'s devices (None: no mesh), if it gets one: on
+    accelerators only, where a step takes well under a second and a first call a few (a CPU
+    step of a large model may take minutes), and only with a finite, non-zero limit."""
+    if platform in (None, "cpu") or timeout_s == 0 or math.isinf(timeout_s):
+        return None
+    return Watchdog(timeout_s)
 
 
 class Watchdog:
-    """One thread that checks, about every `timeout_s / 4` (at most every second), whether the
+    """One thread that checks, at least once a second (and 4 times a `timeout_s`), whether the
     call now guarded has run past its deadline. Guarding a call costs two attribute writes."""
 
-    def __init__(self, timeout_s: float, *, exit=os._exit):
+    def __init__(self, timeout_s: float, *, exit_fn: Callable[[int], object] = os._exit):
         assert timeout_s > 0
         self.timeout_s = timeout_s
-        self._exit = exit  # tests pass their own
-        self._what: str | None = None
-        self._deadline: float | None = None
+        self._exit_fn = exit_fn  # tests pass their own
+        self._current: tuple[str, float] | None = None  # (what, deadline): read as one
         self._period = min(timeout_s / 4, 1.0)
         threading.Thread(target=self._watch, name="mesh-watchdog", daemon=True).start()
 
     @contextlib.contextmanager
     def guard(self, what: str) -> Iterator[None]:
-        self._what, self._deadline = what, time.monotonic() + self.timeout_s
+        """Run the block under a deadline `timeout_s` from now; `what` names it in the log."""
+        self._current = (what, time.monotonic() + self.timeout_s)
         try:
             yield
         finally:
-            self._deadline = None
+            self._current = None
 
     def _watch(self) -> None:
         while True:
             time.sleep(self._period)
-            deadline, what = self._deadline, self._what
-            if deadline is None or time.monotonic() < deadline:
+            current = self._current
+            if current is None or time.monotonic() < current[1]:
                 continue
             logger.critical(
                 "%s has not returned in %g s: a device of the mesh stopped answering (one that "
                 "failed leaves the others waiting in their collectives). Ending the process; "
-                "each thread's stack follows. %s sets the limit (0: no limit).",
-                what, self.timeout_s, TIMEOUT_ENV,
+                "each thread's stack follows. The limit is LoadConfig.mesh_timeout_s "
+                "(PAGEJAX_MESH_TIMEOUT_S for the pagejax command; 0: no limit).",
+                current[0], self.timeout_s,
             )  # fmt: skip
             for handler in logging.getLogger().handlers:
                 handler.flush()
             with contextlib.suppress(AttributeError, ValueError, OSError):  # no real stderr
                 faulthandler.dump_traceback(file=sys.stderr, all_threads=True)
-            self._exit(1)
+            self._exit_fn(1)
             return

@@ -60,22 +60,23 @@ NCCL = "--xla_gpu_unsupported_use_all_reduce_one_shot_kernel=false"
     ("flags", "preset", "xla_flags", "want", "want_xla_flags"),
     [
         ([], None, None, "0.92", None),
-        (["-tp", "2"], None, None, "0.92", NCCL),
+        (["-tp", "2"], None, None, "0.85", NCCL),
         (["-tp", "2"], "0.5", "--xla_dump_to=/tmp/d", "0.5", f"--xla_dump_to=/tmp/d {NCCL}"),
-        (["-tp", "2"], None, NCCL.replace("false", "true"), "0.92", NCCL.replace("false", "true")),
+        (["-tp", "2"], None, NCCL.replace("false", "true"), "0.85", NCCL.replace("false", "true")),
     ],
 )
 def test_the_command_sets_jax_gpu_pool_and_split_all_reduces(
     flags, preset, xla_flags, want, want_xla_flags, monkeypatch, tmp_path
 ):
-    """The `pagejax` command sets jax's GPU pool before any device is touched, 92 % of each
-    device, and split over several, all-reduces through NCCL (XLA_FLAGS); what the user set is
-    kept, and their other XLA flags too."""
+    """The `pagejax` command sets jax's GPU pool before any device is touched, 92 % of one
+    device, 85 % of each of several, and split, all-reduces through NCCL (XLA_FLAGS); what the
+    user set is kept, and their other XLA flags too."""
     from api.cli import main
 
     for name, value in (("XLA_PYTHON_CLIENT_MEM_FRACTION", preset), ("XLA_FLAGS", xla_flags)):
+        monkeypatch.setenv(name, "")  # so that monkeypatch restores it, set or not, afterwards
         if value is None:
-            monkeypatch.delenv(name, raising=False)
+            monkeypatch.delenv(name)
         else:
             monkeypatch.setenv(name, value)
     argv = ["generate", "hi", "--model", str(tmp_path / "nope"), *flags]
@@ -125,3 +126,29 @@ def test_a_bad_gpu_gemm_setting_is_refused_by_name(monkeypatch):
         monkeypatch.setenv("PAGEJAX_GPU_GEMM", bad)
         with pytest.raises(ValueError, match="PAGEJAX_GPU_GEMM"):
             engine_kwargs(build_parser().parse_args(["serve"]))
+
+
+@pytest.mark.parametrize("value, want", [(None, 120.0), ("0", 0.0), ("30", 30.0)])
+def test_mesh_timeout_environment_reaches_the_load_config(value, want, monkeypatch):
+    """`PAGEJAX_MESH_TIMEOUT_S` sets `LoadConfig.mesh_timeout_s` (the mesh watchdog's limit);
+    unset, the engine's default."""
+    from api.cli import build_parser, engine_kwargs
+    from engine.llm import build_engine_config
+
+    monkeypatch.setenv("PAGEJAX_MESH_TIMEOUT_S", "")
+    if value is not None:
+        monkeypatch.setenv("PAGEJAX_MESH_TIMEOUT_S", value)
+    config = build_engine_config(None, **engine_kwargs(build_parser().parse_args(["serve"])))
+    assert config.load.mesh_timeout_s == want
+
+
+def test_a_bad_mesh_timeout_is_refused_by_name(monkeypatch):
+    from api.cli import build_parser, engine_kwargs
+    from engine.llm import build_engine_config
+
+    monkeypatch.setenv("PAGEJAX_MESH_TIMEOUT_S", "soon")
+    with pytest.raises(ValueError, match="PAGEJAX_MESH_TIMEOUT_S"):
+        engine_kwargs(build_parser().parse_args(["serve"]))
+    monkeypatch.setenv("PAGEJAX_MESH_TIMEOUT_S", "-5")
+    with pytest.raises(ValueError, match="mesh_timeout_s"):
+        build_engine_config(None, **engine_kwargs(build_parser().parse_args(["serve"])))

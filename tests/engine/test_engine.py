@@ -233,21 +233,16 @@ def test_step_trace_is_readable_during_a_busy_run(tmp_path):
     assert len(path.read_text().splitlines()) == 4
 
 
-def test_the_runner_guards_its_wait_for_every_step(llm, prompts):
+def test_the_runner_guards_its_wait_for_every_step(llm, prompts, monkeypatch):
     """The runner waits for each step inside its watchdog's guard (`engine.watchdog`, on an
     accelerator mesh, where a failed device leaves the rest waiting for ever): one guarded wait
     per step, whose tokens add up to the prompt (less its cached prefix) and every output token
     but the last.
     (test_watchdog.py shows that a guarded call past its deadline ends the process.)"""
-    runner = llm.engine.runner
     guarded = []
-    runner._watchdog = SimpleNamespace(
-        guard=lambda what: guarded.append(what) or contextlib.nullcontext()
-    )
-    try:
-        result = llm.generate({"prompt_token_ids": prompts[7]}, GREEDY)[0]
-    finally:
-        runner._watchdog = None
+    recorder = SimpleNamespace(guard=lambda what: guarded.append(what) or contextlib.nullcontext())
+    monkeypatch.setattr(llm.engine.runner, "_watchdog", recorder)
+    result = llm.generate({"prompt_token_ids": prompts[7]}, GREEDY)[0]
     tokens = [int(what.removeprefix("a step of ").removesuffix(" tokens")) for what in guarded]
     computed = len(prompts[7]) - result.num_cached_tokens  # earlier tests cached some of it
     assert sum(tokens) == computed + len(result.outputs[0].token_ids) - 1 and len(tokens) > 1
