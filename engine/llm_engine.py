@@ -144,6 +144,8 @@ class LLMEngine:
         self._inflight: tuple | None = None  # (SchedulerOutput, Dispatched) of the step in flight
         trace = config.step_trace_path
         self._trace = StepTrace(trace) if trace else None
+        if self._trace is not None and self.runner.watchdog is not None:
+            self.runner.watchdog.before_exit.append(self._trace.flush)  # the last steps matter
 
     # -- requests ---------------------------------------------------------------------------
     def add_request(
@@ -260,7 +262,10 @@ class StepTrace:
     def __init__(self, path: str):
         self._file = open(path, "a", buffering=1 << 16)  # noqa: SIM115 - open for the run
         self._flushed = time.perf_counter()
-        atexit.register(self._file.flush)
+        atexit.register(self.flush)
+
+    def flush(self) -> None:
+        self._file.flush()
 
     def record(
         self,

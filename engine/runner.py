@@ -159,7 +159,7 @@ class ModelRunner:
         # A device of an accelerator mesh that fails leaves the host waiting on the others
         # for ever: end the process instead (`engine.watchdog`).
         platform = self.mesh.devices.flat[0].platform if self.mesh is not None else None
-        self._watchdog = watchdog.for_mesh(platform, config.load.mesh_timeout_s)
+        self.watchdog = watchdog.for_mesh(platform, config.load.mesh_timeout_s)
         self.scratch_row = self.max_num_seqs
         self._free_rows = list(range(self.max_num_seqs - 1, -1, -1))
         self._rows: dict[str, int] = {}
@@ -429,7 +429,7 @@ class ModelRunner:
     def _guard(self, what: str) -> contextlib.AbstractContextManager[None]:
         """Ends the process if the calls inside do not return in time, on an accelerator mesh
         (`engine.watchdog`); elsewhere nothing."""
-        return contextlib.nullcontext() if self._watchdog is None else self._watchdog.guard(what)
+        return contextlib.nullcontext() if self.watchdog is None else self.watchdog.guard(what)
 
     # -- per-request rows -------------------------------------------------------------------
     def _release(self, request_ids) -> None:

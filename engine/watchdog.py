@@ -8,7 +8,8 @@ H200s with GPU 0's free memory taken by another process: the first warm-up call 
 answering every request. `Watchdog` turns that into an exit with an error: a call guarded by
 `guard` that has not returned within `timeout_s` logs what it was, dumps every thread's stack,
 and ends the process with status 1 (`os._exit`: a normal exit would wait on the stuck device,
-so `atexit` handlers do not run; the step trace, flushed once a second, loses at most that).
+so `atexit` handlers do not run; what must be saved first goes in `before_exit`, as the step
+trace's flush).
 A server's engine process dying is reported to its clients (`EngineDeadError`, /health 503).
 """
 
@@ -45,6 +46,7 @@ class Watchdog:
         self.timeout_s = timeout_s
         self._exit_fn = exit_fn  # tests pass their own
         self._current: tuple[str, float] | None = None  # (what, deadline): read as one
+        self.before_exit: list[Callable[[], object]] = []  # run before the exit, in order
         self._period = min(timeout_s / 4, 1.0)
         threading.Thread(target=self._watch, name="mesh-watchdog", daemon=True).start()
 
@@ -74,5 +76,10 @@ class Watchdog:
                 handler.flush()
             with contextlib.suppress(AttributeError, ValueError, OSError):  # no real stderr
                 faulthandler.dump_traceback(file=sys.stderr, all_threads=True)
+            for fn in self.before_exit:
+                try:
+                    fn()
+                except Exception:  # noqa: BLE001 - the exit must happen whatever this raises
+                    logger.exception("before the exit")
             self._exit_fn(1)
             return

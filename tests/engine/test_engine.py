@@ -241,11 +241,33 @@ def test_the_runner_guards_its_wait_for_every_step(llm, prompts, monkeypatch):
     (test_watchdog.py shows that a guarded call past its deadline ends the process.)"""
     guarded = []
     recorder = SimpleNamespace(guard=lambda what: guarded.append(what) or contextlib.nullcontext())
-    monkeypatch.setattr(llm.engine.runner, "_watchdog", recorder)
+    monkeypatch.setattr(llm.engine.runner, "watchdog", recorder)
     result = llm.generate({"prompt_token_ids": prompts[7]}, GREEDY)[0]
     tokens = [int(what.removeprefix("a step of ").removesuffix(" tokens")) for what in guarded]
     computed = len(prompts[7]) - result.num_cached_tokens  # earlier tests cached some of it
     assert sum(tokens) == computed + len(result.outputs[0].token_ids) - 1 and len(tokens) > 1
+
+
+def test_a_watchdog_exit_flushes_the_step_trace_first(folder, cache_dir, tmp_path, monkeypatch):
+    """Where the runner has a watchdog (an accelerator mesh; here given to a CPU engine), the
+    engine hands it the step trace's flush: `os._exit` skips `atexit`, and a failure's last
+    steps are the ones worth reading."""
+    from engine import watchdog
+
+    dogs = []
+    monkeypatch.setattr(
+        watchdog, "for_mesh", lambda *a: dogs.append(watchdog.Watchdog(3600.0)) or dogs[-1]
+    )
+    trace = tmp_path / "steps.jsonl"
+    traced = LLM(
+        str(folder),
+        num_pages=64,
+        compilation_cache_dir=cache_dir,
+        step_trace_path=str(trace),
+        **ENGINE_ARGS,
+    )
+    assert dogs == [traced.engine.runner.watchdog]
+    assert dogs[0].before_exit == [traced.engine._trace.flush]
 
 
 def test_min_tokens_and_eos(llm, folder, prompts):

@@ -31,6 +31,22 @@ def test_a_call_past_its_deadline_ends_the_process_and_says_which(caplog):
     assert "PAGEJAX_MESH_TIMEOUT_S" in caplog.text
 
 
+def test_what_must_be_saved_runs_before_the_exit():
+    """`before_exit` (the step trace's flush) runs, in order, before the exit; one that raises
+    does not keep the process alive."""
+    ended = threading.Event()
+    events = []
+    dog = Watchdog(0.2, exit_fn=lambda code: events.append("exit") or ended.set())
+
+    def broken():
+        raise OSError("disk full")
+
+    dog.before_exit += [lambda: events.append("flush"), broken, lambda: events.append("more")]
+    with dog.guard("a step"):
+        assert ended.wait(5.0)
+    assert events == ["flush", "more", "exit"]
+
+
 def test_calls_that_return_in_time_are_left_alone():
     codes = []
     dog = Watchdog(0.3, exit_fn=codes.append)
