@@ -303,7 +303,7 @@ class StepTrace:
         self._file.write(json.dumps(line) + "\n")
         # Idle is a good moment to make the file readable; a busy run flushes now and then.
         if n == 0 or t0 - self._flushed >= self.FLUSH_EVERY_S:
-            self._file.flush()
+            self.flush()
             self._flushed = t0
 
 

@@ -534,7 +534,9 @@ class ModelRunner:
 
     def collect(self, sched: SchedulerOutput, dispatched: Dispatched | Launched) -> StepOutput:
         """Wait for a dispatched step; only sampled ids (and asked-for logprobs) come back."""
-        with self._guard(f"a step of {sched.num_batched_tokens} tokens"):
+        if self.watchdog is None:  # one device, or the CPU: nothing to guard, every step
+            return self._collect(sched, dispatched)
+        with self.watchdog.guard(f"a step of {sched.num_batched_tokens} tokens"):
             return self._collect(sched, dispatched)
 
     def _collect(self, sched: SchedulerOutput, dispatched: Dispatched | Launched) -> StepOutput:

@@ -169,18 +169,23 @@ def test_streamed_deltas_merge_into_the_final_output(llm, prompts):
     assert sorted(merged.outputs, key=lambda c: c.index) == final.outputs
 
 
+def _traced_llm(folder, cache_dir, trace, **kwargs) -> LLM:
+    """The tiny engine, writing its step trace to `trace`."""
+    return LLM(
+        str(folder),
+        num_pages=128,
+        compilation_cache_dir=cache_dir,
+        step_trace_path=str(trace),
+        **ENGINE_ARGS,
+        **kwargs,
+    )
+
+
 def test_step_trace_accounts_for_every_token(folder, cache_dir, prompts, tmp_path):
     """`step_trace_path`: one JSON line per step, whose scheduled tokens add up to every prompt
     token plus every output token but the last (each is fed back once), within its bucket."""
     trace = tmp_path / "steps.jsonl"
-    traced = LLM(
-        str(folder),
-        num_pages=128,
-        compilation_cache_dir=cache_dir,
-        enable_prefix_caching=False,
-        step_trace_path=str(trace),
-        **ENGINE_ARGS,
-    )
+    traced = _traced_llm(folder, cache_dir, trace, enable_prefix_caching=False)
     batch = prompts[:8]  # 222 prompt tokens: steps of 64 take them in chunks
     outs = traced.generate([{"prompt_token_ids": p} for p in batch], GREEDY)
     lines = [json.loads(line) for line in trace.read_text().splitlines()]
@@ -203,13 +208,7 @@ def test_step_trace_names_prompts_that_hit_the_prefix_cache(folder, cache_dir, p
     still names it (by arrival time) in the step where it starts and where it ends, which is
     how `step_trace_summary.py --ttft` ties client requests to steps."""
     trace = tmp_path / "steps.jsonl"
-    traced = LLM(
-        str(folder),
-        num_pages=128,
-        compilation_cache_dir=cache_dir,
-        step_trace_path=str(trace),
-        **ENGINE_ARGS,
-    )
+    traced = _traced_llm(folder, cache_dir, trace)
     for prompt in (prompts[7], prompts[10]):  # 100 tokens; then its first 80 and 5 more
         traced.generate({"prompt_token_ids": prompt}, GREEDY)
     lines = [json.loads(line) for line in trace.read_text().splitlines()]
@@ -258,14 +257,7 @@ def test_a_watchdog_exit_flushes_the_step_trace_first(folder, cache_dir, tmp_pat
     monkeypatch.setattr(
         watchdog, "for_mesh", lambda *a: dogs.append(watchdog.Watchdog(3600.0)) or dogs[-1]
     )
-    trace = tmp_path / "steps.jsonl"
-    traced = LLM(
-        str(folder),
-        num_pages=64,
-        compilation_cache_dir=cache_dir,
-        step_trace_path=str(trace),
-        **ENGINE_ARGS,
-    )
+    traced = _traced_llm(folder, cache_dir, tmp_path / "steps.jsonl")
     assert dogs == [traced.engine.runner.watchdog]
     assert dogs[0].before_exit == [traced.engine._trace.flush]
 
