@@ -6,6 +6,9 @@ device time per step by kernel, device idle gaps, and host time per step.
 With `--prefill-len P`, every traced step also carries P tokens of a long prompt (a mixed step
 of batch + P tokens, as serving under load runs); with `--batch 0` as well, each step is
 `--prompts-per-step` fresh prompts of P tokens (pure prefill, as offline 1024/128 runs it).
+With `--fresh-prompts`, the batch's decodes ride beside those fresh prompts instead (a served
+prompt step: its chunk attends to itself alone, where the long prompt's later chunks attend to
+every earlier one).
 Steps run in the engine's bucket for their size (a power of two, padded): pick P so that
 batch + P is one to trace no padding.
 
@@ -20,6 +23,7 @@ import glob
 import gzip
 import json
 import os
+import re
 import sys
 import time
 
@@ -98,6 +102,12 @@ def summarize(
         if e.get("ph") == "M" and e.get("name") == "process_name":
             names[e["pid"]] = e["args"]["name"]
     gpu_pids = {p for p, n in names.items() if "gpu" in n.lower() or "/device:" in n.lower()}
+    # Split over several GPUs, each device is a process of its own: keep the first, so that the
+    # figures are one card's step (the others run the same kernels on their shards).
+    first = {p for p in gpu_pids if re.search(r"GPU:0\b", names[p])}
+    devices = len({m.group(1) for n in names.values() if (m := re.search(r"GPU:(\d+)", n))})
+    if devices > 1 and first:
+        gpu_pids = first
     kernels = [e for e in events if e.get("ph") == "X" and e.get("pid") in gpu_pids]
     by_name = collections.Counter()
     by_kind = collections.Counter()
@@ -149,6 +159,7 @@ def summarize(
                 for w in ("Conditional", "While", "Block", "Memcpy", "Synchron", "Wait", "Case")
             )
         },
+        "devices_in_trace": devices,
         "processes": sorted(names.values()),
     }
 
@@ -161,23 +172,36 @@ def main() -> None:
     ap.add_argument("--steps", type=int, default=10)
     ap.add_argument("--prefill-len", type=int, default=0)
     ap.add_argument(
-        "--prompts-per-step", type=int, default=1, help="fresh prompts a step (with --batch 0)"
+        "--prompts-per-step",
+        type=int,
+        default=1,
+        help="fresh prompts a step (with --batch 0 or --fresh-prompts)",
+    )
+    ap.add_argument(
+        "--fresh-prompts",
+        action="store_true",
+        help="with --batch B and --prefill-len P: each step's P tokens are fresh prompts",
     )
     ap.add_argument("--top", type=int, default=15, help="kernels listed by name")
     ap.add_argument(
         "--temperature", type=float, default=0.0, help="of the decoding requests (0 = greedy)"
     )
+    ap.add_argument(
+        "--max-num-seqs", type=int, default=0, help="the engine's seats (the server's: 256)"
+    )
+    ap.add_argument("--tensor-parallel-size", type=int, default=1)
     ap.add_argument("--out", required=True)
     args = ap.parse_args()
     from engine import LLM, SamplingParams
     from engine.outputs import OutputKind
 
     b, p = args.batch, args.prefill_len
-    n = args.prompts_per_step if p and not b else 1
+    fresh = bool(p) and (not b or args.fresh_prompts)
+    n = args.prompts_per_step if fresh else 1
     step_tokens = engine_bucket(b if not p else b + p * n)
     # Fresh prompts: the step in flight still holds its n requests when the next is scheduled
     # (async scheduling), so n new ones need 2n seats, or only every other call admits any.
-    seats = max(8, b + 1, 2 * n)
+    seats = max(8, b + 1, b + 2 * n if fresh else 0, 2 * n, args.max_num_seqs)
     llm = LLM(
         args.model,
         load_format="dummy",
@@ -189,18 +213,19 @@ def main() -> None:
         token_buckets=tuple(sorted({engine_bucket(b), step_tokens, 2048})),
         request_buckets=tuple(sorted({engine_bucket(max(b, n), 8), engine_bucket(seats, 8)})),
         long_prefill_token_threshold=p,
+        tensor_parallel_size=args.tensor_parallel_size,
     )
     fill_decoding(llm, b, args.input_len, args.temperature)
     rng = np.random.default_rng(1)
     vocab = min(20000, llm.engine.model_config.vocab_size)
     prefill = SamplingParams(temperature=0.0, max_tokens=1, ignore_eos=True)
-    fresh = p and not b
 
     def add_prompt(name: str, length: int) -> None:
         prompt = rng.integers(0, vocab, length).tolist()
         llm.engine.add_request(name, {"prompt_token_ids": prompt}, prefill)
 
-    if p and b:  # one long prompt: with the threshold at p, every step takes p of its tokens
+    long_prompt = bool(p and b) and not fresh
+    if long_prompt:  # one long prompt: with the threshold at p, every step takes p of its tokens
         add_prompt("long", p * (args.steps + 3))
         llm.engine.step(kind=OutputKind.FINAL_ONLY)
 
@@ -212,7 +237,7 @@ def main() -> None:
         for j in range(n):
             add_prompt(f"warm{i}_{j}", p)
         llm.engine.step(kind=OutputKind.FINAL_ONLY)
-    if p and b and "long" not in {r.request_id for r in llm.engine.scheduler.running}:
+    if long_prompt and "long" not in {r.request_id for r in llm.engine.scheduler.running}:
         # Admission reserves pages for a request's whole prompt: p * (steps + 3) tokens beside
         # the batch's may not fit the KV cache (likely why an 8B run on an H100 at 248 x 1,100
         # beside 7,936 x 7 traced decode-only steps).
@@ -247,7 +272,7 @@ def main() -> None:
         # With --batch and --prefill-len: the long prompt's tokens each traced step took (p
         # when the steps were the mixed steps asked for; 0 if it was never admitted).
         long_prompt_tokens_per_step=(long_computed() - long_before) / args.steps
-        if p and b
+        if long_prompt
         else None,
         temperature=args.temperature,
         engine_step_ms_under_trace=round(host_ms, 3),

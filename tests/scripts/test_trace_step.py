@@ -20,19 +20,28 @@ def _trace(
     num_device_steps: int,
     attention_name="ragged_paged_attention",
     matmul_name="nvjet_gemm",
+    num_devices: int = 1,
 ) -> str:
     """Each device step: one attention kernel a layer (10 us) and a 20 us matmul, back to back;
-    a 1 ms host event on the host process."""
+    a 1 ms host event on the host process. With several devices (a split model), each runs
+    the same kernels, device d's `d` us later."""
     events = [
         {"ph": "M", "name": "process_name", "pid": 1, "args": {"name": "/device:GPU:0"}},
         {"ph": "M", "name": "process_name", "pid": 2, "args": {"name": "/host:CPU"}},
     ]
+    extra = {10 + d: d for d in range(1, num_devices)}  # pid -> device
+    for pid, d in extra.items():
+        events.append(
+            {"ph": "M", "name": "process_name", "pid": pid, "args": {"name": f"/device:GPU:{d}"}}
+        )
     t = 0
     for _ in range(num_device_steps):
         for _ in range(LAYERS):
-            attention = {"name": attention_name, "ts": t, "dur": 10}
-            events.append({"ph": "X", "pid": 1, **attention})
-            events.append({"ph": "X", "pid": 1, "name": matmul_name, "ts": t + 10, "dur": 20})
+            for pid, d in {1: 0, **extra}.items():
+                attention = {"name": attention_name, "ts": t + d, "dur": 10}
+                events.append({"ph": "X", "pid": pid, **attention})
+                matmul = {"name": matmul_name, "ts": t + d + 10, "dur": 20}
+                events.append({"ph": "X", "pid": pid, **matmul})
             t += 30
         events.append({"ph": "X", "pid": 2, "name": "step", "ts": t, "dur": 1000})
         t += 100  # idle between steps
@@ -49,6 +58,15 @@ def test_per_step_figures_count_the_steps_the_device_ran(tmp_path):
     assert out["steps"] == 5 and out["step_calls_in_trace"] == 4
     assert out["device_busy_ms_per_step"] == 0.06  # 2 layers x 30 us
     assert out["top_kernels_ms_per_step"]["ragged_paged_attention"] == 0.02
+    assert out["num_kernels_per_step"] == 4
+
+
+def test_a_split_models_figures_are_one_devices(tmp_path):
+    """Two GPUs each running the step's kernels 1 us apart: the figures are GPU 0's alone, not
+    the sum of both nor the union of their (overlapping) intervals."""
+    out = trace_step.summarize(_trace(tmp_path, 5, num_devices=2), 4, num_layers=LAYERS)
+    assert out["devices_in_trace"] == 2 and out["steps"] == 5
+    assert out["device_busy_ms_per_step"] == 0.06
     assert out["num_kernels_per_step"] == 4
 
 
@@ -125,6 +143,17 @@ def test_mixed_steps_carry_the_long_prompts_chunk(tmp_path):
     nothing told)."""
     out = _run_script(tmp_path, "--batch", "3", "--input-len", "20", "--prefill-len", "24")
     assert out["long_prompt_tokens_per_step"] == 24
+
+
+def test_fresh_prompts_ride_beside_the_decodes(tmp_path):
+    """`--batch 3 --fresh-prompts --prompts-per-step 3`: each traced step is 3 decodes beside
+    3 fresh prompts (a served prompt step), every prompt admitted in its step: that needs
+    3 + 2 x 3 seats, more than the 8 the decodes alone would get. No long prompt is made."""
+    args = ["--batch", "3", "--input-len", "20", "--prefill-len", "12", "--fresh-prompts"]
+    out = _run_script(tmp_path, *args, "--prompts-per-step", "3")
+    assert out["prompts_per_step"] == 3
+    assert out["waiting_after"] == 0
+    assert out["long_prompt_tokens_per_step"] is None
 
 
 def test_the_newest_trace_of_a_reused_folder_is_summarised(tmp_path):
