@@ -170,17 +170,17 @@ def build_parser() -> argparse.ArgumentParser:
 # The share of each GPU that jax's memory pool takes (`XLA_PYTHON_CLIENT_MEM_FRACTION`). jax
 # takes 75 % unless told otherwise, and the KV cache is sized from the pool
 # (`--gpu-memory-utilization` of it). Outside it: CUDA's context (0.5 GiB) and, split over
-# several GPUs, NCCL's buffers and the like (1.0 GiB a device in all above the pool for the
-# 8B model on two H200s; NCCL's log counts 0.3 GB a device).
-# Split, 85 %: 92 % should fit an H100 too now that all-reduces go through NCCL (below), but
-# that was not run (docs/BENCHMARKS.md, twenty-fifth session), and 85 % was.
-GPU_POOL_FRACTION, SPLIT_GPU_POOL_FRACTION = "0.92", "0.85"
+# several GPUs, NCCL's buffers and the like: the 8B model split over two GPUs peaked 1.0 GiB a
+# device above a pool that left an H100's 8 % outside it (95.4 % of an H200; twenty-sixth
+# session), so 92 % leaves an H100 5.4 GiB spare, split or not.
+GPU_POOL_FRACTION = "0.92"
 # Split, every all-reduce goes through NCCL: XLA's own one-shot all-reduce kernel (its default
 # for small ones) keeps scratch memory outside the pool for each all-reduce of every
 # executable, 5.3 GiB a device for the 8B model's 44 executables on two GPUs, and ran two
 # H100s out of memory at a 92 % pool (twenty-fourth session). Batch 1 and 64 ran as fast
-# either way, within the spread between runs (twenty-fifth). XLA reads it from XLA_FLAGS
-# only: given per executable (compile options) it kept the scratch.
+# either way, within the spread between runs (twenty-fifth). Given per executable (compile
+# options) it kept the scratch, measured, though XLA's thunks read it from the module's
+# options; why is not known, so it goes in XLA_FLAGS.
 NCCL_ALL_REDUCE_FLAG = "--xla_gpu_unsupported_use_all_reduce_one_shot_kernel=false"
 
 
@@ -188,11 +188,9 @@ def set_jax_env(tensor_parallel_size: int) -> None:
     """What the `pagejax` command sets before jax starts its GPU client, which reads it: the
     pool's share of each GPU, and for a split model the all-reduces through NCCL. A value the
     user set is kept."""
-    split = tensor_parallel_size > 1
-    fraction = SPLIT_GPU_POOL_FRACTION if split else GPU_POOL_FRACTION
-    os.environ.setdefault("XLA_PYTHON_CLIENT_MEM_FRACTION", fraction)
+    os.environ.setdefault("XLA_PYTHON_CLIENT_MEM_FRACTION", GPU_POOL_FRACTION)
     flags = os.environ.get("XLA_FLAGS", "")
-    if split and "all_reduce_one_shot_kernel" not in flags:
+    if tensor_parallel_size > 1 and "all_reduce_one_shot_kernel" not in flags:
         os.environ["XLA_FLAGS"] = f"{flags} {NCCL_ALL_REDUCE_FLAG}".strip()
 
 

@@ -60,16 +60,16 @@ NCCL = "--xla_gpu_unsupported_use_all_reduce_one_shot_kernel=false"
     ("flags", "preset", "xla_flags", "want", "want_xla_flags"),
     [
         ([], None, None, "0.92", None),
-        (["-tp", "2"], None, None, "0.85", NCCL),
+        (["-tp", "2"], None, None, "0.92", NCCL),
         (["-tp", "2"], "0.5", "--xla_dump_to=/tmp/d", "0.5", f"--xla_dump_to=/tmp/d {NCCL}"),
-        (["-tp", "2"], None, NCCL.replace("false", "true"), "0.85", NCCL.replace("false", "true")),
+        (["-tp", "2"], None, NCCL.replace("false", "true"), "0.92", NCCL.replace("false", "true")),
     ],
 )
 def test_the_command_sets_jax_gpu_pool_and_split_all_reduces(
     flags, preset, xla_flags, want, want_xla_flags, monkeypatch, tmp_path
 ):
     """The `pagejax` command sets jax's GPU pool before any device is touched, 92 % of one
-    device, 85 % of each of several, and split, all-reduces through NCCL (XLA_FLAGS); what the
+    device and of each of several, and split, all-reduces through NCCL (XLA_FLAGS); what the
     user set is kept, and their other XLA flags too."""
     from api.cli import main
 
