@@ -12,7 +12,7 @@ shapes a program instead, and a hit loads the executable itself
   switches), `XLA_FLAGS`, `LIBTPU_INIT_ARGS`. A new switch read while tracing must take one of
   those prefixes, or it will not reach the key;
 - per executable: the function, its static arguments, and every argument's shape, dtype and
-  sharding (`CompileJob.signature`), and the XLA options it compiles with.
+  sharding (`executables.CompileJob.signature`), and the XLA options it compiles with.
 
 Files live in `<compilation cache dir>/executables/<code and platform digest>/`: a code change
 starts a new folder. Opening one (`ExecutableCache.under`) marks it used; the least recently

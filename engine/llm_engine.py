@@ -121,7 +121,9 @@ class LLMEngine:
             num_pages, config.cache.page_size, config.cache.enable_prefix_caching
         )
         self.runner = ModelRunner(model, config, num_pages=num_pages)
-        self.scheduler = Scheduler(config.scheduler, self.allocator, self.runner.token_buckets)
+        self.scheduler = Scheduler(
+            config.scheduler, self.allocator, self.runner.buckets.token_buckets
+        )
         t_compile = time.perf_counter()
         self.runner.compile()
         t_warm = time.perf_counter()
@@ -136,7 +138,7 @@ class LLMEngine:
         logger.info(
             "KV cache: %d pages of %d tokens; %d buckets. Start-up %.1f s: load %.1f s, "
             "set-up %.1f s, compile %.1f s, warm-up %.1f s",
-            num_pages, config.cache.page_size, len(self.runner.layouts()), t_end - t_start,
+            num_pages, config.cache.page_size, len(self.runner.buckets.layouts()), t_end - t_start,
             t_loaded - t_start, t_compile - t_loaded, t_warm - t_compile, t_warmed - t_warm,
         )  # fmt: skip
         self.outputs = OutputProcessor(tokenizer)
@@ -237,7 +239,7 @@ class LLMEngine:
             for cid, stop_str in stopped:
                 self.scheduler.finish_requests(cid, "stop", stop_str)
         if self._trace is not None:
-            bucket = 0 if sched.is_empty else self.runner.layout_for(sched).num_tokens
+            bucket = 0 if sched.is_empty else self.runner.buckets.layout_for(sched).num_tokens
             times = (t0, t1, t2, t3, time.perf_counter())
             self._trace.record(sched, bucket, times, len(outputs), self.scheduler.requests)
         return outputs

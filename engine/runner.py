@@ -18,10 +18,8 @@ import concurrent.futures
 import contextlib
 import functools
 import logging
-import os
-import time
 from collections.abc import Iterator
-from typing import Any, NamedTuple
+from typing import NamedTuple
 
 import jax
 import jax.numpy as jnp
@@ -31,9 +29,10 @@ from jax.sharding import PartitionSpec
 from tqdm import tqdm
 
 import sharding
-from engine import watchdog
-from engine.config import EngineConfig, bucket_ladder
+from engine import buckets, executables, watchdog
+from engine.config import EngineConfig
 from engine.executable_cache import ExecutableCache
+from engine.executables import CompileJob, abstract, whole
 from engine.row_state import RowState, set_row_fn
 from engine.step_fns import (
     FULL,
@@ -46,14 +45,9 @@ from engine.step_fns import (
     prompt_logprobs_fn,
     sample_fn,
 )
-from engine.step_input import (
-    BufferPool,
-    StepLayout,
-    build_step_input,
-    pick_bucket,
-)
+from engine.step_input import BufferPool, StepLayout, build_step_input
 from engine.types import SchedulerOutput, StepOutput, TokenLogprobs
-from pallas_kernels import attention, hardware
+from pallas_kernels import hardware
 from pallas_kernels.attention import AttentionBackend
 from pallas_kernels.reference import KV_CACHE_AXES, kv_cache_shape
 
@@ -61,45 +55,6 @@ logger = logging.getLogger(__name__)
 
 MAX_LOGIT_BIAS = 1024  # entries of logit_bias one request may set
 MAX_STOP_IDS = 64  # EOS + stop_token_ids banned until min_tokens
-SPLIT_REQUESTS_FROM = 128  # token buckets this large get several request buckets
-# XLA splits the K dimension of a decode step's Triton GEMMs to occupy every SM: each split
-# writes float32 partials [splits, T, N] that a separate fusion sums (with the residual add).
-# At 64-127 tokens (the band measured; below `cublas_min_tokens` only) that costs more than
-# it gains. On an H100, 64 requests of 512 + 256 tokens (`bench latency`, alternated)
-# decoded in 8.52-8.56 ms a step without split-K against 8.74-8.77 with it: 421 -> 372
-# kernels a step, and XLA picks cuBLAS for o_proj and down_proj. At 32 tokens the device
-# time was the same (7.65 against 7.63 ms at 1,100 tokens of context) with 0.4 ms more host
-# time a call; at 16 split-K gains (batch 1: 5.94 against 6.08 ms). docs/BENCHMARKS.md,
-# fourteenth session.
-NO_SPLIT_K_MIN_TOKENS, NO_SPLIT_K_MAX_TOKENS = 64, 127
-NO_SPLIT_K = {"xla_gpu_experimental_force_split_k": 1}
-
-
-class CompileJob(NamedTuple):
-    """One executable to build at start-up, for `table[key]`: `fn` (a `jax.jit` function)
-    lowered on `args` (abstract arrays) and `static` (its static arguments, by name)."""
-
-    table: dict
-    key: object
-    fn: Any
-    args: tuple
-    static: dict
-    options: dict | None = None  # XLA compile options (`ModelRunner.compiler_options`)
-
-    def lower(self) -> jax.stages.Lowered:
-        return self.fn.lower(*self.args, **self.static)
-
-    @property
-    def name(self) -> str:
-        """For logs: the function and its table key."""
-        return f"{self.fn.__name__}[{self.key}]"
-
-    def signature(self) -> tuple:
-        """What shapes the program besides the code: the function, every argument's shape,
-        dtype and sharding, the static arguments and the compile options."""
-        leaves, tree = jax.tree.flatten(self.args)
-        arrays = [(a.shape, str(a.dtype), str(a.sharding)) for a in leaves]
-        return (self.fn.__name__, str(tree), arrays, sorted(self.static.items()), self.options)
 
 
 class Dispatched(NamedTuple):
@@ -166,10 +121,12 @@ class ModelRunner:
         self._seeds: dict[str, int] = {}
         self._dirty_rows: set[int] = set()  # rows whose bias/stop mask is not all-zero
         self._rng = np.random.default_rng(config.load.seed)
-        self.token_buckets, self.request_buckets = self._ladders()
-        # Each bucket of `MGPU_MIN_STEP_TOKENS` tokens or more compiled on both GPU attention
-        # kernels, one picked per step (`layout_for`).
-        self.kernel_twins = _kernel_twins(model, dtype, self.page_size)
+        self.buckets = buckets.Buckets(
+            config,
+            platform=jax.default_backend(),
+            pages_per_request=self.pages_per_request,
+            kernel_twins=buckets.kernel_twins(model, dtype, self.page_size),
+        )
         self._forward: dict[StepLayout, object] = {}
         self._sampler: dict[tuple[int, SampleVariant], object] = {}
         self._prompt_lp: dict[int, object] = {}
@@ -178,69 +135,11 @@ class ModelRunner:
         self.num_loaded = 0  # executables `compile` found in the `ExecutableCache`
         self._buffers = BufferPool()
 
-    def _ladders(self) -> tuple[tuple[int, ...], tuple[int, ...]]:
-        c, s = self.config.compile, self.config.scheduler
-        cpu = jax.default_backend() == "cpu"
-        # On the CPU every bucket costs seconds of compile time: fewer, coarser rungs.
-        # 1.5x rungs from 2,048 tokens (`bucket_ladder(..., midpoints_from=2048)`) save ~40 ms
-        # a prefill step that would run padded to 8,192, but cost 13-15 s of cold start-up
-        # on an H100 (two A/Bs, docs/BENCHMARKS.md): pass them as --token-buckets if wanted.
-        tokens = c.token_buckets or bucket_ladder(16, s.max_num_batched_tokens, 4 if cpu else 2)
-        if c.request_buckets:
-            requests = c.request_buckets
-        elif cpu:
-            requests = (s.max_num_seqs,)  # one shape per token bucket
-        else:
-            requests = bucket_ladder(8, s.max_num_seqs)
-        assert tokens[-1] >= s.max_num_batched_tokens and requests[-1] >= s.max_num_seqs
-        return tokens, requests
-
-    def request_buckets_for(self, num_tokens_bucket: int) -> tuple[int, ...]:
-        """R buckets compiled with token bucket T: one rung that holds every request the step
-        can have (R <= T: a request has >= 1 token) and the rungs within [T / 4, T]. A decode
-        batch (T ~ R) gets a tight R; a long prefill step pads its few sampled rows a little.
-        Below `SPLIT_REQUESTS_FROM` tokens only the first rung, where it is at most T (the
-        default ladder; a sparse ladder of the user's keeps its small rungs): there a smaller
-        R saves little (the LM head reads all of its [D, V] weights for any R, and the
-        sampler's passes over [R, V] are small), and each R rung is one more forward
-        executable whose Triton GEMMs XLA autotunes at start-up (15-26 s of a compile thread
-        on an H200)."""
-        t, ladder = num_tokens_bucket, self.request_buckets
-        top = next((r for r in ladder if r >= min(t, self.max_num_seqs)), ladder[-1])
-        if t < SPLIT_REQUESTS_FROM and top <= t:
-            return (top,)
-        return tuple(sorted({r for r in ladder if t / 4 <= r <= t} | {top}))
-
-    def layout_for(self, sched: SchedulerOutput) -> StepLayout:
-        """The compiled (T, R) bucket a scheduled step runs in, and with `kernel_twins`, the
-        attention kernel for its actual tokens and requests (`attention.mosaic_suits`)."""
-        t = pick_bucket(self.token_buckets, sched.num_batched_tokens)
-        r = pick_bucket(self.request_buckets_for(t), len(sched.requests))
-        kernel = None
-        if self._twinned(t):
-            suits = attention.mosaic_suits(sched.num_batched_tokens, len(sched.requests))
-            kernel = "mgpu" if suits else "triton"
-        return StepLayout(t, r, self.pages_per_request, kernel)
-
-    def _twinned(self, num_tokens_bucket: int) -> bool:
-        return self.kernel_twins and num_tokens_bucket >= attention.MGPU_MIN_STEP_TOKENS
-
-    def layouts(self) -> list[StepLayout]:
-        """Every (T, R) bucket pair the engine can meet (twice with `kernel_twins`)."""
-        return [
-            StepLayout(t, r, self.pages_per_request, kernel)
-            for t in self.token_buckets
-            for r in self.request_buckets_for(t)
-            for kernel in (("triton", "mgpu") if self._twinned(t) else (None,))
-        ]
-
     def compile(self) -> None:
-        """Build every bucket ahead of time (with a progress bar): the forward pass per (T, R)
+        """Build every bucket ahead of time (`executables.build`): the forward pass per (T, R)
         bucket, each sampler variant per R bucket, prompt logprobs per T bucket, the row
-        writer. With a compilation cache folder, each executable is first looked up in the
-        `ExecutableCache` (no tracing). The rest are traced in this thread and compiled by XLA
-        in a thread pool, one per core, each as soon as it is lowered (compiling overlaps the
-        tracing of the next ones), then stored in the cache."""
+        writer, through the executable cache when there is a folder for it. Then allocate
+        the KV cache, after XLA's autotuning has had the memory to itself."""
         folder = self.config.compile.compilation_cache_dir
         # Pallas' interpreters run kernels as Python callbacks, which a stored executable
         # cannot keep (jax's own persistent cache skips such executables too; jaxlib 0.10.2
@@ -258,64 +157,14 @@ class ModelRunner:
         else:
             devices = list({d for a in self.params for d in a.devices()})
             assert len(devices) == 1, "a model on several devices is loaded with its mesh"
-        t0 = time.perf_counter()
         jobs = list(self._jobs())
-        bar = tqdm(total=len(jobs), desc="compiling buckets", leave=False)
-        with concurrent.futures.ThreadPoolExecutor(os.cpu_count() or 1) as pool:
-            keys = [cache and cache.key(model, job.signature()) for job in jobs]
-            loads = [cache and pool.submit(cache.load, key, [*devices]) for key in keys]
-            compiles = {}
-            for job, key, load in zip(jobs, keys, loads, strict=True):
-                compiled = load and load.result()
-                if compiled:
-                    job.table[job.key] = compiled
-                    bar.update()
-                else:
-                    t = time.perf_counter()
-                    lowered = job.lower()
-                    logger.debug("lowered %s in %.2f s", job.name, time.perf_counter() - t)
-                    compiles[pool.submit(_compile, lowered, job.options, cache, key)] = job
-            t1 = time.perf_counter()
-            storing, slowest = 0.0, (0.0, None)
-            for future in concurrent.futures.as_completed(compiles):
-                job = compiles[future]
-                job.table[job.key], seconds, storing_seconds = future.result()
-                logger.debug("compiled %s in %.2f s", job.name, seconds)
-                storing += storing_seconds
-                slowest = max(slowest, (seconds, job.name), key=lambda s: s[0])
-                bar.update()
-        bar.close()
-        self.num_loaded = loaded = len(jobs) - len(compiles)
-        logger.info(
-            "%d executables: %d from the executable cache, %d traced and lowered, in %.1f s; "
-            "all compiled %.1f s later (storing them took %.1f s of the pool's threads)%s",
-            len(jobs), loaded, len(compiles), t1 - t0, time.perf_counter() - t1, storing,
-            "; the slowest compile, {:.1f} s: {}".format(*slowest) if compiles else "",
-        )  # fmt: skip
+        self.num_loaded = executables.build(jobs, cache=cache, model_key=model, devices=devices)
         self._set_row = self._row_writer[None]
         self.kv_caches = [jnp.zeros(k.shape, k.dtype, device=k.sharding) for k in self._kv_specs]
 
-    def compiler_options(self, layout: StepLayout) -> dict | None:
-        """XLA options for one forward bucket on a CUDA GPU: from `cublas_min_tokens` tokens,
-        no Triton GEMMs, so XLA's dots go to cuBLAS (see `engine.config.parse_gpu_gemm`);
-        below that, from `NO_SPLIT_K_MIN_TOKENS` to `NO_SPLIT_K_MAX_TOKENS`, no split-K
-        (`NO_SPLIT_K`; XLA then takes cuBLAS for some of the dots itself)."""
-        threshold = self.config.compile.cublas_min_tokens
-        if threshold is None or not hardware.is_nvidia():
-            return None
-        if layout.num_tokens >= threshold:
-            return {"xla_gpu_enable_triton_gemm": False}
-        if NO_SPLIT_K_MIN_TOKENS <= layout.num_tokens <= NO_SPLIT_K_MAX_TOKENS:
-            return dict(NO_SPLIT_K)
-        return None
-
     def _jobs(self) -> Iterator[CompileJob]:
         """One `CompileJob` per executable, on abstract arguments (nothing traced yet)."""
-        params, rows, kv = (
-            _abstract(self.params),
-            _abstract(self.rows_state),
-            self._kv_specs,
-        )
+        params, rows, kv = abstract(self.params), abstract(self.rows_state), self._kv_specs
         # The model definition is bound, not an argument: the executable cache keys on it once.
         forward = jax.jit(
             self._per_shard(functools.partial(forward_fn, self.model_def), forward=True),
@@ -328,35 +177,36 @@ class ModelRunner:
         prompt_lp = jax.jit(
             self._per_shard(functools.partial(prompt_logprobs_fn, self.model_def), forward=False)
         )
-        i32 = functools.partial(_whole, jnp.int32, self._whole)
-        layouts = self.layouts()
+        i32 = functools.partial(whole, jnp.int32, self._whole)
+        layouts = self.buckets.layouts()
+        cublas_min_tokens = self.config.compile.cublas_min_tokens
         d, v = self.model_config.hidden_size, self.model_config.vocab_size
         dtype = self._kv_specs[0].dtype
 
         def forward_job(layout: StepLayout) -> CompileJob:
             args = (params, kv, rows, i32(layout.size))
-            options = self.compiler_options(layout)
+            options = executables.compiler_options(layout, cublas_min_tokens)
             return CompileJob(self._forward, layout, forward, args, {"layout": layout}, options)
 
         # The slowest compiles first, so that none of them is the tail (the compile pool runs
         # them as this thread lowers the next ones).
-        layouts = sorted(layouts, key=self._compile_order)
+        layouts = sorted(layouts, key=lambda lay: executables.compile_order(lay, cublas_min_tokens))
         yield from (forward_job(lay) for lay in layouts if lay.attention != "mgpu")
         for r in sorted({lay.num_requests for lay in layouts}):
             lay = StepLayout(0, r, self.pages_per_request)
-            args = (rows, _whole(jnp.float32, self._whole, r, v), i32(lay.sample_size))
+            args = (rows, whole(jnp.float32, self._whole, r, v), i32(lay.sample_size))
             for variant in (GREEDY, SAMPLE, FULL):
                 static = {"layout": lay, "variant": variant}
                 yield CompileJob(self._sampler, (r, variant), sampler, args, static)
         for t in sorted({lay.num_tokens for lay in layouts}, reverse=True):
-            args = (params, _whole(dtype, self._whole, t, d), i32(t))
+            args = (params, whole(dtype, self._whole, t, d), i32(t))
             yield CompileJob(self._prompt_lp, t, prompt_lp, args, {})
         set_row = jax.jit(set_row_fn, donate_argnames=("rows_state",))
         args = (
             rows,
             i32(),
             i32(MAX_LOGIT_BIAS),
-            _whole(jnp.float32, self._whole, MAX_LOGIT_BIAS),
+            whole(jnp.float32, self._whole, MAX_LOGIT_BIAS),
             i32(MAX_STOP_IDS),
         )
         yield CompileJob(self._row_writer, None, set_row, args, {})
@@ -390,16 +240,6 @@ class ModelRunner:
 
         per_shard.__name__ = fn.func.__name__
         return per_shard
-
-    def _compile_order(self, layout: StepLayout) -> tuple:
-        """Forward buckets, slowest to compile first. On NVIDIA GPUs, the buckets whose dots XLA
-        autotunes as Triton GEMMs (below `cublas_min_tokens`), smallest first: 17-26 s of a
-        compile thread for 16 and 32 tokens on an H200 (10 s for 128 when it was below the
-        threshold), against 4-6 s for the cuBLAS buckets. Elsewhere, and then, the biggest
-        steps first."""
-        threshold = self.config.compile.cublas_min_tokens
-        autotuned = hardware.is_nvidia() and (threshold is None or layout.num_tokens < threshold)
-        return (not autotuned, layout.num_tokens if autotuned else -layout.num_tokens)
 
     def warm_up(self) -> None:
         """Run every executable once on an all-padding batch. The first run of an executable
@@ -496,7 +336,7 @@ class ModelRunner:
                 self._release([req.request_id])
         rows = [self._row_for(req) for req in sched.requests]
         seeds = [self._seeds[req.request_id] for req in sched.requests]
-        layout = self.layout_for(sched)
+        layout = self.buckets.layout_for(sched)
         bufs = build_step_input(
             sched,
             layout,
@@ -577,45 +417,6 @@ class ModelRunner:
                     ]
                 start = end
         return StepOutput(sampled.tolist(), logprobs, prompt)
-
-
-def _compile(lowered, options: dict | None, cache: ExecutableCache | None, key: str | None):
-    """XLA-compile one lowered executable (in a pool thread), through the cache if there is
-    one: (the executable, seconds compiling it, seconds storing it)."""
-    t0 = time.perf_counter()
-    if cache is None:
-        return lowered.compile(compiler_options=options), time.perf_counter() - t0, 0.0
-    compiled, storing = cache.compile(lowered, key, options)
-    return compiled, time.perf_counter() - t0 - storing, storing
-
-
-def _kernel_twins(model, dtype, page_size: int) -> bool:
-    """Whether to compile large buckets on both GPU attention kernels and pick one per step
-    (`dispatch.host_picks_kernel`)."""
-    if model.model.layers[0].self_attn.backend is not AttentionBackend.PALLAS:
-        return False
-    from pallas_kernels import dispatch  # the kernel modules, off the CPU's path
-
-    cfg = model.config.shard(model.num_shards)  # a shard's heads
-    return dispatch.host_picks_kernel(
-        dtype,
-        cfg.head_dim,
-        page_size,
-        cfg.sliding_window,
-        None,  # no soft cap in these models
-        num_heads=cfg.num_heads,
-        num_kv_heads=cfg.num_kv_heads,
-    )
-
-
-def _abstract(tree):
-    """Shapes, dtypes and shardings of a pytree of arrays (lowering without the data)."""
-    return jax.tree.map(lambda a: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=a.sharding), tree)
-
-
-def _whole(dtype, where: jax.sharding.Sharding | None, *shape: int) -> jax.ShapeDtypeStruct:
-    """An abstract argument whole on every device of `where` (None: the default device)."""
-    return jax.ShapeDtypeStruct(shape, dtype, sharding=where)
 
 
 def _entry(token_id, lp, rank, top_ids, top_lps, k: int) -> TokenLogprobs:

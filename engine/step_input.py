@@ -66,7 +66,7 @@ class StepLayout:
     num_requests: int  # R bucket
     pages_per_request: int  # P
     # The GPU attention kernel its forward executable runs ("triton" / "mgpu"), where the
-    # runner compiles the bucket on both (`ModelRunner.kernel_twins`); None otherwise.
+    # runner compiles the bucket on both (`Buckets.kernel_twins`); None otherwise.
     attention: str | None = None
 
     def sizes(self, fields=MODEL_FIELDS) -> dict[str, int]:

@@ -1,5 +1,5 @@
 """What the accelerator is, for the kernel choices (dispatch.py, gate_up.py), the engine's
-compile options (engine/runner.py) and the persistent Mosaic GPU kernels' grids."""
+compile options (engine/executables.py) and the persistent Mosaic GPU kernels' grids."""
 
 from __future__ import annotations
 

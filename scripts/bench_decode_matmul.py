@@ -11,7 +11,7 @@ Per matmul and row count (the engine's decode buckets), each entry does one laye
 - gate_up: silu * up of rmsnorm(h) @ W_gate_up [4096, 28672] (interleaved, gate_up.py);
 - down: act @ W_down [14336, 4096] + h.
 `xla` is `decode_matmul_reference` compiled as the engine compiles that bucket (XLA's split-K
-below 64 rows, none at 64-127: engine/runner.py's NO_SPLIT_K), so its kernels are the ones a
+below 64 rows, none at 64-127: engine/executables.py's NO_SPLIT_K), so its kernels are the ones a
 step runs. The kernel gets what the fused layer hands it: a norm's inputs as 128 partial sums
 (`norm_inputs`, made outside the timing), and the residual adds make the next norm's
 inputs. Weights rotate through copies larger than L2 together, so no call finds them in
@@ -29,7 +29,7 @@ import jax
 import jax.numpy as jnp
 from bench_kernels import L2_BYTES, time_entries  # a sibling script: scripts/ is on sys.path
 
-from engine.runner import NO_SPLIT_K, NO_SPLIT_K_MAX_TOKENS, NO_SPLIT_K_MIN_TOKENS
+from engine.executables import NO_SPLIT_K, NO_SPLIT_K_MAX_TOKENS, NO_SPLIT_K_MIN_TOKENS
 from pallas_kernels import gpu_decode_matmul as dm
 from pallas_kernels.decode_matmul import config_for
 from pallas_kernels.gate_up import BLOCK

@@ -84,7 +84,7 @@ def capture_decode_step(llm, batch: int, context: int, temperature: float) -> Ca
     step = seen["sched"]
     if step.num_batched_tokens != batch or len(step.requests) != batch:
         raise RuntimeError(f"captured a step of {step.num_batched_tokens} tokens, not a decode")
-    layout = runner.layout_for(step)
+    layout = runner.buckets.layout_for(step)
     shape = {
         "step_tokens": step.num_batched_tokens,
         "step_requests": len(step.requests),

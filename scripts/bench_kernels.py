@@ -188,19 +188,19 @@ def engine_decode_buckets(
     batch: int, max_num_seqs: int = 256, budget: int = 8192
 ) -> tuple[int, int]:
     """The (T, R) bucket that a decode step of `batch` requests runs in with the engine's
-    default GPU ladders (`ModelRunner._ladders`, `request_buckets_for`): below 128 tokens the
-    token bucket's one request rung, so 1-16 decodes run at (16, 16)."""
-    from types import SimpleNamespace
-
-    from engine.config import bucket_ladder
-    from engine.runner import ModelRunner
+    default GPU ladders (`engine.buckets`): below 128 tokens the token bucket's one request
+    rung, so 1-16 decodes run at (16, 16)."""
+    from engine.buckets import Buckets
+    from engine.config import EngineConfig
+    from engine.scheduler import SchedulerConfig
     from engine.step_input import pick_bucket
 
-    t = pick_bucket(bucket_ladder(16, budget), batch)
-    runner = SimpleNamespace(
-        request_buckets=bucket_ladder(8, max_num_seqs), max_num_seqs=max_num_seqs
+    limits = SchedulerConfig(max_num_seqs=max_num_seqs, max_num_batched_tokens=budget)
+    ladders = Buckets(
+        EngineConfig(scheduler=limits), platform="gpu", pages_per_request=1, kernel_twins=False
     )
-    return t, pick_bucket(ModelRunner.request_buckets_for(runner, t), batch)
+    t = pick_bucket(ladders.token_buckets, batch)
+    return t, pick_bucket(ladders.request_buckets_for(t), batch)
 
 
 def kv_bytes_of(kv_lens: list[int]) -> int:

@@ -57,7 +57,7 @@ def profile(llm, batch: int, input_len: int, reps: int) -> dict:
     sched = eng.scheduler.schedule()
     rows = [runner._row_for(r) for r in sched.requests]
     seeds = [runner._seeds[r.request_id] for r in sched.requests]
-    layout = runner.layout_for(sched)
+    layout = runner.buckets.layout_for(sched)
     build = lambda: build_step_input(
         sched,
         layout,

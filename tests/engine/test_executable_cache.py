@@ -15,7 +15,7 @@ import pytest
 
 from engine import LLM, SamplingParams, executable_cache
 from engine.executable_cache import ExecutableCache
-from engine.runner import CompileJob
+from engine.executables import CompileJob
 from tests.engine.test_engine import ENGINE_ARGS
 from tests.hf_models import hf_greedy, write_checkpoint
 

@@ -1,18 +1,18 @@
-"""ModelRunner's XLA options per forward bucket: which buckets turn Triton GEMMs off or their
-split-K, and that `compile` hands each executable its own options."""
+"""The runner's buckets and executables: which buckets turn Triton GEMMs off or their split-K
+and that `compile` hands each executable its own options (engine/executables.py), which
+request buckets each token bucket gets and which kernel twin a step picks (engine/buckets.py),
+and the order the executables compile in."""
 
 from __future__ import annotations
-
-from types import SimpleNamespace
 
 import jax
 import jax.numpy as jnp
 import pytest
 
-from engine import LLM, SamplingParams
-from engine import runner as runner_module
+from engine import LLM, SamplingParams, buckets, executables
+from engine.buckets import Buckets
 from engine.config import CompileConfig, EngineConfig, bucket_ladder
-from engine.runner import ModelRunner
+from engine.scheduler import SchedulerConfig
 from engine.step_input import StepLayout
 from pallas_kernels import attention, hardware
 from tests.engine.test_engine import ENGINE_ARGS
@@ -23,10 +23,7 @@ NO_SPLIT_K = {"xla_gpu_experimental_force_split_k": 1}
 
 
 def _options(threshold, tokens: int):
-    runner = SimpleNamespace(
-        config=EngineConfig(compile=CompileConfig(cublas_min_tokens=threshold))
-    )
-    return ModelRunner.compiler_options(runner, StepLayout(tokens, 8, 4))
+    return executables.compiler_options(StepLayout(tokens, 8, 4), threshold)
 
 
 @pytest.mark.parametrize("nvidia", [True, False])
@@ -85,7 +82,7 @@ def test_compile_hands_each_forward_bucket_its_options(threshold, big, tmp_path,
     )
     forward = [opts for name, opts in seen if name == "jit_forward_fn"]
     others = [opts for name, opts in seen if name != "jit_forward_fn"]
-    layouts = llm.engine.runner.layouts()
+    layouts = llm.engine.runner.buckets.layouts()
     assert len(forward) == len(layouts) == 2 and others
     assert sorted(forward, key=str) == sorted(
         [big if lay.num_tokens == 64 else None for lay in layouts], key=str
@@ -96,8 +93,17 @@ def test_compile_hands_each_forward_bucket_its_options(threshold, big, tmp_path,
 def test_small_token_buckets_compile_one_request_bucket():
     """Below SPLIT_REQUESTS_FROM tokens, one R bucket holds every request a step can have;
     from it on, also the rungs within [T / 4, T]."""
-    runner = SimpleNamespace(request_buckets=bucket_ladder(8, 256), max_num_seqs=256)
-    split = {t: ModelRunner.request_buckets_for(runner, t) for t in (16, 32, 64, 128, 512, 8192)}
+
+    def plan(max_num_seqs: int, request_buckets: tuple[int, ...] = ()) -> Buckets:
+        config = EngineConfig(
+            scheduler=SchedulerConfig(max_num_seqs=max_num_seqs),
+            compile=CompileConfig(request_buckets=request_buckets),
+        )
+        return Buckets(config, platform="gpu", pages_per_request=4, kernel_twins=False)
+
+    gpu = plan(256)
+    assert gpu.request_buckets == bucket_ladder(8, 256)  # the GPU's default ladder
+    split = {t: gpu.request_buckets_for(t) for t in (16, 32, 64, 128, 512, 8192)}
     assert split == {
         16: (16,),
         32: (32,),
@@ -106,11 +112,9 @@ def test_small_token_buckets_compile_one_request_bucket():
         512: (128, 256),
         8192: (256,),
     }
-    runner = SimpleNamespace(request_buckets=(8,), max_num_seqs=8)
-    assert ModelRunner.request_buckets_for(runner, 16) == (8,)
+    assert plan(8).request_buckets_for(16) == (8,)
     # A sparse ladder of the user's, whose one holding rung is past T, keeps its small rungs.
-    runner = SimpleNamespace(request_buckets=(8, 256), max_num_seqs=256)
-    assert ModelRunner.request_buckets_for(runner, 16) == (8, 256)
+    assert plan(256, (8, 256)).request_buckets_for(16) == (8, 256)
 
 
 def test_twinned_buckets_pick_the_kernel_by_the_steps_requests(monkeypatch, tmp_path):
@@ -120,7 +124,7 @@ def test_twinned_buckets_pick_the_kernel_by_the_steps_requests(monkeypatch, tmp_
     not its bucket's padded R. Here with the reference attention, which ignores the pick,
     the threshold lowered to 32 tokens (the 64-token bucket): the greedy tokens still match
     transformers."""
-    monkeypatch.setattr(runner_module, "_kernel_twins", lambda *a: True)
+    monkeypatch.setattr(buckets, "kernel_twins", lambda *a: True)
     monkeypatch.setattr(attention, "MGPU_MIN_STEP_TOKENS", 32)
     folder = write_checkpoint("llama3", tmp_path / "llama3")
     args = dict(ENGINE_ARGS, attention_backend="reference")  # the kernels' on no platform
@@ -133,8 +137,10 @@ def test_twinned_buckets_pick_the_kernel_by_the_steps_requests(monkeypatch, tmp_
     # Lowering the Mosaic kernel is slow: its twins are lowered after every other executable.
     assert [job.key for job in runner._jobs()][-1:] == [StepLayout(64, 8, 64, "mgpu")]
     picked = []
-    layout_for = runner.layout_for
-    monkeypatch.setattr(runner, "layout_for", lambda s: picked.append(layout_for(s)) or picked[-1])
+    layout_for = runner.buckets.layout_for
+    monkeypatch.setattr(
+        runner.buckets, "layout_for", lambda s: picked.append(layout_for(s)) or picked[-1]
+    )
     greedy = SamplingParams(temperature=0.0, max_tokens=3, ignore_eos=True)
     prompt = list(range(3, 63))
     assert llm.generate([prompt], greedy)[0].outputs[0].token_ids == hf_greedy(folder, prompt, 3)
@@ -155,10 +161,7 @@ def test_forward_buckets_compile_slowest_first(nvidia, monkeypatch):
     layouts = [StepLayout(t, 8, 4) for t in tokens]
 
     def order(threshold):
-        runner = SimpleNamespace(
-            config=EngineConfig(compile=CompileConfig(cublas_min_tokens=threshold))
-        )
-        key = lambda lay: ModelRunner._compile_order(runner, lay)  # noqa: E731
+        key = lambda lay: executables.compile_order(lay, threshold)  # noqa: E731
         return [lay.num_tokens for lay in sorted(layouts, key=key)]
 
     assert order(128) == (

@@ -43,7 +43,7 @@ def test_json_has_every_timing(tmp_path):
     result = json.loads(out.read_text())
     assert (result["batch"], result["context"], result["iters"]) == (3, 20, 3)
     # A decode step: one token for each of the 3 requests, in the bucket a server with the
-    # default ladders runs it in: 16 tokens, 16 requests (engine/runner.py request_buckets_for).
+    # default ladders runs it in: 16 tokens, 16 requests (engine/buckets.py, request_buckets_for).
     assert (result["step_tokens"], result["step_requests"]) == (3, 3)
     assert result["bucket"] == [16, 16]
     for key in ("forward_ms", "forward_sampler_ms"):
