@@ -1,8 +1,12 @@
 """Which compiled bucket each step runs in. A runner compiles one forward executable per
-(T tokens, R requests) pair of its ladders, each pair twice with kernel twins, and picks the
-smallest that holds each step (`Buckets.layout_for`); the step's inputs are padded to it."""
+(T tokens, R requests) bucket: each rung T of its token ladder with the request rungs chosen
+for it (`Buckets.request_buckets_for`), twice with kernel twins. Each step runs in the
+smallest that holds it (`Buckets.layout_for`), its inputs padded to it."""
 
 from __future__ import annotations
+
+import jax.numpy as jnp
+from flax import nnx
 
 from engine.config import EngineConfig, bucket_ladder
 from engine.step_input import StepLayout, pick_bucket
@@ -87,7 +91,7 @@ def ladders(config: EngineConfig, platform: str) -> tuple[tuple[int, ...], tuple
     return tokens, requests
 
 
-def kernel_twins(model, dtype, page_size: int) -> bool:
+def wants_kernel_twins(model: nnx.Module, dtype: jnp.dtype, page_size: int) -> bool:
     """Whether to compile large buckets on both GPU attention kernels and pick one per step
     (`dispatch.host_picks_kernel`)."""
     if model.model.layers[0].self_attn.backend is not AttentionBackend.PALLAS:

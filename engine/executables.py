@@ -11,6 +11,7 @@ import time
 from typing import Any, NamedTuple
 
 import jax
+import jax.numpy as jnp
 from tqdm import tqdm
 
 from engine.executable_cache import ExecutableCache
@@ -142,11 +143,13 @@ def compile_order(layout: StepLayout, cublas_min_tokens: int | None) -> tuple:
     return (not autotuned, layout.num_tokens if autotuned else -layout.num_tokens)
 
 
-def abstract(tree):
+def abstract(tree: Any) -> Any:
     """Shapes, dtypes and shardings of a pytree of arrays (lowering without the data)."""
     return jax.tree.map(lambda a: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=a.sharding), tree)
 
 
-def whole(dtype, where: jax.sharding.Sharding | None, *shape: int) -> jax.ShapeDtypeStruct:
+def whole(
+    dtype: jnp.dtype, where: jax.sharding.Sharding | None, *shape: int
+) -> jax.ShapeDtypeStruct:
     """An abstract argument whole on every device of `where` (None: the default device)."""
     return jax.ShapeDtypeStruct(shape, dtype, sharding=where)

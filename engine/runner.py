@@ -32,7 +32,7 @@ import sharding
 from engine import buckets, executables, watchdog
 from engine.config import EngineConfig
 from engine.executable_cache import ExecutableCache
-from engine.executables import CompileJob, abstract, whole
+from engine.executables import CompileJob
 from engine.row_state import RowState, set_row_fn
 from engine.step_fns import (
     FULL,
@@ -125,7 +125,7 @@ class ModelRunner:
             config,
             platform=jax.default_backend(),
             pages_per_request=self.pages_per_request,
-            kernel_twins=buckets.kernel_twins(model, dtype, self.page_size),
+            kernel_twins=buckets.wants_kernel_twins(model, dtype, self.page_size),
         )
         self._forward: dict[StepLayout, object] = {}
         self._sampler: dict[tuple[int, SampleVariant], object] = {}
@@ -164,7 +164,8 @@ class ModelRunner:
 
     def _jobs(self) -> Iterator[CompileJob]:
         """One `CompileJob` per executable, on abstract arguments (nothing traced yet)."""
-        params, rows, kv = abstract(self.params), abstract(self.rows_state), self._kv_specs
+        params, rows = executables.abstract(self.params), executables.abstract(self.rows_state)
+        kv = self._kv_specs
         # The model definition is bound, not an argument: the executable cache keys on it once.
         forward = jax.jit(
             self._per_shard(functools.partial(forward_fn, self.model_def), forward=True),
@@ -177,7 +178,7 @@ class ModelRunner:
         prompt_lp = jax.jit(
             self._per_shard(functools.partial(prompt_logprobs_fn, self.model_def), forward=False)
         )
-        i32 = functools.partial(whole, jnp.int32, self._whole)
+        i32 = functools.partial(executables.whole, jnp.int32, self._whole)
         layouts = self.buckets.layouts()
         cublas_min_tokens = self.config.compile.cublas_min_tokens
         d, v = self.model_config.hidden_size, self.model_config.vocab_size
@@ -194,19 +195,19 @@ class ModelRunner:
         yield from (forward_job(lay) for lay in layouts if lay.attention != "mgpu")
         for r in sorted({lay.num_requests for lay in layouts}):
             lay = StepLayout(0, r, self.pages_per_request)
-            args = (rows, whole(jnp.float32, self._whole, r, v), i32(lay.sample_size))
+            args = (rows, executables.whole(jnp.float32, self._whole, r, v), i32(lay.sample_size))
             for variant in (GREEDY, SAMPLE, FULL):
                 static = {"layout": lay, "variant": variant}
                 yield CompileJob(self._sampler, (r, variant), sampler, args, static)
         for t in sorted({lay.num_tokens for lay in layouts}, reverse=True):
-            args = (params, whole(dtype, self._whole, t, d), i32(t))
+            args = (params, executables.whole(dtype, self._whole, t, d), i32(t))
             yield CompileJob(self._prompt_lp, t, prompt_lp, args, {})
         set_row = jax.jit(set_row_fn, donate_argnames=("rows_state",))
         args = (
             rows,
             i32(),
             i32(MAX_LOGIT_BIAS),
-            whole(jnp.float32, self._whole, MAX_LOGIT_BIAS),
+            executables.whole(jnp.float32, self._whole, MAX_LOGIT_BIAS),
             i32(MAX_STOP_IDS),
         )
         yield CompileJob(self._row_writer, None, set_row, args, {})

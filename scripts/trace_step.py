@@ -102,12 +102,13 @@ def summarize(
         if e.get("ph") == "M" and e.get("name") == "process_name":
             names[e["pid"]] = e["args"]["name"]
     gpu_pids = {p for p, n in names.items() if "gpu" in n.lower() or "/device:" in n.lower()}
-    # Split over several GPUs, each device is a process of its own: keep the first, so that the
-    # figures are one card's step (the others run the same kernels on their shards).
-    first = {p for p in gpu_pids if re.search(r"GPU:0\b", names[p])}
-    devices = len({m.group(1) for n in names.values() if (m := re.search(r"GPU:(\d+)", n))})
-    if devices > 1 and first:
-        gpu_pids = first
+    # Split over several GPUs, each device is a process of its own: keep the lowest-numbered
+    # one, so that the figures are one card's step (the others run the same kernels on their
+    # shards).
+    index = {p: int(m.group(1)) for p in gpu_pids if (m := re.search(r"GPU:(\d+)", names[p]))}
+    devices = len(set(index.values()))
+    if devices > 1:
+        gpu_pids = {p for p, i in index.items() if i == min(index.values())}
     kernels = [e for e in events if e.get("ph") == "X" and e.get("pid") in gpu_pids]
     by_name = collections.Counter()
     by_kind = collections.Counter()
@@ -189,19 +190,32 @@ def main() -> None:
     ap.add_argument(
         "--max-num-seqs", type=int, default=0, help="the engine's seats (the server's: 256)"
     )
-    ap.add_argument("--tensor-parallel-size", type=int, default=1)
+    ap.add_argument(
+        "--tensor-parallel-size",
+        type=int,
+        default=1,
+        help="split the model over N GPUs, with the pool and all-reduces `pagejax -tp N` sets",
+    )
     ap.add_argument("--out", required=True)
     args = ap.parse_args()
     from engine import LLM, SamplingParams
     from engine.outputs import OutputKind
 
     b, p = args.batch, args.prefill_len
+    if args.fresh_prompts and not p:
+        ap.error("--fresh-prompts needs --prefill-len")
+    if args.tensor_parallel_size > 1:  # what `pagejax -tp N` sets: its pool and all-reduces
+        from api.cli import set_jax_env
+
+        set_jax_env(args.tensor_parallel_size)
     fresh = bool(p) and (not b or args.fresh_prompts)
     n = args.prompts_per_step if fresh else 1
     step_tokens = engine_bucket(b if not p else b + p * n)
     # Fresh prompts: the step in flight still holds its n requests when the next is scheduled
-    # (async scheduling), so n new ones need 2n seats, or only every other call admits any.
-    seats = max(8, b + 1, b + 2 * n if fresh else 0, 2 * n, args.max_num_seqs)
+    # (async scheduling), so n new ones need 2n seats beside the b decodes, or only every
+    # other call admits any.
+    seats = max(8, b + 1, b + 2 * n if fresh else 0, args.max_num_seqs)
+    step_requests = b + n if fresh else max(b, n)
     llm = LLM(
         args.model,
         load_format="dummy",
@@ -211,7 +225,7 @@ def main() -> None:
         max_num_batched_tokens=max(2048, step_tokens),
         max_model_len=max(args.input_len + 512, p * (args.steps + 4)),
         token_buckets=tuple(sorted({engine_bucket(b), step_tokens, 2048})),
-        request_buckets=tuple(sorted({engine_bucket(max(b, n), 8), engine_bucket(seats, 8)})),
+        request_buckets=tuple(sorted({engine_bucket(step_requests, 8), engine_bucket(seats, 8)})),
         long_prefill_token_threshold=p,
         tensor_parallel_size=args.tensor_parallel_size,
     )

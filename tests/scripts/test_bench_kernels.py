@@ -1,6 +1,6 @@
 """`scripts/bench_kernels.py --engine-buckets`: a decode batch padded as the engine pads a step.
 The bucket is the one the runner's rules give with the default GPU ladders (below 128 tokens a
-token bucket has one request rung: 1-16 decodes run at 16 x 16, as tests/engine/test_runner.py
+token bucket has one request rung: 1-16 decodes run at 16 x 16, as tests/engine/test_buckets.py
 pins), and the padded batch is one the kernel serves (the Triton kernel in interpret mode
 against the jnp reference, padding rows zero)."""
 

@@ -21,18 +21,25 @@ def _trace(
     attention_name="ragged_paged_attention",
     matmul_name="nvjet_gemm",
     num_devices: int = 1,
+    first_gpu: int = 0,
 ) -> str:
     """Each device step: one attention kernel a layer (10 us) and a 20 us matmul, back to back;
     a 1 ms host event on the host process. With several devices (a split model), each runs
-    the same kernels, device d's `d` us later."""
+    the same kernels, device d's `d` us later; the devices are GPU `first_gpu` onwards."""
+    first = {"name": f"/device:GPU:{first_gpu}"}
     events = [
-        {"ph": "M", "name": "process_name", "pid": 1, "args": {"name": "/device:GPU:0"}},
+        {"ph": "M", "name": "process_name", "pid": 1, "args": first},
         {"ph": "M", "name": "process_name", "pid": 2, "args": {"name": "/host:CPU"}},
     ]
     extra = {10 + d: d for d in range(1, num_devices)}  # pid -> device
     for pid, d in extra.items():
         events.append(
-            {"ph": "M", "name": "process_name", "pid": pid, "args": {"name": f"/device:GPU:{d}"}}
+            {
+                "ph": "M",
+                "name": "process_name",
+                "pid": pid,
+                "args": {"name": f"/device:GPU:{first_gpu + d}"},
+            }
         )
     t = 0
     for _ in range(num_device_steps):
@@ -62,12 +69,14 @@ def test_per_step_figures_count_the_steps_the_device_ran(tmp_path):
 
 
 def test_a_split_models_figures_are_one_devices(tmp_path):
-    """Two GPUs each running the step's kernels 1 us apart: the figures are GPU 0's alone, not
-    the sum of both nor the union of their (overlapping) intervals."""
-    out = trace_step.summarize(_trace(tmp_path, 5, num_devices=2), 4, num_layers=LAYERS)
-    assert out["devices_in_trace"] == 2 and out["steps"] == 5
-    assert out["device_busy_ms_per_step"] == 0.06
-    assert out["num_kernels_per_step"] == 4
+    """Two GPUs each running the step's kernels 1 us apart: the figures are the first GPU's
+    alone, not the sum of both nor the union of their (overlapping) intervals."""
+    for first_gpu in (0, 9):  # GPUs 9 and 10 (CUDA_VISIBLE_DEVICES): GPU 9's figures
+        trace = _trace(tmp_path, 5, num_devices=2, first_gpu=first_gpu)
+        out = trace_step.summarize(trace, 4, num_layers=LAYERS)
+        assert out["devices_in_trace"] == 2 and out["steps"] == 5
+        assert out["device_busy_ms_per_step"] == 0.06
+        assert out["num_kernels_per_step"] == 4
 
 
 def test_mosaic_attention_launches_count_the_steps_too(tmp_path):
@@ -154,6 +163,16 @@ def test_fresh_prompts_ride_beside_the_decodes(tmp_path):
     assert out["prompts_per_step"] == 3
     assert out["waiting_after"] == 0
     assert out["long_prompt_tokens_per_step"] is None
+
+
+def test_fresh_prompts_need_a_prefill_length(tmp_path):
+    """`--fresh-prompts` alone would trace decode-only steps: refused by name."""
+    import subprocess
+    import sys
+
+    argv = [sys.executable, str(SCRIPT), "--model", "m", "--out", "o", "--fresh-prompts"]
+    proc = subprocess.run(argv, capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 2 and "--fresh-prompts needs --prefill-len" in proc.stderr
 
 
 def test_the_newest_trace_of_a_reused_folder_is_summarised(tmp_path):
