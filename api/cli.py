@@ -179,8 +179,8 @@ GPU_POOL_FRACTION = "0.92"
 # executable, 5.3 GiB a device for the 8B model's 44 executables on two GPUs, and ran two
 # H100s out of memory at a 92 % pool (twenty-fourth session). Batch 1 and 64 ran as fast
 # either way, within the spread between runs (twenty-fifth). Given per executable (compile
-# options) it kept the scratch, measured, though XLA's thunks read it from the module's
-# options; why is not known, so it goes in XLA_FLAGS.
+# options, every executable, twenty-sixth) it kept the scratch, though XLA's thunks read it
+# from the module's options; why is not known, so it goes in XLA_FLAGS.
 NCCL_ALL_REDUCE_FLAG = "--xla_gpu_unsupported_use_all_reduce_one_shot_kernel=false"
 
 
