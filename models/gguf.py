@@ -36,7 +36,7 @@ _ARCHITECTURES: dict[str, tuple[str, str]] = {
 # turns HF's rotate-half RoPE layout into the interleaved-pairs layout ggml's "normal" RoPE uses).
 # Qwen2/3 use ggml's NEOX RoPE, which is HF's layout, so their weights are stored unpermuted.
 # The loader takes every checkpoint through HF's layout (`unpermute_qk`) and then arranges it
-# (models/llama.arrange_param). For llama that is a round trip: pagejax keeps q/k heads in the
+# (models/layout.arrange_param). For llama that is a round trip: pagejax keeps q/k heads in the
 # interleaved-pairs layout too (pallas_kernels/rope.py).
 _PERMUTED_QK_ARCHITECTURES = frozenset({"llama"})
 

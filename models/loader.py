@@ -24,7 +24,7 @@ from tqdm import tqdm
 
 import sharding
 from models.config import ModelConfig
-from models.llama import arrange_param, fused_parts, shard_columns
+from models.layout import arrange_param, fused_parts, shard_columns
 from models.registry import get_model_class
 from models.safetensors_reader import CheckpointError, iter_safetensors
 from pallas_kernels import gate_up

@@ -5,7 +5,7 @@ puts x_i and x_{i + H/2} half a head apart.
 Why: a kernel that holds any even run of a head's columns then holds whole pairs, so the
 fused decode matmul can apply RoPE to its own output tile (gpu_decode_matmul.py). Attention
 scores are unchanged, as q's and k's head dims are permuted alike (v is not permuted). The
-loader arranges checkpoints into this layout (models/llama.arrange_param). llama.cpp's GGUF
+loader arranges checkpoints into this layout (models/layout.arrange_param). llama.cpp's GGUF
 files keep llama's q/k in the same layout (models/gguf.py).
 """
 

@@ -208,7 +208,7 @@ def _qkv_case(m, dtype, seed=3):
 
 def _qkv_numpy(y, positions, inv_freq, cache, slots):
     """float64: rotate-half RoPE on q and k of y [M, (N + 2K) H], whose heads hold RoPE's pairs
-    side by side (x_i at 2i, x_{i + H/2} at 2i + 1: models/llama.py); k and v into their
+    side by side (x_i at 2i, x_{i + H/2} at 2i + 1: models/layout.py); k and v into their
     slots (page 0's rows dropped)."""
     n, k, h = HEADS.num_heads, HEADS.num_kv_heads, HEADS.head_dim
     # The angle is a float32 product, as in HF's models (at 8,000 its rounding moves cos by

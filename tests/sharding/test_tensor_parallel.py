@@ -15,7 +15,7 @@ import numpy as np
 import pytest
 
 from models.config import ModelConfig
-from models.llama import arrange_param, shard_columns
+from models.layout import arrange_param, shard_columns
 from tests.hf_models import FAMILIES, hf_greedy, hf_logits, write_checkpoint
 
 REPO = Path(__file__).resolve().parents[2]
