@@ -5,8 +5,7 @@ from __future__ import annotations
 import dataclasses
 import os
 from pathlib import Path
-
-from engine.scheduler import SchedulerConfig
+from typing import Literal
 
 
 @dataclasses.dataclass(frozen=True)
@@ -87,6 +86,54 @@ def parse_gpu_gemm(value: str) -> int | None:
     if value.isascii() and value.isdigit():
         return int(value)
     raise ValueError(f"PAGEJAX_GPU_GEMM must be auto, xla or a number of tokens, got {value!r}")
+
+
+@dataclasses.dataclass(frozen=True)
+class SchedulerConfig:
+    """Limits of one scheduling step and of the waiting queue."""
+
+    max_num_seqs: int = 256
+    max_num_batched_tokens: int = 8192
+    max_model_len: int = 8192
+    enable_chunked_prefill: bool = True
+    policy: Literal["fcfs", "priority"] = "fcfs"
+    max_waiting_requests: int | None = None
+    # At most this many prompt tokens of one request per step (0 = no cap). Small chunks let
+    # the running requests decode inside the time the prompt takes anyway (see BENCHMARKS.md).
+    long_prefill_token_threshold: int = 0
+    # A waiting request is admitted only if the pages that the running ones (and it) need for
+    # the rest of their prompts and their next `admission_horizon` tokens (at most their
+    # max_tokens) stay free. 0 admits whenever the chunk fits, as vLLM does: the running
+    # requests then preempt each other as they grow, and each preemption redoes a prompt
+    # (62 of them cost 7 % of a 1000 x 1024-in / 128-out run at 1,024 requests a step).
+    admission_horizon: int = 128
+    # Decode steps run padded to the next token bucket, and from this many tokens the padded
+    # rows cost matmul time (the matmuls turn compute-bound: ~260 tokens for bf16 weights on
+    # an H100, 789 TFLOP/s against 3.0 TB/s). So when the KV cache would stop admission just
+    # past a bucket B (fewer than 3/4 of the next bucket, itself at least this size), running
+    # requests stop at B. 1000 x 1024-in / 128-out at 1,024 requests a step ran ~298 at once,
+    # padded to 512: 32,386 tok/s on an H100, against 33,352 stopping at 256 (BENCHMARKS.md).
+    # 0: no such stop. Needs token buckets and admission_horizon > 0.
+    compute_bound_tokens: int = 512
+
+    def __post_init__(self) -> None:
+        for name in ("max_num_seqs", "max_num_batched_tokens", "max_model_len"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"{name} must be at least 1, got {getattr(self, name)}.")
+        if self.long_prefill_token_threshold < 0:
+            raise ValueError("long_prefill_token_threshold must be >= 0 (0 = no cap).")
+        if self.admission_horizon < 0:
+            raise ValueError("admission_horizon must be >= 0 (0 = no reserve).")
+        if self.compute_bound_tokens < 0:
+            raise ValueError("compute_bound_tokens must be >= 0 (0 = no stop at buckets).")
+        if self.policy not in ("fcfs", "priority"):
+            raise ValueError(f"policy must be 'fcfs' or 'priority', got {self.policy!r}.")
+        if not self.enable_chunked_prefill and self.max_num_batched_tokens < self.max_model_len:
+            # Without chunking a whole prompt must fit in one step's budget.
+            raise ValueError(
+                f"max_num_batched_tokens ({self.max_num_batched_tokens}) must be at least "
+                f"max_model_len ({self.max_model_len}) when chunked prefill is off."
+            )
 
 
 @dataclasses.dataclass(frozen=True)

@@ -14,11 +14,11 @@ from engine.config import (
     CompileConfig,
     EngineConfig,
     LoadConfig,
+    SchedulerConfig,
 )
 from engine.llm_engine import LLMEngine, PromptType
 from engine.outputs import OutputKind, RequestOutput
 from engine.sampling_params import SamplingParams
-from engine.scheduler import SchedulerConfig
 
 
 def platform_defaults(

@@ -18,12 +18,12 @@ from multiprocessing.reduction import ForkingPickler
 
 import numpy as np
 
-from engine.config import bucket_ladder
+from engine.config import SchedulerConfig, bucket_ladder
 from engine.output_processor import OutputProcessor
 from engine.outputs import OutputKind
 from engine.page_allocator import PageAllocator
 from engine.sampling_params import SamplingParams
-from engine.scheduler import Scheduler, SchedulerConfig
+from engine.scheduler import Scheduler
 from engine.step_input import BufferPool, StepLayout, build_step_input, pick_bucket
 from engine.types import Request, StepOutput
 

@@ -191,8 +191,7 @@ def engine_decode_buckets(
     default GPU ladders (`engine.buckets`): below 128 tokens the token bucket's one request
     rung, so 1-16 decodes run at (16, 16)."""
     from engine.buckets import Buckets
-    from engine.config import EngineConfig
-    from engine.scheduler import SchedulerConfig
+    from engine.config import EngineConfig, SchedulerConfig
     from engine.step_input import pick_bucket
 
     limits = SchedulerConfig(max_num_seqs=max_num_seqs, max_num_batched_tokens=budget)

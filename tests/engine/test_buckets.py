@@ -5,8 +5,7 @@ from __future__ import annotations
 
 from engine import LLM, SamplingParams, buckets
 from engine.buckets import Buckets
-from engine.config import CompileConfig, EngineConfig, bucket_ladder
-from engine.scheduler import SchedulerConfig
+from engine.config import CompileConfig, EngineConfig, SchedulerConfig, bucket_ladder
 from engine.step_input import StepLayout
 from pallas_kernels import attention
 from tests.engine.test_engine import ENGINE_ARGS

@@ -6,9 +6,10 @@ import itertools
 
 import pytest
 
+from engine.config import SchedulerConfig
 from engine.page_allocator import PageAllocator
 from engine.sampling_params import SamplingParams
-from engine.scheduler import QueueFullError, Scheduler, SchedulerConfig
+from engine.scheduler import QueueFullError, Scheduler
 from engine.types import (
     Request,
     RequestUpdate,

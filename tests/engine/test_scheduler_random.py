@@ -13,10 +13,10 @@ import random
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from engine.config import bucket_ladder
+from engine.config import SchedulerConfig, bucket_ladder
 from engine.page_allocator import PageAllocator
 from engine.sampling_params import SamplingParams
-from engine.scheduler import Scheduler, SchedulerConfig
+from engine.scheduler import Scheduler
 from engine.types import Request
 from tests.engine.fake_runner import (
     EOS_TOKEN_ID,
