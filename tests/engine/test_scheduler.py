@@ -156,6 +156,25 @@ def test_step_not_trimmed_below_compute_bound_tokens() -> None:
     assert out.requests[-1].sample
 
 
+@pytest.mark.parametrize(
+    ("token_buckets", "chunk"),
+    [((4, 8, 16, 32, 36, 64), 31), ((4, 8, 16, 32, 64), 30)],
+    ids=["fine_rung", "powers_of_two"],
+)
+def test_step_not_trimmed_into_a_rung_an_eighth_above(token_buckets, chunk) -> None:
+    """2 decodes + a 31-token prompt = 33 tokens. With a rung of 36 (an eighth above 32, as
+    1,088 is above 1,024) the step runs whole and the prompt samples at once; with powers of
+    two it would run in 64, so the prompt's chunk is cut to 30 to fit 32."""
+    scheduler, runner = make_scheduler(token_buckets=token_buckets, compute_bound_tokens=32)
+    for i in range(2):
+        scheduler.add_request(make_request(f"d{i}", [7, i], max_tokens=6, ignore_eos=True))
+    step(scheduler, runner)
+    scheduler.add_request(make_request("p", list(range(1, 32)), max_tokens=3, ignore_eos=True))
+    out = step(scheduler, runner)[0]
+    assert [r.num_tokens for r in out.requests] == [1, 1, chunk]
+    assert out.requests[-1].sample == (chunk == 31)
+
+
 def test_long_prefill_token_threshold_caps_each_prompt_chunk() -> None:
     """Each prompt gets at most 8 tokens a step though the budget holds 64; two prompts share
     a step, and decodes are unaffected."""
