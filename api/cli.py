@@ -57,6 +57,20 @@ def add_engine_args(p: argparse.ArgumentParser) -> None:
         "(default 512; 0 = never)",
     )
     p.add_argument(
+        "--token-buckets",
+        type=int,
+        nargs="+",
+        help="the step sizes (tokens) compiled, ascending, up to at least "
+        "--max-num-batched-tokens (default: powers of two from 16)",
+    )
+    p.add_argument(
+        "--request-buckets",
+        type=int,
+        nargs="+",
+        help="the request counts compiled per step, ascending, up to at least --max-num-seqs "
+        "(default: powers of two from 8)",
+    )
+    p.add_argument(
         "--compilation-cache-dir",
         default=None,
         help='compiled executables kept between runs (default ~/.cache/pagejax/xla; "" = off)',
@@ -94,6 +108,8 @@ def engine_kwargs(args: argparse.Namespace) -> dict:
         long_prefill_token_threshold=args.long_prefill_token_threshold,
         admission_horizon=args.admission_horizon,
         compute_bound_tokens=args.compute_bound_tokens,
+        token_buckets=args.token_buckets and tuple(args.token_buckets),
+        request_buckets=args.request_buckets and tuple(args.request_buckets),
     )
     if args.compilation_cache_dir is not None:
         kw["compilation_cache_dir"] = args.compilation_cache_dir

@@ -70,6 +70,12 @@ class CompileConfig:
     # The CLI reads it from `PAGEJAX_GPU_GEMM` (`parse_gpu_gemm`).
     cublas_min_tokens: int | None = CUBLAS_MIN_TOKENS
 
+    def __post_init__(self) -> None:
+        for name in ("token_buckets", "request_buckets"):
+            ladder = getattr(self, name)
+            if any(n < 1 for n in ladder) or list(ladder) != sorted(set(ladder)):
+                raise ValueError(f"{name} must be positive and ascending, got {list(ladder)}.")
+
 
 def parse_gpu_gemm(value: str) -> int | None:
     """`PAGEJAX_GPU_GEMM` (auto | xla | a number of tokens) -> `cublas_min_tokens`.
@@ -145,6 +151,21 @@ class EngineConfig:
     compile: CompileConfig = dataclasses.field(default_factory=CompileConfig)
     # Append one JSON line of timings per engine step here (`StepTrace`); None = off.
     step_trace_path: str | None = None
+
+    def __post_init__(self) -> None:
+        # The largest bucket must hold the largest step.
+        tokens, requests = self.compile.token_buckets, self.compile.request_buckets
+        limits = self.scheduler
+        if tokens and tokens[-1] < limits.max_num_batched_tokens:
+            raise ValueError(
+                f"token_buckets must reach max_num_batched_tokens "
+                f"({limits.max_num_batched_tokens}); the largest is {tokens[-1]}."
+            )
+        if requests and requests[-1] < limits.max_num_seqs:
+            raise ValueError(
+                f"request_buckets must reach max_num_seqs ({limits.max_num_seqs}); the largest "
+                f"is {requests[-1]}."
+            )
 
 
 def bucket_ladder(

@@ -48,8 +48,6 @@ def add_offline_args(p: argparse.ArgumentParser, *, input_len: int, output_len: 
         help="0 = greedy; vLLM's bench throughput/latency sample at 1.0 (top_p 1.0)",
     )
     p.add_argument("--output-json", default=None, help="write the results to this JSON file")
-    p.add_argument("--token-buckets", type=int, nargs="+", default=[], help="T bucket ladder")
-    p.add_argument("--request-buckets", type=int, nargs="+", default=[], help="R bucket ladder")
     p.add_argument("--disable-tqdm", action="store_true")
     add_engine_args(p)
 
@@ -72,8 +70,6 @@ def start_engine(args: argparse.Namespace) -> tuple[LLMEngine, float]:
 
     t0 = time.perf_counter()
     kwargs: dict[str, Any] = engine_kwargs(args)
-    kwargs["token_buckets"] = tuple(args.token_buckets)
-    kwargs["request_buckets"] = tuple(args.request_buckets)
     if "max_model_len" not in kwargs:
         kwargs["model_max_len"] = model_max_len(args.model, args.load_format)
     tokenizer = load_tokenizer(args.tokenizer) if args.tokenizer else None

@@ -102,6 +102,21 @@ def test_scheduler_flags_reach_the_engine_config():
     assert default.scheduler.compute_bound_tokens == 512
 
 
+def test_bucket_ladders_reach_the_compile_config():
+    """`serve --token-buckets ... --request-buckets ...` compile those ladders (a 1,088-token
+    rung, say); without them, the platform's (empty: `bucket_ladder` at start-up)."""
+    from api.cli import build_parser, engine_kwargs
+    from engine.llm import build_engine_config
+
+    argv = ["serve", "--max-num-batched-tokens", "2048", "--max-num-seqs", "16"]
+    argv += ["--token-buckets", "16", "1024", "1088", "2048", "--request-buckets", "8", "16"]
+    config = build_engine_config(None, **engine_kwargs(build_parser().parse_args(argv)))
+    assert config.compile.token_buckets == (16, 1024, 1088, 2048)
+    assert config.compile.request_buckets == (8, 16)
+    default = build_engine_config(None, **engine_kwargs(build_parser().parse_args(["serve"])))
+    assert default.compile.token_buckets == default.compile.request_buckets == ()
+
+
 @pytest.mark.parametrize(
     "value, want", [(None, CUBLAS_MIN_TOKENS), ("xla", None), ("32", 32), ("auto", 128)]
 )

@@ -4,7 +4,14 @@ from __future__ import annotations
 
 import pytest
 
-from engine.config import CUBLAS_MIN_TOKENS, EngineConfig, bucket_ladder, parse_gpu_gemm
+from engine.config import (
+    CUBLAS_MIN_TOKENS,
+    CompileConfig,
+    EngineConfig,
+    SchedulerConfig,
+    bucket_ladder,
+    parse_gpu_gemm,
+)
 
 
 def test_bucket_ladder_doubles_up_to_the_largest():
@@ -43,3 +50,26 @@ def test_engine_configs_do_not_share_one_compile_config(monkeypatch):
         "/tmp/one",
         "/tmp/two",
     )
+
+
+@pytest.mark.parametrize(
+    "ladder", [(32, 16, 8192), (16, 16, 8192), (0, 8192)], ids=["descending", "repeated", "zero"]
+)
+def test_a_bucket_ladder_must_ascend_from_one(ladder):
+    with pytest.raises(ValueError, match=r"token_buckets must be positive and ascending"):
+        CompileConfig(token_buckets=ladder)
+    with pytest.raises(ValueError, match=r"request_buckets must be positive and ascending"):
+        CompileConfig(request_buckets=ladder)
+
+
+def test_the_largest_buckets_must_hold_the_largest_step():
+    """A step of `max_num_batched_tokens` tokens and `max_num_seqs` requests needs a bucket;
+    without one the runner would meet a step it never compiled."""
+    limits = SchedulerConfig(max_num_seqs=16, max_num_batched_tokens=2048)
+    EngineConfig(scheduler=limits, compile=CompileConfig(token_buckets=(16, 2048)))
+    short = CompileConfig(token_buckets=(16, 1024))
+    with pytest.raises(ValueError, match=r"max_num_batched_tokens \(2048\); the largest is 1024"):
+        EngineConfig(scheduler=limits, compile=short)
+    few = CompileConfig(request_buckets=(8,))
+    with pytest.raises(ValueError, match=r"max_num_seqs \(16\); the largest is 8"):
+        EngineConfig(scheduler=limits, compile=few)
