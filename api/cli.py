@@ -61,14 +61,14 @@ def add_engine_args(p: argparse.ArgumentParser) -> None:
         type=int,
         nargs="+",
         help="the step sizes (tokens) compiled, ascending, up to at least "
-        "--max-num-batched-tokens (default: powers of two from 16)",
+        "--max-num-batched-tokens (default on a GPU or TPU: powers of two from 16)",
     )
     p.add_argument(
         "--request-buckets",
         type=int,
         nargs="+",
         help="the request counts compiled per step, ascending, up to at least --max-num-seqs "
-        "(default: powers of two from 8)",
+        "(default on a GPU or TPU: powers of two from 8)",
     )
     p.add_argument(
         "--compilation-cache-dir",

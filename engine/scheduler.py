@@ -273,10 +273,11 @@ class Scheduler:
         than the trim saves here, and when the bucket the step would run in is at least
         `compute_bound_tokens`: below it, padded rows cost no matmul time, and a trim would
         only delay the prompt's first token by a step. Nor when the bucket is at most an
-        eighth larger than the one below (a fine ladder of the user's, say 1,088 above 1,024:
-        a 1,024-token prompt beside its decodes then takes one step, not two): the padding
-        saved is small beside the step the prompt's first token would wait. Pages stay
-        allocated for the deferred tokens."""
+        eighth larger than the one below (a fine ladder of the user's, say 1,088 above 1,024,
+        or a ladder's top rung, the step limit, just above a power of two: a 1,024-token
+        prompt beside its decodes then takes one step, not two): the padding saved is small
+        beside the step the prompt's first token would wait. Pages stay allocated for the
+        deferred tokens."""
         buckets, total = self.token_buckets, self.config.max_num_batched_tokens - plan.budget
         if not self.config.enable_chunked_prefill:
             return

@@ -55,7 +55,7 @@ def test_engine_configs_do_not_share_one_compile_config(monkeypatch):
 @pytest.mark.parametrize(
     "ladder", [(32, 16, 8192), (16, 16, 8192), (0, 8192)], ids=["descending", "repeated", "zero"]
 )
-def test_a_bucket_ladder_must_ascend_from_one(ladder):
+def test_a_bucket_ladder_must_be_positive_and_ascending(ladder):
     with pytest.raises(ValueError, match=r"token_buckets must be positive and ascending"):
         CompileConfig(token_buckets=ladder)
     with pytest.raises(ValueError, match=r"request_buckets must be positive and ascending"):

@@ -158,13 +158,13 @@ def test_step_not_trimmed_below_compute_bound_tokens() -> None:
 
 @pytest.mark.parametrize(
     ("token_buckets", "chunk"),
-    [((4, 8, 16, 32, 36, 64), 31), ((4, 8, 16, 32, 64), 30)],
-    ids=["fine_rung", "powers_of_two"],
+    [((4, 8, 16, 32, 36, 64), 31), ((4, 8, 16, 32, 37, 64), 30), ((4, 8, 16, 32, 64), 30)],
+    ids=["rung_an_eighth_above", "rung_just_past_an_eighth", "powers_of_two"],
 )
 def test_step_not_trimmed_into_a_rung_an_eighth_above(token_buckets, chunk) -> None:
-    """2 decodes + a 31-token prompt = 33 tokens. With a rung of 36 (an eighth above 32, as
-    1,088 is above 1,024) the step runs whole and the prompt samples at once; with powers of
-    two it would run in 64, so the prompt's chunk is cut to 30 to fit 32."""
+    """2 decodes + a 31-token prompt = 33 tokens. With a rung of 36 (at most an eighth above
+    32, as 1,088 is above 1,024) the step runs whole and the prompt samples at once; with a
+    rung of 37, or with powers of two (64), the prompt's chunk is cut to 30 to fit 32."""
     scheduler, runner = make_scheduler(token_buckets=token_buckets, compute_bound_tokens=32)
     for i in range(2):
         scheduler.add_request(make_request(f"d{i}", [7, i], max_tokens=6, ignore_eos=True))
