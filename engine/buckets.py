@@ -30,6 +30,8 @@ class Buckets:
         # kernels, one picked per step (`layout_for`).
         self.kernel_twins = kernel_twins
         self.token_buckets, self.request_buckets = ladders(config, platform)
+        # Each token bucket's request rungs, worked out once rather than every step.
+        self._rungs = {t: self.request_buckets_for(t) for t in self.token_buckets}
 
     def request_buckets_for(self, num_tokens_bucket: int) -> tuple[int, ...]:
         """R buckets compiled with token bucket T: one rung that holds every request the step
@@ -51,7 +53,7 @@ class Buckets:
         """The compiled (T, R) bucket a scheduled step runs in, and with `kernel_twins`, the
         attention kernel for its actual tokens and requests (`attention.mosaic_suits`)."""
         t = pick_bucket(self.token_buckets, sched.num_batched_tokens)
-        r = pick_bucket(self.request_buckets_for(t), len(sched.requests))
+        r = pick_bucket(self._rungs[t], len(sched.requests))
         kernel = None
         if self._twinned(t):
             suits = attention.mosaic_suits(sched.num_batched_tokens, len(sched.requests))
@@ -66,7 +68,7 @@ class Buckets:
         return [
             StepLayout(t, r, self.pages_per_request, kernel)
             for t in self.token_buckets
-            for r in self.request_buckets_for(t)
+            for r in self._rungs[t]
             for kernel in (("triton", "mgpu") if self._twinned(t) else (None,))
         ]
 

@@ -108,7 +108,8 @@ def summarize(
     index = {p: int(m.group(1)) for p in gpu_pids if (m := re.search(r"GPU:(\d+)", names[p]))}
     devices = len(set(index.values()))
     if devices > 1:
-        gpu_pids = {p for p, i in index.items() if i == min(index.values())}
+        first = min(index.values())
+        gpu_pids = {p for p, i in index.items() if i == first}
     kernels = [e for e in events if e.get("ph") == "X" and e.get("pid") in gpu_pids]
     by_name = collections.Counter()
     by_kind = collections.Counter()
